@@ -1,0 +1,1 @@
+"""The Pulumi components of one GPU-runner stack, one component per module."""

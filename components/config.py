@@ -1,0 +1,578 @@
+"""The stack's configuration: read once from `pulumi.Config`, checked whole, then frozen.
+
+Every key is declared in `Pulumi.yaml` with its type, default and description; the Pulumi CLI
+fills in the defaults, so this module holds no second copy of them. It checks what the CLI
+cannot: syntax (project ids, zones, DNS names, GitHub names), ranges, cross-key rules
+(machine type against accelerator, min <= max) and placeholders left in a stack file. All
+problems are collected and raised as one `StackConfigError` before any resource is declared.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import pulumi
+from pulumi.runtime.config import is_config_secret
+
+#: Marker used in the stack files for values each user must set before `pulumi up`.
+PLACEHOLDER = "CHANGE_ME"
+
+_T = TypeVar("_T")
+
+
+class ClusterMode(StrEnum):
+    """Where the runner plane goes: a GKE cluster this stack creates, or an existing cluster."""
+
+    GKE = "gke"
+    EXISTING = "existing"
+
+
+@dataclass(frozen=True)
+class AcceleratorFamily:
+    """The GCE machine series an NVIDIA accelerator attaches to, and the counts it allows."""
+
+    machine_prefixes: tuple[str, ...]
+    #: Allowed accelerator counts; for the accelerator-optimised series the machine type fixes
+    #: the count, so it is looked up in `fixed_counts` instead.
+    counts: frozenset[int] = frozenset()
+    fixed_counts: Mapping[str, int] | None = None
+
+
+# GCE GPU machine types (cloud.google.com/compute/docs/gpus): T4/V100/P4/P100 attach to N1 in
+# counts of 1, 2, 4 (8 for V100); the newer GPUs come with accelerator-optimised machine types
+# whose name fixes the GPU count.
+ACCELERATORS: Mapping[str, AcceleratorFamily] = {
+    "nvidia-tesla-t4": AcceleratorFamily(("n1-",), frozenset({1, 2, 4})),
+    "nvidia-tesla-p4": AcceleratorFamily(("n1-",), frozenset({1, 2, 4})),
+    "nvidia-tesla-p100": AcceleratorFamily(("n1-",), frozenset({1, 2, 4})),
+    "nvidia-tesla-v100": AcceleratorFamily(("n1-",), frozenset({1, 2, 4, 8})),
+    "nvidia-l4": AcceleratorFamily(
+        ("g2-",),
+        fixed_counts={
+            "g2-standard-4": 1, "g2-standard-8": 1, "g2-standard-12": 1, "g2-standard-16": 1,
+            "g2-standard-32": 1, "g2-standard-24": 2, "g2-standard-48": 4, "g2-standard-96": 8,
+        },
+    ),
+    "nvidia-tesla-a100": AcceleratorFamily(
+        ("a2-",),
+        fixed_counts={
+            "a2-highgpu-1g": 1, "a2-highgpu-2g": 2, "a2-highgpu-4g": 4, "a2-highgpu-8g": 8,
+            "a2-megagpu-16g": 16,
+        },
+    ),
+    "nvidia-a100-80gb": AcceleratorFamily(
+        ("a2-",),
+        fixed_counts={
+            "a2-ultragpu-1g": 1, "a2-ultragpu-2g": 2, "a2-ultragpu-4g": 4, "a2-ultragpu-8g": 8,
+        },
+    ),
+    "nvidia-h100-80gb": AcceleratorFamily(
+        ("a3-",),
+        fixed_counts={
+            "a3-highgpu-1g": 1, "a3-highgpu-2g": 2, "a3-highgpu-4g": 4, "a3-highgpu-8g": 8,
+        },
+    ),
+    "nvidia-h100-mega-80gb": AcceleratorFamily(("a3-",), fixed_counts={"a3-megagpu-8g": 8}),
+}
+
+GPU_DRIVER_VERSIONS = ("DEFAULT", "LATEST", "INSTALLATION_DISABLED")
+RELEASE_CHANNELS = ("RAPID", "REGULAR", "STABLE", "EXTENDED")
+
+_PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
+_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
+# GKE cluster and node pool names: DNS-1123 labels of at most 40 characters.
+_GKE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_GITHUB_OWNER = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
+_GITHUB_REPOSITORY = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_CRON = re.compile(r"^(\S+\s+){4}\S+$")
+_IAM_ROLE = re.compile(r"^(roles|projects/[^/]+/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+$")
+_CIDR = re.compile(r"^([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])$")
+_WIF_POOL_ID = re.compile(r"^[a-z0-9-]{4,32}$")
+
+
+class StackConfigError(pulumi.RunError):
+    """The stack's configuration is invalid; the message lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"the stack configuration has {len(problems)} problem(s); nothing was created:\n"
+            f"{lines}"
+        )
+
+
+@dataclass(frozen=True)
+class GpuPool:
+    """One GPU node pool: an entry of the `gpuPools` config list."""
+
+    name: str
+    machine_type: str
+    accelerator_type: str
+    accelerator_count: int
+    min_nodes: int
+    max_nodes: int
+    spot: bool
+    zones: tuple[str, ...]
+
+    @property
+    def warm(self) -> bool:
+        """Whether the operator asked for GPU nodes kept running between jobs."""
+        return self.min_nodes > 0
+
+    @property
+    def max_gpus(self) -> int:
+        """The most GPUs this pool can hold at once."""
+        return self.max_nodes * self.accelerator_count
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Every setting of one stack, validated. Secrets stay `pulumi.Output` secrets."""
+
+    project_name: str
+    stack_name: str
+    cluster_mode: ClusterMode
+    # GKE mode
+    gcp_project: str
+    location: str
+    cluster_name: str
+    release_channel: str
+    deletion_protection: bool
+    cpu_machine_type: str
+    cpu_min_nodes: int
+    cpu_max_nodes: int
+    node_disk_size_gb: int
+    gpu_pools: tuple[GpuPool, ...]
+    gpu_driver_version: str
+    # existing-cluster mode
+    kubeconfig_context: str
+    kubeconfig_path: str
+    # GitHub
+    github_owner: str
+    github_repository: str
+    github_token: pulumi.Output[str]
+    runner_pat: pulumi.Output[str]
+    # runner image
+    runner_image: str
+    build_image_on_preview: bool
+    image_private: bool
+    # runner plane
+    runner_namespace: str
+    base_runner_replicas: int
+    base_runner_cpu: str
+    base_runner_memory: str
+    gpu_quota: int
+    pod_quota: int
+    egress_cidrs: tuple[str, ...]
+    reaper_schedule: str
+    max_runtime_minutes: int
+    # repository settings
+    repository_private: bool
+    seed_compatibility: bool
+    required_approvals: int
+    required_status_checks: tuple[str, ...]
+    enforce_admins: bool
+    commit_example_workflow: bool
+    actions_secrets: Mapping[str, pulumi.Output[str]]
+    # CI identity
+    workload_identity_pool_id: str
+    ci_service_account_roles: tuple[str, ...]
+    dvc_bucket: str
+
+    @property
+    def gke(self) -> bool:
+        """Whether this stack creates its GKE cluster (as opposed to using an existing one)."""
+        return self.cluster_mode is ClusterMode.GKE
+
+    @property
+    def zonal(self) -> bool:
+        """Whether `location` is a zone (a zonal cluster) rather than a region."""
+        return bool(_ZONE.match(self.location))
+
+    @property
+    def repository_full_name(self) -> str:
+        """`owner/name` of the GitHub repository the runners serve."""
+        return f"{self.github_owner}/{self.github_repository}"
+
+    @property
+    def effective_gpu_quota(self) -> int:
+        """The namespace's GPU cap: `gpuQuota`, or every GPU pool at its maximum when 0."""
+        return self.gpu_quota or sum(pool.max_gpus for pool in self.gpu_pools)
+
+
+class _Reader:
+    """Reads raw config values and records every problem instead of stopping at the first."""
+
+    def __init__(self, config: pulumi.Config) -> None:
+        self.config = config
+        self.problems: list[str] = []
+
+    def problem(self, key: str, value: object, allowed: str) -> None:
+        # Secret config values never reach an error message.
+        shown = "<secret>" if is_config_secret(self.config.full_key(key.split(".")[0])) else value
+        self.problems.append(f"{key} = {shown!r}: {allowed}")
+
+    def raw(self, key: str) -> str | None:
+        value = self.config.get(key)
+        if value is not None and PLACEHOLDER in value:
+            self.problems.append(
+                f"{key} = {PLACEHOLDER!r} is a placeholder: set it with "
+                f"`pulumi config set {key} <value>`"
+            )
+            return None
+        return value
+
+    def string(self, key: str, pattern: re.Pattern[str] | None = None, allowed: str = "",
+               *, required: bool = True) -> str:
+        value = self.raw(key)
+        if value is None or value == "":
+            if required and value is None and not self._has_placeholder_problem(key):
+                self.problems.append(f"{key} is not set: {allowed or 'a value is required'}")
+            elif required and value == "":
+                self.problems.append(f"{key} is empty: {allowed or 'a value is required'}")
+            return ""
+        if pattern is not None and not pattern.match(value):
+            self.problem(key, value, allowed)
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        return self.string(key, re.compile("^(" + "|".join(map(re.escape, choices)) + ")$"),
+                           "one of " + ", ".join(choices))
+
+    def integer(self, key: str, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.raw(key)
+        if value is None:
+            if not self._has_placeholder_problem(key):
+                self.problems.append(f"{key} is not set: an integer >= {minimum} is required")
+            return minimum
+        try:
+            number = int(value)
+        except ValueError:
+            self.problem(key, value, "an integer is required")
+            return minimum
+        if number < minimum or (maximum is not None and number > maximum):
+            bounds = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+            self.problem(key, number, f"must be {bounds}")
+        return number
+
+    def boolean(self, key: str) -> bool:
+        value = self.raw(key)
+        if value in ("true", "false"):
+            return value == "true"
+        self.problem(key, value, "true or false")
+        return False
+
+    def json_value(self, key: str, kind: type[_T], default: _T, description: str) -> _T:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            self.problem(key, value, description)
+            return default
+        if not isinstance(parsed, kind):
+            self.problem(key, parsed, description)
+            return default
+        return parsed
+
+    def string_list(self, key: str, check: Callable[[str], str | None]) -> tuple[str, ...]:
+        items = self.json_value(key, list, [], "a list of strings")
+        result = []
+        for index, item in enumerate(items):
+            reason = "a string" if not isinstance(item, str) else check(item)
+            if reason:
+                self.problem(f"{key}[{index}]", item, reason)
+            else:
+                result.append(item)
+        return tuple(result)
+
+    def secret(self, key: str, purpose: str, *, required: bool = True) -> pulumi.Output[str]:
+        value = self.config.get_secret(key)
+        if value is None and required:
+            self.problems.append(
+                f"{key} is not set: {purpose}; set it with `pulumi config set --secret {key}`"
+            )
+        return value if value is not None else pulumi.Output.secret("")
+
+    def _has_placeholder_problem(self, key: str) -> bool:
+        return any(p.startswith(f"{key} = ") and "placeholder" in p for p in self.problems)
+
+
+def _check_gpu_pool(reader: _Reader, index: int, entry: Any, zonal_location: str) -> GpuPool | None:
+    key = f"gpuPools[{index}]"
+    if not isinstance(entry, dict):
+        reader.problem(key, entry, "an object with name, machineType, acceleratorType, ...")
+        return None
+    known = {"name", "machineType", "acceleratorType", "acceleratorCount", "minNodes",
+             "maxNodes", "spot", "zones"}
+    for unknown in sorted(set(entry) - known):
+        reader.problem(f"{key}.{unknown}", entry[unknown],
+                       "unknown field; allowed: " + ", ".join(sorted(known)))
+
+    name = entry.get("name")
+    if not isinstance(name, str) or not _GKE_NAME.match(name):
+        reader.problem(f"{key}.name", name,
+                       "a node pool name: lowercase letters, digits and '-', at most 40 characters")
+    machine_type = entry.get("machineType")
+    accelerator = entry.get("acceleratorType")
+    family = ACCELERATORS.get(accelerator) if isinstance(accelerator, str) else None
+    if family is None:
+        reader.problem(f"{key}.acceleratorType", accelerator,
+                       "one of " + ", ".join(sorted(ACCELERATORS)))
+    count = entry.get("acceleratorCount")
+    if not isinstance(machine_type, str) or not machine_type:
+        reader.problem(f"{key}.machineType", machine_type, "a GCE machine type, e.g. g2-standard-8")
+    elif family is not None:
+        if not machine_type.startswith(family.machine_prefixes):
+            reader.problem(
+                f"{key}.machineType", machine_type,
+                f"{accelerator} attaches to {'/'.join(family.machine_prefixes)}* machine types",
+            )
+        elif family.fixed_counts is not None:
+            fixed = family.fixed_counts.get(machine_type)
+            if fixed is None:
+                reader.problem(f"{key}.machineType", machine_type,
+                               f"{accelerator} machine types are "
+                               + ", ".join(sorted(family.fixed_counts)))
+            elif count is None:
+                count = fixed
+            elif count != fixed:
+                reader.problem(f"{key}.acceleratorCount", count,
+                               f"{machine_type} comes with exactly {fixed} x {accelerator}")
+    if family is not None and family.fixed_counts is None:
+        if count is None:
+            count = 1
+        if count not in family.counts:
+            reader.problem(f"{key}.acceleratorCount", count,
+                           f"{accelerator} allows " + ", ".join(map(str, sorted(family.counts))))
+    if not isinstance(count, int) or isinstance(count, bool):
+        count = 1
+
+    min_nodes = entry.get("minNodes", 0)
+    max_nodes = entry.get("maxNodes")
+    if not isinstance(min_nodes, int) or isinstance(min_nodes, bool) or min_nodes < 0:
+        reader.problem(f"{key}.minNodes", min_nodes, "an integer >= 0 (0 scales to zero)")
+        min_nodes = 0
+    if not isinstance(max_nodes, int) or isinstance(max_nodes, bool) or max_nodes < 1:
+        reader.problem(f"{key}.maxNodes", max_nodes, "an integer >= 1")
+        max_nodes = max(min_nodes, 1)
+    elif min_nodes > max_nodes:
+        reader.problem(f"{key}.minNodes", min_nodes, f"must be <= maxNodes ({max_nodes})")
+    spot = entry.get("spot", True)
+    if not isinstance(spot, bool):
+        reader.problem(f"{key}.spot", spot, "true (Spot VMs) or false (on-demand)")
+        spot = True
+    zones = entry.get("zones", [])
+    if not isinstance(zones, list):
+        reader.problem(f"{key}.zones", zones, "a list of zones")
+        zones = []
+    for zone_index, zone in enumerate(zones):
+        if not isinstance(zone, str) or not _ZONE.match(zone):
+            reader.problem(f"{key}.zones[{zone_index}]", zone, "a zone such as us-central1-a")
+        elif zonal_location and zone != zonal_location:
+            reader.problem(f"{key}.zones[{zone_index}]", zone,
+                           f"a zonal cluster's pools live in its zone ({zonal_location})")
+    return GpuPool(
+        name=name if isinstance(name, str) else "",
+        machine_type=machine_type if isinstance(machine_type, str) else "",
+        accelerator_type=accelerator if isinstance(accelerator, str) else "",
+        accelerator_count=count,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        spot=spot,
+        zones=tuple(z for z in zones if isinstance(z, str)),
+    )
+
+
+def _check_gpu_pools(reader: _Reader, location: str) -> tuple[GpuPool, ...]:
+    entries = reader.json_value("gpuPools", list, [], "a list of GPU pool objects")
+    if not entries:
+        reader.problems.append(
+            "gpuPools is not set: at least one GPU pool is required, e.g. "
+            '[{"name": "l4", "machineType": "g2-standard-8", "acceleratorType": "nvidia-l4", '
+            '"maxNodes": 2}]'
+        )
+        return ()
+    zonal_location = location if _ZONE.match(location) else ""
+    pools = [_check_gpu_pool(reader, i, entry, zonal_location) for i, entry in enumerate(entries)]
+    names = [p.name for p in pools if p is not None]
+    for duplicate in sorted({n for n in names if names.count(n) > 1}):
+        reader.problem("gpuPools", duplicate, "pool names must be unique")
+    return tuple(p for p in pools if p is not None)
+
+
+def _check_actions_secrets(reader: _Reader) -> Mapping[str, pulumi.Output[str]]:
+    # A map set with `pulumi config set --secret --path 'actionsSecrets.NAME' value`. The names
+    # are needed now (one resource per secret); each value is wrapped as a secret at once.
+    values = reader.json_value("actionsSecrets", dict, {}, "a map of secret name to value")
+    if values and not is_config_secret(reader.config.full_key("actionsSecrets")):
+        reader.problems.append(
+            "actionsSecrets is stored in plaintext: set its values with "
+            "`pulumi config set --secret --path 'actionsSecrets.NAME' VALUE`"
+        )
+        return {}
+    secrets: dict[str, pulumi.Output[str]] = {}
+    for name, value in values.items():
+        if not _SECRET_NAME.match(name) or name.upper().startswith("GITHUB_"):
+            reader.problem(f"actionsSecrets.{name}", "<secret>",
+                           "secret names are letters, digits and '_', not starting with GITHUB_")
+        elif not isinstance(value, str) or not value:
+            reader.problem(f"actionsSecrets.{name}", "<secret>", "a non-empty string")
+        else:
+            secrets[name] = pulumi.Output.secret(value)
+    return secrets
+
+
+def _check_role(role: str) -> str | None:
+    return None if _IAM_ROLE.match(role) else "an IAM role such as roles/storage.objectViewer"
+
+
+def _check_cidr(cidr: str) -> str | None:
+    return None if _CIDR.match(cidr) else "an IPv4 CIDR such as 0.0.0.0/0"
+
+
+def _check_status_check(name: str) -> str | None:
+    return None if name.strip() else "a non-empty check name"
+
+
+def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
+    """Read and validate the stack's configuration.
+
+    Args:
+        config: The project's config; defaults to `pulumi.Config()` of the running program.
+
+    Returns:
+        The validated, frozen configuration.
+
+    Raises:
+        StackConfigError: listing every problem found, each naming the key, the value and what
+            is allowed. Raised before any resource is declared.
+    """
+    reader = _Reader(config or pulumi.Config())
+    mode_value = reader.choice("clusterMode", tuple(m.value for m in ClusterMode))
+    known_modes = {m.value for m in ClusterMode}
+    mode = ClusterMode(mode_value) if mode_value in known_modes else ClusterMode.GKE
+    gke = mode is ClusterMode.GKE
+
+    gcp_project = reader.string("gcpProject", _PROJECT_ID,
+                                "a GCP project id: 6-30 lowercase letters, digits and '-'",
+                                required=gke)
+    location = reader.string("location", re.compile(f"{_REGION.pattern}|{_ZONE.pattern}"),
+                             "a GCP region (us-central1) or zone (us-central1-a)", required=gke)
+    cluster_name = reader.string("clusterName", _GKE_NAME,
+                                 "a DNS-1123 name: lowercase letters, digits and '-', starting "
+                                 "with a letter, at most 40 characters")
+    release_channel = reader.choice("releaseChannel", RELEASE_CHANNELS)
+    deletion_protection = reader.boolean("deletionProtection")
+    cpu_machine_type = reader.string("cpuMachineType", re.compile(r"^[a-z0-9]+-[a-z0-9-]+$"),
+                                     "a GCE machine type such as e2-standard-4")
+    cpu_min = reader.integer("cpuMinNodes", minimum=0)
+    cpu_max = reader.integer("cpuMaxNodes", minimum=1)
+    if cpu_min > cpu_max:
+        reader.problem("cpuMinNodes", cpu_min, f"must be <= cpuMaxNodes ({cpu_max})")
+    disk = reader.integer("nodeDiskSizeGb", minimum=10, maximum=65536)
+    gpu_pools = _check_gpu_pools(reader, location) if gke else ()
+    driver = reader.choice("gpuDriverVersion", GPU_DRIVER_VERSIONS)
+
+    kubeconfig_context = reader.string("kubeconfigContext", required=not gke,
+                                       allowed="the kubeconfig context of the existing cluster")
+    kubeconfig_path = reader.string("kubeconfigPath", required=False)
+
+    owner = reader.string("githubOwner", _GITHUB_OWNER,
+                          "a GitHub user or organisation: letters, digits, single '-', "
+                          "at most 39 characters")
+    repository = reader.string("githubRepository", _GITHUB_REPOSITORY,
+                               "a repository name (not owner/name): letters, digits, '.', '_', '-'")
+    if "/" in (reader.config.get("githubRepository") or ""):
+        reader.problems.append("githubRepository: give the name only; the owner is githubOwner")
+    github_token = reader.secret("githubToken", "a classic PAT with repo, read:org and "
+                                 "write:packages scopes, used by Pulumi to manage the repository "
+                                 "and push the runner image")
+    runner_pat = reader.secret("runnerPat", "the PAT the base runner uses to register and to mint "
+                               "per-run JIT runner configs (repo scope)")
+
+    runner_image = reader.string("runnerImage", required=False)
+    if runner_image and "@sha256:" not in runner_image:
+        reader.problem("runnerImage", runner_image,
+                       "a prebuilt image pinned by digest: <name>@sha256:<64 hex digits>")
+    namespace = reader.string("runnerNamespace", _DNS_LABEL,
+                              "a namespace name: lowercase letters, digits and '-'")
+    max_runtime = reader.integer("maxRuntimeMinutes", minimum=5, maximum=7 * 24 * 60)
+
+    required_checks = reader.string_list("requiredStatusChecks", _check_status_check)
+    pool_id = reader.string("workloadIdentityPoolId", _WIF_POOL_ID,
+                            "4-32 lowercase letters, digits and '-'", required=gke)
+    if pool_id.startswith("gcp-"):
+        reader.problem("workloadIdentityPoolId", pool_id, "the prefix gcp- is reserved by Google")
+
+    stack_config = StackConfig(
+        project_name=pulumi.get_project(),
+        stack_name=pulumi.get_stack(),
+        cluster_mode=mode,
+        gcp_project=gcp_project,
+        location=location,
+        cluster_name=cluster_name,
+        release_channel=release_channel,
+        deletion_protection=deletion_protection,
+        cpu_machine_type=cpu_machine_type,
+        cpu_min_nodes=cpu_min,
+        cpu_max_nodes=cpu_max,
+        node_disk_size_gb=disk,
+        gpu_pools=gpu_pools,
+        gpu_driver_version=driver,
+        kubeconfig_context=kubeconfig_context,
+        kubeconfig_path=kubeconfig_path,
+        github_owner=owner,
+        github_repository=repository,
+        github_token=github_token,
+        runner_pat=runner_pat,
+        runner_image=runner_image,
+        build_image_on_preview=reader.boolean("buildImageOnPreview"),
+        image_private=reader.boolean("imagePrivate"),
+        runner_namespace=namespace,
+        base_runner_replicas=reader.integer("baseRunnerReplicas", minimum=1, maximum=20),
+        base_runner_cpu=reader.string("baseRunnerCpu", _QUANTITY,
+                                      "a CPU quantity such as 1 or 500m"),
+        base_runner_memory=reader.string("baseRunnerMemory", _QUANTITY,
+                                         "a memory quantity such as 4Gi"),
+        gpu_quota=reader.integer("gpuQuota", minimum=0),
+        pod_quota=reader.integer("podQuota", minimum=2),
+        egress_cidrs=reader.string_list("egressCidrs", _check_cidr),
+        reaper_schedule=reader.string("reaperSchedule", _CRON,
+                                      "a cron schedule with five fields, e.g. */5 * * * *"),
+        max_runtime_minutes=max_runtime,
+        repository_private=reader.boolean("repositoryPrivate"),
+        seed_compatibility=reader.boolean("seedCompatibility"),
+        required_approvals=reader.integer("requiredApprovals", minimum=0, maximum=6),
+        required_status_checks=required_checks,
+        enforce_admins=reader.boolean("enforceAdmins"),
+        commit_example_workflow=reader.boolean("commitExampleWorkflow"),
+        actions_secrets=_check_actions_secrets(reader),
+        workload_identity_pool_id=pool_id,
+        ci_service_account_roles=reader.string_list("ciServiceAccountRoles", _check_role),
+        dvc_bucket=reader.string("dvcBucket", re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$"),
+                                 "a Cloud Storage bucket name", required=False),
+    )
+    if stack_config.gke and stack_config.gpu_pools and stack_config.gpu_quota:
+        largest = max(pool.accelerator_count for pool in stack_config.gpu_pools)
+        if stack_config.gpu_quota < largest:
+            reader.problem("gpuQuota", stack_config.gpu_quota,
+                           f"must be 0 (no cap beyond the pools) or >= {largest}, the GPUs of the "
+                           "largest node, or no GPU pod could ever start")
+    if not gke and stack_config.seed_compatibility:
+        reader.problems.append("seedCompatibility: the seed guide's secrets describe a GKE "
+                               "cluster; it needs clusterMode = gke")
+    if reader.problems:
+        raise StackConfigError(reader.problems)
+    return stack_config

@@ -1,0 +1,106 @@
+"""Names shared by the Pulumi program (components/), the runner image (docker/) and this module.
+
+Each name is defined once, here. The components import them, and the runner image and the
+runtime read the environment variables named here, so a rename cannot split the base runner
+from the pods it spawns. This module imports nothing, so the runner image and the Pulumi
+program can both use it.
+"""
+
+# --- Kubernetes objects the runner plane declares and the runtime uses -------------------------
+
+#: Namespace the runner plane creates when the stack does not name another.
+DEFAULT_NAMESPACE = "github-runners"
+#: Secret holding the runner PAT, and its key: the seed guide's names, so its manifests work.
+PAT_SECRET_NAME = "github-runner-pat"
+PAT_SECRET_KEY = "token"
+#: Where the base runner mounts the PAT Secret; the PAT file is PAT_MOUNT_DIR/PAT_SECRET_KEY.
+PAT_MOUNT_DIR = "/var/run/secrets/github-runner"
+#: ServiceAccount of the base runner (and the reaper): the only one bound to the spawn Role.
+BASE_RUNNER_SERVICE_ACCOUNT = "base-runner"
+#: ServiceAccount of the per-run GPU pods: no RoleBinding, no mounted token.
+GPU_RUNNER_SERVICE_ACCOUNT = "gpu-runner"
+#: Runner label the base runner registers with; ML workflows target [self-hosted, base-runner].
+BASE_RUNNER_LABEL = "base-runner"
+#: Prefix of every per-run GPU runner name and label: gpu-<run_id>-<run_attempt>.
+GPU_RUNNER_PREFIX = "gpu-"
+#: Image pull Secret for a private GHCR package (kubernetes.io/dockerconfigjson).
+IMAGE_PULL_SECRET_NAME = "ghcr-pull"
+#: Container user: the seed's runner pods run as uid 1000, and the image creates that user.
+RUNNER_UID = 1000
+
+# --- Node labels and taints the cluster declares and pods select on -----------------------------
+
+NODE_GPU_LABEL = "gpu"  # "true" on GPU pools, "false" on the CPU pool (the seed's labels)
+GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_TAINT_KEY = "nvidia.com/gpu"
+GPU_TAINT_VALUE = "present"
+#: Node label ("true") on a GPU pool the operator keeps warm (minNodes > 0). The policy pack
+#: exempts such a pool from the scale-to-zero rule and reports it as advisory instead.
+NODE_WARM_POOL_LABEL = "gpu-runners/warm-pool"
+
+# --- Pod Security Admission: the level the runner namespace enforces --------------------------
+
+#: Namespace label that makes the API server reject pods below a Pod Security level.
+PSA_ENFORCE_LABEL = "pod-security.kubernetes.io/enforce"
+#: The level the runner namespace enforces (and the policy pack requires).
+PSA_LEVEL = "restricted"
+
+# --- Seed compatibility (the guide's repository secrets) -----------------------------------------
+
+#: Actions secret holding a service-account JSON key, read by the seed guide's workflow. A
+#: `gcp.serviceaccount.Key` is allowed only in a stack that declares this secret.
+SEED_SECRET_SERVICE_ACCOUNT_KEY = "GOOGLE_SERVICE_ACCOUNT_KEY"
+
+# --- Labels and annotations on the objects gpu_runners creates ----------------------------------
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_RUN_ID = "gpu-runners/run-id"
+LABEL_RUN_ATTEMPT = "gpu-runners/run-attempt"
+LABEL_GPU_TYPE = "gpu-runners/gpu-type"
+ANNOTATION_RUN_URL = "gpu-runners/run-url"
+ANNOTATION_REPOSITORY = "gpu-runners/repository"
+ANNOTATION_RUNNER_NAME = "gpu-runners/runner-name"
+#: Value of LABEL_MANAGED_BY on every object gpu_runners creates; delete and reap select on it.
+MANAGED_BY = "gpu-runners"
+PART_OF = "gpu-runners"
+GPU_RUNNER_APP = "gpu-runner"
+BASE_RUNNER_APP = "base-runner"
+
+# --- Environment of the base runner (set by the runner plane, read by gpu_runners) --------------
+
+ENV_NAMESPACE = "GPU_RUNNERS_NAMESPACE"
+ENV_IMAGE = "GPU_RUNNERS_IMAGE"
+#: JSON list of the cluster's GPU pools: [{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}, ...]
+ENV_GPU_POOLS = "GPU_RUNNERS_GPU_POOLS"
+ENV_IMAGE_PULL_SECRET = "GPU_RUNNERS_IMAGE_PULL_SECRET"
+ENV_MAX_RUNTIME_MINUTES = "GPU_RUNNERS_MAX_RUNTIME_MINUTES"
+
+# --- Environment of the runner image's entrypoint (docker/entrypoint.sh) ------------------------
+
+ENV_RUNNER_MODE = "RUNNER_MODE"  # "registration" (base runner) or "jit" (GPU pods)
+ENV_PAT_FILE = "GITHUB_PAT_FILE"
+ENV_PAT_SEED = "GITHUB_RUNNER_PAT"  # the seed guide's env variable, still accepted
+ENV_RUNNER_LABELS = "GITHUB_RUNNER_LABEL"  # the seed guide's name; comma-separated labels
+ENV_RUNNER_EPHEMERAL = "RUNNER_EPHEMERAL"
+ENV_JIT_CONFIG_FILE = "RUNNER_JITCONFIG_FILE"
+#: Where a GPU pod mounts its JIT config Secret; the file is JIT_MOUNT_DIR/JIT_SECRET_KEY.
+JIT_MOUNT_DIR = "/var/run/secrets/github-runner-jit"
+JIT_SECRET_KEY = "jitconfig"
+#: Standard GitHub Actions variables, also read outside Actions (the reaper CronJob).
+ENV_REPOSITORY = "GITHUB_REPOSITORY"  # owner/name
+ENV_ORGANIZATION = "GITHUB_ORG"  # organisation runner scope instead of a repository
+ENV_API_URL = "GITHUB_API_URL"
+ENV_SERVER_URL = "GITHUB_SERVER_URL"
+
+# --- GitHub Actions variables the repository settings declare for workflows ---------------------
+
+VAR_CLUSTER_NAME = "GPU_RUNNERS_CLUSTER_NAME"
+VAR_CLUSTER_LOCATION = "GPU_RUNNERS_CLUSTER_LOCATION"
+VAR_RUNNER_NAMESPACE = "GPU_RUNNERS_NAMESPACE"
+VAR_BASE_RUNNER_LABEL = "GPU_RUNNERS_BASE_LABEL"
+VAR_WORKLOAD_IDENTITY_PROVIDER = "GCP_WORKLOAD_IDENTITY_PROVIDER"
+VAR_CI_SERVICE_ACCOUNT = "GCP_CI_SERVICE_ACCOUNT"

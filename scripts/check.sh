@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up and runs every test and check of the project: lint, types, the test suite (the
+# program under Pulumi mocks, the runtime module against fake Kubernetes and GitHub servers,
+# the runner image's entrypoint, shellcheck, hadolint, actionlint, strict Kubernetes schemas),
+# the rendered manifests and the security scan. The same command runs locally and in CI.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+venv=.venv
+python=${PYTHON:-python3}
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "==> creating $venv"
+  "$python" -m venv "$venv"
+fi
+echo "==> installing pinned dependencies"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+  -r requirements-dev.txt -c constraints.txt
+export PATH="$PWD/$venv/bin:$PATH"
+
+echo "==> ruff"
+ruff check .
+
+echo "==> mypy"
+mypy
+
+echo "==> pytest"
+# pytest exits 5 when it collects no test: that fails this script like any other failure.
+python -m pytest
+
+echo "all checks passed"

@@ -1,0 +1,185 @@
+"""The stack config: every bad input is reported, by key, before anything is declared."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from components.config import ACCELERATORS, StackConfigError
+from tests.harness.mock_stack import (
+    PROJECT_FILE,
+    ProgramRun,
+    effective_config,
+    project_declarations,
+    run_program,
+)
+
+L4_POOL = {"name": "l4", "machineType": "g2-standard-8", "acceleratorType": "nvidia-l4",
+           "maxNodes": 2}
+
+
+def config_problems(overrides: dict[str, Any], *, secrets: dict[str, Any] | None = None,
+                    fill_placeholders: bool = True, stack: str = "dev") -> list[str]:
+    """Run the dev stack with overrides; return the problems it was refused for."""
+    with pytest.raises(StackConfigError) as refused:
+        run_program(stack, overrides, secrets=secrets, fill_placeholders=fill_placeholders)
+    return refused.value.problems
+
+
+def pool(**fields: Any) -> list[dict[str, Any]]:
+    return [{**L4_POOL, **fields}]
+
+
+BAD_CONFIGS = [
+    # (what is wrong, overrides, the key the error must name)
+    ("project id with uppercase", {"gcpProject": "Acme-Project"}, "gcpProject"),
+    ("project id too short", {"gcpProject": "abc"}, "gcpProject"),
+    ("location is not a region or zone", {"location": "us-central"}, "location"),
+    ("location with a typo'd zone", {"location": "us-central1-ab"}, "location"),
+    ("cluster name with underscore", {"clusterName": "gpu_runners"}, "clusterName"),
+    ("cluster name over 40 characters", {"clusterName": "g" * 41}, "clusterName"),
+    ("unknown release channel", {"releaseChannel": "NIGHTLY"}, "releaseChannel"),
+    ("negative CPU minimum", {"cpuMinNodes": -1}, "cpuMinNodes"),
+    ("CPU minimum above maximum", {"cpuMinNodes": 4, "cpuMaxNodes": 2}, "cpuMinNodes"),
+    ("GPU pool max of zero", {"gpuPools": pool(maxNodes=0)}, "gpuPools[0].maxNodes"),
+    ("GPU pool min above max", {"gpuPools": pool(minNodes=3, maxNodes=2)},
+     "gpuPools[0].minNodes"),
+    ("negative GPU pool min", {"gpuPools": pool(minNodes=-1)}, "gpuPools[0].minNodes"),
+    ("T4 on a G2 machine", {"gpuPools": pool(acceleratorType="nvidia-tesla-t4")},
+     "gpuPools[0].machineType"),
+    ("L4 on an N1 machine", {"gpuPools": pool(machineType="n1-standard-8")},
+     "gpuPools[0].machineType"),
+    ("A100 on an N1 machine", {"gpuPools": pool(acceleratorType="nvidia-tesla-a100",
+                                                machineType="n1-standard-16")},
+     "gpuPools[0].machineType"),
+    ("H100 count not what a3-highgpu-8g carries",
+     {"gpuPools": pool(acceleratorType="nvidia-h100-80gb", machineType="a3-highgpu-8g",
+                       acceleratorCount=4)}, "gpuPools[0].acceleratorCount"),
+    ("three T4s", {"gpuPools": pool(acceleratorType="nvidia-tesla-t4",
+                                    machineType="n1-standard-8", acceleratorCount=3)},
+     "gpuPools[0].acceleratorCount"),
+    ("unknown accelerator", {"gpuPools": pool(acceleratorType="nvidia-rtx-4090")},
+     "gpuPools[0].acceleratorType"),
+    ("pool name with capitals", {"gpuPools": pool(name="L4Pool")}, "gpuPools[0].name"),
+    ("pool zone outside a zonal cluster", {"gpuPools": pool(zones=["us-east1-b"])},
+     "gpuPools[0].zones[0]"),
+    ("misspelt pool field", {"gpuPools": pool(maxNode=2)}, "gpuPools[0].maxNode"),
+    ("duplicate pool names", {"gpuPools": [L4_POOL, L4_POOL]}, "gpuPools"),
+    ("no GPU pool", {"gpuPools": []}, "gpuPools"),
+    ("owner with a double hyphen", {"githubOwner": "acme--ml"}, "githubOwner"),
+    ("repository given as owner/name", {"githubRepository": "acme/models"}, "githubRepository"),
+    ("namespace with capitals", {"runnerNamespace": "GitHub-Runners"}, "runnerNamespace"),
+    ("prebuilt image not pinned by digest", {"runnerImage": "ghcr.io/acme/runner:latest"},
+     "runnerImage"),
+    ("memory quantity with a typo", {"baseRunnerMemory": "4GB"}, "baseRunnerMemory"),
+    ("GPU quota smaller than one node", {"gpuPools": pool(machineType="g2-standard-24",
+                                                          acceleratorCount=2), "gpuQuota": 1},
+     "gpuQuota"),
+    ("egress CIDR that is not one", {"egressCidrs": ["github.com"]}, "egressCidrs[0]"),
+    ("reaper schedule with four fields", {"reaperSchedule": "*/5 * * *"}, "reaperSchedule"),
+    ("IAM role without the roles/ prefix", {"ciServiceAccountRoles": ["storage.admin"]},
+     "ciServiceAccountRoles[0]"),
+    ("reserved workload identity pool prefix", {"workloadIdentityPoolId": "gcp-actions"},
+     "workloadIdentityPoolId"),
+    ("existing mode without a context", {"clusterMode": "existing"}, "kubeconfigContext"),
+    ("unknown cluster mode", {"clusterMode": "eks"}, "clusterMode"),
+    ("driver version outside the enum", {"gpuDriverVersion": "R535"}, "gpuDriverVersion"),
+    ("seed compatibility without GKE", {"clusterMode": "existing", "kubeconfigContext": "onprem",
+                                        "seedCompatibility": True}, "seedCompatibility"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_refused_naming_the_key(overrides: dict[str, Any], key: str) -> None:
+    problems = config_problems(overrides)
+    assert any(p.startswith(key) for p in problems), problems
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    problems = config_problems({"gcpProject": "X", "clusterName": "Bad_Name",
+                                "cpuMinNodes": -2, "gpuPools": pool(maxNodes=0)})
+    named = {p.split(" ")[0] for p in problems}
+    assert {"gcpProject", "clusterName", "cpuMinNodes", "gpuPools[0].maxNodes"} <= named
+
+
+def test_a_missing_secret_is_named_with_the_command_that_sets_it() -> None:
+    problems = config_problems({}, secrets={"githubToken": "ghp_x"})
+    assert any(p.startswith("runnerPat is not set") and "pulumi config set --secret runnerPat" in p
+               for p in problems), problems
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_stack_placeholders_fail_until_set(stack: str) -> None:
+    problems = config_problems({}, fill_placeholders=False, stack=stack)
+    placeholders = sorted(p.split(" ")[0] for p in problems if "placeholder" in p)
+    assert placeholders == ["gcpProject", "githubOwner", "githubRepository"]
+
+
+def test_bad_config_registers_no_resource() -> None:
+    with pytest.raises(StackConfigError):
+        run_program("dev", {"gcpProject": "X"})
+    # run_program installs fresh mocks per run; a refused run leaves them empty.
+    from pulumi.runtime import settings
+    monitor = settings.SETTINGS.monitor
+    assert monitor.infra.resources == []
+
+
+def test_error_message_does_not_echo_secret_values() -> None:
+    secret_value = "ghp_super_secret_value_123"
+    problems = config_problems({"gcpProject": "X"},
+                               secrets={"githubToken": secret_value, "runnerPat": secret_value,
+                                        "actionsSecrets": {"bad-name": secret_value}})
+    assert problems
+    assert all(secret_value not in p for p in problems)
+    assert any(p.startswith("actionsSecrets.bad-name") for p in problems)
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_stack_file_loads_and_validates(stack: str) -> None:
+    run: ProgramRun = run_program(stack)
+    assert run.of_type("gcp:container/cluster:Cluster")
+
+
+def test_pulumi_yaml_declares_every_key_with_type_and_description() -> None:
+    declarations = project_declarations()
+    for key, declaration in declarations.items():
+        assert declaration.get("description"), key
+        assert declaration["type"] in {"string", "integer", "boolean", "array"}, key
+    secret_keys = {k for k, d in declarations.items() if d.get("secret")}
+    assert secret_keys == {"githubToken", "runnerPat"}
+
+
+def test_stack_files_set_only_declared_or_documented_keys() -> None:
+    documented_objects = {"gpuPools", "actionsSecrets"}
+    text = PROJECT_FILE.read_text()
+    assert all(f"#   {key}" in text for key in documented_objects)
+    for stack in ("dev", "prod"):
+        config, _ = effective_config(stack)
+        keys = {k.split(":", 1)[1] for k in config}
+        assert keys <= set(project_declarations()) | documented_objects | {
+            "githubToken", "runnerPat"}
+
+
+def test_config_reads_every_declared_key() -> None:
+    source = (PROJECT_FILE.parent / "components" / "config.py").read_text()
+    unread = [key for key in project_declarations() if f'"{key}"' not in source]
+    assert unread == []
+
+
+def test_every_accelerator_names_its_machine_series() -> None:
+    assert {"nvidia-tesla-t4", "nvidia-l4", "nvidia-tesla-a100", "nvidia-h100-80gb"} <= set(
+        ACCELERATORS)
+    assert ACCELERATORS["nvidia-tesla-t4"].machine_prefixes == ("n1-",)
+    assert ACCELERATORS["nvidia-l4"].machine_prefixes == ("g2-",)
+    assert ACCELERATORS["nvidia-tesla-a100"].machine_prefixes == ("a2-",)
+    assert ACCELERATORS["nvidia-h100-80gb"].machine_prefixes == ("a3-",)
+
+
+def test_pulumi_yaml_is_a_valid_project_file() -> None:
+    project = yaml.safe_load(PROJECT_FILE.read_text())
+    assert project["name"] == "gpu-runners"
+    assert project["runtime"]["name"] == "python"
+    assert project["config"]["pulumi:disable-default-providers"] == {"value": ["*"]}
