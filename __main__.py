@@ -1,11 +1,14 @@
 """One stack of GPU CI runners: read the config, compose the components, export what users need."""
 
 import pulumi
+import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
 from components.cluster import GkeCluster, GkeClusterArgs
 from components.config import load_stack_config
+from components.runner_image import RunnerImage, RunnerImageArgs
+from components.runner_plane import GpuPoolSummary, RunnerPlane, RunnerPlaneArgs
 
 config = load_stack_config()
 
@@ -39,3 +42,44 @@ else:
     # context the operator's kubeconfig happens to have selected.
     kubernetes = k8s.Provider("existing-cluster", context=config.kubeconfig_context,
                               kubeconfig=config.kubeconfig_path or None)
+
+image = RunnerImage(
+    "runner-image",
+    RunnerImageArgs(
+        owner=config.github_owner,
+        repository=config.github_repository,
+        push_token=config.github_token,
+        # The cluster pulls with the PAT it already holds, not with Pulumi's admin token.
+        pull_token=config.runner_pat,
+        prebuilt_ref=config.runner_image,
+        private=config.image_private,
+        build_on_preview=config.build_image_on_preview,
+    ),
+    opts=pulumi.ResourceOptions(providers=[docker_build.Provider("docker-build")]),
+)
+
+runner_plane = RunnerPlane(
+    "runners",
+    RunnerPlaneArgs(
+        namespace=config.runner_namespace,
+        repository=config.repository_full_name,
+        image=image.ref,
+        runner_pat=config.runner_pat,
+        gpu_pools=[GpuPoolSummary(accelerator=pool.accelerator_type,
+                                  max_gpus_per_pod=pool.accelerator_count)
+                   for pool in config.gpu_pools],
+        gpu_quota=config.effective_gpu_quota,
+        pod_quota=config.pod_quota,
+        base_runner_replicas=config.base_runner_replicas,
+        base_runner_cpu=config.base_runner_cpu,
+        base_runner_memory=config.base_runner_memory,
+        egress_cidrs=config.egress_cidrs,
+        reaper_schedule=config.reaper_schedule,
+        max_runtime_minutes=config.max_runtime_minutes,
+        image_pull_config=image.pull_secret_config,
+    ),
+    opts=pulumi.ResourceOptions(providers=[kubernetes]),
+)
+
+pulumi.export("runnerImage", image.ref)
+pulumi.export("runnerNamespace", runner_plane.namespace)

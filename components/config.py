@@ -570,6 +570,9 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
             reader.problem("gpuQuota", stack_config.gpu_quota,
                            f"must be 0 (no cap beyond the pools) or >= {largest}, the GPUs of the "
                            "largest node, or no GPU pod could ever start")
+    if not gke and stack_config.gpu_quota == 0:
+        reader.problem("gpuQuota", 0, "in existing mode, the most GPUs the runner namespace may "
+                       "request at once (no GPU pools are declared to derive it from)")
     if not gke and stack_config.seed_compatibility:
         reader.problems.append("seedCompatibility: the seed guide's secrets describe a GKE "
                                "cluster; it needs clusterMode = gke")

@@ -111,11 +111,45 @@ class RegisteredResource:
     inputs: dict[str, Any]  # wire (camelCase) names, secrets unwrapped
     secret_paths: set[str] = field(default_factory=set)  # dotted input paths that were secret
     outputs: dict[str, Any] = field(default_factory=dict)
+    dependencies: list[str] = field(default_factory=list)  # URNs of explicit dependencies
 
     def is_secret(self, path: str) -> bool:
         """Whether the input at `path` (dotted, wire names) or one of its parents is secret."""
         parts = path.split(".")
         return any(".".join(parts[:i]) in self.secret_paths for i in range(1, len(parts) + 1))
+
+    def manifest(self, *, redact_secrets: bool = False) -> dict[str, Any]:
+        """The Kubernetes object this resource applies, as the API server would receive it."""
+        if not self.typ.startswith("kubernetes:"):
+            raise TypeError(f"{self.typ} is not a Kubernetes object")
+        body = _integral_floats_to_int(
+            _redacted(self.inputs, self.secret_paths) if redact_secrets else self.inputs)
+        metadata = {**body.get("metadata", {}), "name": self.outputs["metadata"]["name"]}
+        return {"apiVersion": body["apiVersion"], "kind": body["kind"], "metadata": metadata,
+                **{k: v for k, v in body.items() if k not in {"apiVersion", "kind", "metadata"}}}
+
+
+def _integral_floats_to_int(value: Any) -> Any:
+    # The mock protocol carries every number as a float; manifests want replicas: 1, not 1.0.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_to_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_to_int(v) for v in value]
+    return value
+
+
+def _redacted(value: Any, secret_paths: set[str], path: str = "") -> Any:
+    if path in secret_paths:
+        return "<secret>" if not isinstance(value, dict) else {k: "<secret>" for k in value}
+    if isinstance(value, dict):
+        return {k: _redacted(v, secret_paths, f"{path}.{k}" if path else k)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, secret_paths, f"{path}.{i}" if path else str(i))
+                for i, v in enumerate(value)]
+    return value
 
 
 def unwrap_secrets(value: Any, path: str = "", found: set[str] | None = None) -> Any:
@@ -208,6 +242,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                     and not registered.urn:
                 registered.urn = response.urn
                 registered.parent = request.parent
+                registered.dependencies = list(request.dependencies)
                 break
         return response
 

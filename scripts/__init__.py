@@ -1,0 +1,1 @@
+"""Developer and CI commands of the project (run as `python -m scripts.<name>`)."""
