@@ -12,9 +12,6 @@ import pulumi_kubernetes as k8s
 from components.config import GpuPool
 from gpu_runners import contract
 
-#: Node label an operator-approved warm GPU pool carries (minNodes > 0), so the policy pack
-#: reports it as advisory instead of failing the scale-from-zero rule.
-WARM_POOL_LABEL = "gpu-runners/warm-pool"
 #: Node label naming the pool's accelerator, set by this project (GKE adds its own
 #: cloud.google.com/gke-accelerator, which users cannot set).
 NODE_ACCELERATOR_LABEL = "gpu-runners/accelerator"
@@ -214,7 +211,7 @@ class GkeCluster(pulumi.ComponentResource):
             NODE_ACCELERATOR_LABEL: pool.accelerator_type,
         }
         if pool.warm:
-            labels[WARM_POOL_LABEL] = "true"
+            labels[contract.NODE_WARM_POOL_LABEL] = "true"
         return gcp.container.NodePool(
             f"{name}-gpu-{pool.name}",
             project=args.project,

@@ -20,13 +20,29 @@ from pulumi_kubernetes.core.v1 import (
 
 from gpu_runners import contract
 
-#: Pod Security Standard enforced on the runner namespace: no root, no privilege escalation,
-#: no added capabilities, seccomp on. Every pod in the namespace must meet it.
-POD_SECURITY_LEVEL = "restricted"
 #: Time a base runner pod gets after SIGTERM: the runner deregisters from GitHub (a fresh
 #: remove-token and `config.sh remove`), and a spawn in flight removes what it created.
 BASE_RUNNER_GRACE_SECONDS = 120
 PAT_VOLUME = "github-runner-pat"
+
+#: Security-scanner findings that do not apply to runner pods, each with its reason, as
+#: checkov reads them from an object's annotations (docs/security.md explains each).
+_SKIP_NO_PROBE = ("CKV_K8S_8", "the runner listener serves no endpoint; when it exits the "
+                  "container exits and is restarted")
+_SKIP_NO_READINESS = ("CKV_K8S_9", "no Service sends traffic to a runner")
+_SKIP_TOKEN = ("CKV_K8S_38", "it manages GPU runner pods through this token, whose Role is "
+               "limited to the runner namespace")
+_SKIP_UID = ("CKV_K8S_40", "uid 1000 is the runner image's user and the seed guide's; no host "
+             "namespace is shared")
+_SKIP_WRITABLE_ROOT = ("CKV_K8S_22", "the Actions runner writes its registration and "
+                       "diagnostics into its install directory")
+
+
+def scanner_skips(*skips: tuple[str, str]) -> dict[str, str]:
+    """checkov's `checkov.io/skip<N>: <check>=<reason>` annotations for the given checks."""
+    return {f"checkov.io/skip{i}": f"{check}={reason}"
+            for i, (check, reason) in enumerate(skips, start=1)}
+
 
 #: The namespace Role of the base runner: exactly what spawning, watching, deleting and reaping
 #: per-run GPU runner pods needs, nothing cluster-wide.
@@ -122,10 +138,10 @@ class RunnerPlane(pulumi.ComponentResource):
                 "name": args.namespace,
                 "labels": {
                     **labels,
-                    "pod-security.kubernetes.io/enforce": POD_SECURITY_LEVEL,
+                    contract.PSA_ENFORCE_LABEL: contract.PSA_LEVEL,
                     "pod-security.kubernetes.io/enforce-version": "latest",
-                    "pod-security.kubernetes.io/warn": POD_SECURITY_LEVEL,
-                    "pod-security.kubernetes.io/audit": POD_SECURITY_LEVEL,
+                    "pod-security.kubernetes.io/warn": contract.PSA_LEVEL,
+                    "pod-security.kubernetes.io/audit": contract.PSA_LEVEL,
                 },
             },
             opts=child,
@@ -241,7 +257,8 @@ class RunnerPlane(pulumi.ComponentResource):
                                           "read_only": True}
 
         def runtime_pod(container: ContainerArgsDict, *, restart_policy: str = "Always",
-                        termination_grace_period_seconds: int = 30) -> PodSpecArgsDict:
+                        termination_grace_period_seconds: int = 30,
+                        extra_volumes: Sequence[VolumeArgsDict] = ()) -> PodSpecArgsDict:
             pod: PodSpecArgsDict = {
                 "restart_policy": restart_policy,
                 "termination_grace_period_seconds": termination_grace_period_seconds,
@@ -249,7 +266,7 @@ class RunnerPlane(pulumi.ComponentResource):
                 "automount_service_account_token": True,
                 "node_selector": {contract.NODE_GPU_LABEL: "false"},
                 "security_context": restricted_pod_security(),
-                "volumes": [pat_volume],
+                "volumes": [pat_volume, *extra_volumes],
                 "containers": [container],
             }
             if pull_secrets:
@@ -260,7 +277,9 @@ class RunnerPlane(pulumi.ComponentResource):
                        contract.LABEL_COMPONENT: "runner"}
         base_runner = k8s.apps.v1.Deployment(
             f"{name}-base-runner",
-            metadata={**meta(contract.BASE_RUNNER_APP), "labels": base_labels},
+            metadata={**meta(contract.BASE_RUNNER_APP), "labels": base_labels,
+                      "annotations": scanner_skips(_SKIP_NO_PROBE, _SKIP_NO_READINESS,
+                                                   _SKIP_TOKEN, _SKIP_UID, _SKIP_WRITABLE_ROOT)},
             spec={
                 "replicas": args.base_runner_replicas,
                 "selector": {"match_labels": {contract.LABEL_NAME: contract.BASE_RUNNER_APP}},
@@ -306,7 +325,8 @@ class RunnerPlane(pulumi.ComponentResource):
                          contract.LABEL_COMPONENT: "reaper"}
         reaper = k8s.batch.v1.CronJob(
             f"{name}-reaper",
-            metadata={**meta("gpu-runner-reaper"), "labels": reaper_labels},
+            metadata={**meta("gpu-runner-reaper"), "labels": reaper_labels,
+                      "annotations": scanner_skips(_SKIP_TOKEN, _SKIP_UID)},
             spec={
                 "schedule": args.reaper_schedule,
                 # One reaper at a time: two would race to delete the same leftovers.
@@ -326,15 +346,20 @@ class RunnerPlane(pulumi.ComponentResource):
                                 "image": args.image,
                                 "image_pull_policy": "IfNotPresent",
                                 "command": ["python3", "-m", "gpu_runners", "reap"],
-                                "env": runtime_env,
-                                "volume_mounts": [pat_mount],
+                                "env": [*runtime_env,
+                                        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+                                "volume_mounts": [pat_mount,
+                                                  {"name": "tmp", "mount_path": "/tmp"}],
                                 "resources": {
                                     "requests": {"cpu": "100m", "memory": "128Mi"},
                                     "limits": {"cpu": "500m", "memory": "256Mi"},
                                 },
-                                "security_context": restricted_container_security(),
+                                # The reaper only calls APIs: nothing of the image is written.
+                                "security_context": {**restricted_container_security(),
+                                                     "read_only_root_filesystem": True},
                             },
                             restart_policy="Never",
+                            extra_volumes=[{"name": "tmp", "empty_dir": {"size_limit": "64Mi"}}],
                         ),
                     },
                 }},

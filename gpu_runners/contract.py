@@ -50,7 +50,13 @@ PSA_LEVEL = "restricted"
 
 #: Actions secret holding a service-account JSON key, read by the seed guide's workflow. A
 #: `gcp.serviceaccount.Key` is allowed only in a stack that declares this secret.
-SEED_SECRET_SERVICE_ACCOUNT_KEY = "GOOGLE_SERVICE_ACCOUNT_KEY"
+SEED_SECRET_SERVICE_ACCOUNT_KEY = "GOOGLE_SERVICE_ACCOUNT_KEY"  # noqa: S105 (a secret's name)
+#: The guide's other repository secrets: the cluster's name and location (its
+#: get-gke-credentials step) and a kubeconfig whose current context is the runner namespace (its
+#: `kubectl apply` of the GPU runner pod, which expects Secret PAT_SECRET_NAME there).
+SEED_SECRET_CLUSTER_NAME = "GCP_K8S_CLUSTER_NAME"  # noqa: S105 (a secret's name)
+SEED_SECRET_CLUSTER_ZONE = "GCP_K8S_CLUSTER_ZONE"  # noqa: S105 (a secret's name)
+SEED_SECRET_KUBECONFIG = "GCP_K8S_KUBECONFIG"  # noqa: S105 (a secret's name)
 
 # --- Labels and annotations on the objects gpu_runners creates ----------------------------------
 
@@ -87,6 +93,10 @@ ENV_PAT_SEED = "GITHUB_RUNNER_PAT"  # the seed guide's env variable, still accep
 ENV_RUNNER_LABELS = "GITHUB_RUNNER_LABEL"  # the seed guide's name; comma-separated labels
 ENV_RUNNER_EPHEMERAL = "RUNNER_EPHEMERAL"
 ENV_JIT_CONFIG_FILE = "RUNNER_JITCONFIG_FILE"
+#: Retries of the entrypoint's GitHub API requests: the first pause in seconds (doubled per try;
+#: tests make it small), and the most seconds one request may spend pausing, Retry-After included.
+ENV_API_RETRY_BASE_SECONDS = "RUNNER_API_RETRY_BASE_SECONDS"
+ENV_API_MAX_WAIT_SECONDS = "RUNNER_API_MAX_WAIT_SECONDS"
 #: Where a GPU pod mounts its JIT config Secret; the file is JIT_MOUNT_DIR/JIT_SECRET_KEY.
 JIT_MOUNT_DIR = "/var/run/secrets/github-runner-jit"
 JIT_SECRET_KEY = "jitconfig"
@@ -104,3 +114,35 @@ VAR_RUNNER_NAMESPACE = "GPU_RUNNERS_NAMESPACE"
 VAR_BASE_RUNNER_LABEL = "GPU_RUNNERS_BASE_LABEL"
 VAR_WORKLOAD_IDENTITY_PROVIDER = "GCP_WORKLOAD_IDENTITY_PROVIDER"
 VAR_CI_SERVICE_ACCOUNT = "GCP_CI_SERVICE_ACCOUNT"
+#: The branch the stack protects in that repository (pull requests, checks, no force pushes);
+#: the policy pack requires its protection.
+PROTECTED_BRANCH = "main"
+
+# --- Names gpu_runners gives the objects of one run, and the Actions variables it reads ----------
+
+#: The per-run Secret holding the JIT runner config is named <runner name> + this suffix.
+JIT_SECRET_SUFFIX = "-jit"  # noqa: S105 - a name suffix, not a credential
+#: Name of the runner container in a GPU pod (what `kubectl logs -c` and the policy pack see).
+GPU_RUNNER_CONTAINER = "runner"
+#: Standard GitHub Actions variables identifying the run a GPU runner belongs to.
+ENV_RUN_ID = "GITHUB_RUN_ID"
+ENV_RUN_ATTEMPT = "GITHUB_RUN_ATTEMPT"
+#: Token env fallback after ENV_PAT_FILE and ENV_PAT_SEED (the workflow's own GITHUB_TOKEN cannot
+#: manage runners, so it is only used when a workflow puts a PAT there).
+ENV_GITHUB_TOKEN = "GITHUB_TOKEN"  # noqa: S105 - a variable name, not a credential
+#: Files a step writes its outputs and its Markdown summary to.
+ENV_GITHUB_OUTPUT = "GITHUB_OUTPUT"
+ENV_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
+
+# --- Settings of this project's own repository, read by its preview workflow --------------------
+# (.github/workflows/preview.yaml; set by hand, documented in the README. Distinct from the
+# VAR_* above, which the stack declares in the repository the runners serve.)
+
+#: Actions variable: the Pulumi state backend URL, e.g. gs://<bucket>.
+INFRA_VAR_PULUMI_BACKEND_URL = "PULUMI_BACKEND_URL"
+#: Actions secret: the passphrase that decrypts the stacks' secret config.
+INFRA_SECRET_PULUMI_CONFIG_PASSPHRASE = "PULUMI_CONFIG_PASSPHRASE"
+#: Actions variable: workload identity provider that trusts this repository's OIDC tokens.
+INFRA_VAR_PREVIEW_WORKLOAD_IDENTITY_PROVIDER = "GCP_PREVIEW_WORKLOAD_IDENTITY_PROVIDER"
+#: Actions variable: the read-only service account `pulumi preview` impersonates.
+INFRA_VAR_PREVIEW_SERVICE_ACCOUNT = "GCP_PREVIEW_SERVICE_ACCOUNT"

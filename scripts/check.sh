@@ -28,4 +28,10 @@ echo "==> pytest"
 # pytest exits 5 when it collects no test: that fails this script like any other failure.
 python -m pytest
 
+echo "==> security scan of what each stack deploys"
+for stack in dev prod; do
+  python -m scripts.render --stack "$stack" --out "build/rendered/$stack" >/dev/null
+  bash scripts/security_scan.sh "build/rendered/$stack"
+done
+
 echo "all checks passed"

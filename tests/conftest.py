@@ -10,3 +10,6 @@ from tests.harness.mock_stack import InfraMocks
 
 MOCKS = InfraMocks()
 pulumi.runtime.set_mocks(MOCKS, project="gpu-runners", stack="test", preview=False)
+
+# The fake Kubernetes and GitHub API servers, as fixtures for every test folder.
+pytest_plugins = ["tests.fakes.fixtures"]

@@ -1,0 +1,545 @@
+"""The fake GitHub answers like api.github.com: shapes, statuses, pagination, auth, faults.
+
+The client here is plain urllib, so these tests check the fake itself over real HTTP, not the
+project's GitHub client.
+"""
+
+import base64
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.fakes.github_api import FakeGitHub, RecordedRequest
+
+pytest_plugins = ["tests.fakes.fixtures"]
+
+REPO = "/repos/acme/models"
+RUNNERS = f"{REPO}/actions/runners"
+FORK_PR = f"{REPO}/actions/permissions/fork-pr-workflows-private-repos"
+
+
+class Answer:
+    """A response as the test sees it: status, lower-cased headers and the parsed JSON body."""
+
+    def __init__(self, status: int, headers: dict[str, str], raw: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body: Any = json.loads(raw) if raw else None
+
+
+def call(
+    github: FakeGitHub,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    auth: str | None = "Bearer ghp_fake",
+    url: str | None = None,
+    timeout: float = 5.0,
+) -> Answer:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Accept": "application/vnd.github+json"}
+    if auth is not None:
+        headers["Authorization"] = auth
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    # The URL is the local fake's (http://127.0.0.1), never a file: or remote one.
+    request = urllib.request.Request(url or github.url + path, data, headers, method=method)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return Answer(response.status, _lower(response.headers), response.read())
+    except urllib.error.HTTPError as e:
+        with e:
+            return Answer(e.code, _lower(e.headers), e.read())
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {str(key).lower(): str(value) for key, value in headers.items()}
+
+
+def jit_body(name: str = "gpu-7-1", **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": name,
+        "runner_group_id": 1,
+        "labels": ["self-hosted", name],
+        "work_folder": "_work",
+    }
+    body.update(overrides)
+    return body
+
+
+def next_link(answer: Answer) -> str | None:
+    for part in answer.headers.get("link", "").split(","):
+        url, _, rel = part.partition(";")
+        if rel.strip() == 'rel="next"':
+            return url.strip().strip("<>")
+    return None
+
+
+# --- tokens and JIT configs ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["registration-token", "remove-token"])
+def test_runner_tokens_are_created_and_expire_in_one_hour(
+    fake_github: FakeGitHub, kind: str
+) -> None:
+    before = datetime.now().astimezone()
+    answer = call(fake_github, "POST", f"{RUNNERS}/{kind}")
+
+    assert answer.status == 201
+    assert set(answer.body) == {"token", "expires_at"}
+    expires = datetime.fromisoformat(answer.body["expires_at"])
+    assert timedelta(minutes=59) < expires - before <= timedelta(hours=1, seconds=5)
+    issued = (
+        fake_github.registration_tokens
+        if kind == "registration-token"
+        else fake_github.remove_tokens
+    )
+    assert issued == [answer.body["token"]]
+
+
+def test_jitconfig_registers_an_offline_ephemeral_runner_and_encodes_its_config(
+    fake_github: FakeGitHub,
+) -> None:
+    answer = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body("gpu-7-1"))
+
+    assert answer.status == 201
+    runner = answer.body["runner"]
+    assert runner["name"] == "gpu-7-1"
+    assert runner["status"] == "offline"
+    assert runner["busy"] is False
+    assert [(label["name"], label["type"]) for label in runner["labels"]] == [
+        ("self-hosted", "read-only"),
+        ("gpu-7-1", "custom"),
+    ]
+    assert fake_github.runners[runner["id"]]["ephemeral"] is True
+    files = json.loads(base64.b64decode(answer.body["encoded_jit_config"]))
+    assert set(files) == {".runner", ".credentials", ".credentials_rsaparams"}
+    dot_runner = FakeGitHub.decode_jit_config(answer.body["encoded_jit_config"])[".runner"]
+    assert dot_runner["agentId"] == runner["id"]
+    assert dot_runner["agentName"] == "gpu-7-1"
+    assert dot_runner["gitHubUrl"] == "https://github.com/acme/models"
+    assert dot_runner["ephemeral"] is True
+    assert fake_github.jit_configs[runner["id"]] == answer.body["encoded_jit_config"]
+
+
+def test_jitconfig_for_a_name_in_use_is_a_409_conflict(fake_github: FakeGitHub) -> None:
+    fake_github.add_runner("gpu-7-1", ["gpu-7-1"])
+
+    answer = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body("gpu-7-1"))
+
+    assert answer.status == 409
+    assert "already exists" in answer.body["message"]
+    assert answer.body["documentation_url"].startswith("https://docs.github.com/rest")
+    assert len(fake_github.runners) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"runner_group_id": 1, "labels": ["gpu"]}, '"name"'),
+        ({"name": "gpu-1-1", "labels": ["gpu"]}, '"runner_group_id"'),
+        ({"name": "gpu-1-1", "runner_group_id": 1, "labels": []}, '"labels"'),
+        ({"name": "gpu-1-1", "runner_group_id": 1, "labels": [f"l{i}" for i in range(101)]}, "100"),
+    ],
+    ids=["no-name", "no-group", "no-labels", "101-labels"],
+)
+def test_jitconfig_without_required_fields_is_a_422_naming_the_field(
+    fake_github: FakeGitHub, body: dict[str, Any], named: str
+) -> None:
+    answer = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", body)
+
+    assert answer.status == 422
+    assert named in answer.body["message"]
+    assert fake_github.runners == {}
+
+
+def test_jitconfig_for_an_unknown_runner_group_is_a_404(fake_github: FakeGitHub) -> None:
+    answer = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body(runner_group_id=9))
+
+    assert answer.status == 404
+    assert fake_github.runners == {}
+
+
+# --- listing, reading and deleting runners -------------------------------------------------------
+
+
+def test_runner_list_pages_follow_the_link_header_to_every_runner() -> None:
+    with FakeGitHub(page_size_max=2) as github:
+        for index in range(5):
+            github.add_runner(f"runner-{index}", ["self-hosted", "base-runner"])
+
+        first = call(github, "GET", f"{RUNNERS}?per_page=50")
+        assert first.status == 200
+        assert first.body["total_count"] == 5
+        assert [r["name"] for r in first.body["runners"]] == ["runner-0", "runner-1"]
+        assert 'rel="last"' in first.headers["link"]
+        assert "page=3" in first.headers["link"].split(",")[-1]
+
+        names = [r["name"] for r in first.body["runners"]]
+        link = next_link(first)
+        pages = 1
+        while link is not None:
+            assert link.startswith(github.url + RUNNERS)
+            answer = call(github, "GET", "", url=link)
+            names += [r["name"] for r in answer.body["runners"]]
+            link = next_link(answer)
+            pages += 1
+            assert pages <= 3
+
+    assert names == [f"runner-{index}" for index in range(5)]
+    assert pages == 3
+
+
+def test_runner_list_name_filter_matches_the_exact_name_only(fake_github: FakeGitHub) -> None:
+    fake_github.add_runner("gpu-7-1", ["gpu-7-1"])
+    fake_github.add_runner("gpu-7-10", ["gpu-7-10"])
+
+    answer = call(fake_github, "GET", f"{RUNNERS}?name=gpu-7-1")
+
+    assert answer.body["total_count"] == 1
+    assert [r["name"] for r in answer.body["runners"]] == ["gpu-7-1"]
+    assert "link" not in answer.headers
+
+
+def test_runner_is_read_by_id_with_its_status_and_labels(fake_github: FakeGitHub) -> None:
+    added = fake_github.add_runner("base-1", ["self-hosted", "base-runner"], busy=True)
+    fake_github.set_runner_status("base-1", "online", busy=False)
+
+    answer = call(fake_github, "GET", f"{RUNNERS}/{added['id']}")
+
+    assert answer.status == 200
+    assert answer.body["name"] == "base-1"
+    assert answer.body["os"] == "Linux"
+    assert answer.body["status"] == "online"
+    assert answer.body["busy"] is False
+    assert [label["name"] for label in answer.body["labels"]] == ["self-hosted", "base-runner"]
+
+
+def test_unknown_runner_id_is_a_404_on_get_and_delete(fake_github: FakeGitHub) -> None:
+    assert call(fake_github, "GET", f"{RUNNERS}/999").status == 404
+    answer = call(fake_github, "DELETE", f"{RUNNERS}/999")
+    assert answer.status == 404
+    assert answer.body["message"] == "Not Found"
+
+
+def test_deleting_an_idle_runner_removes_it(fake_github: FakeGitHub) -> None:
+    runner = fake_github.add_runner("gpu-3-1", ["gpu-3-1"], status="offline")
+
+    answer = call(fake_github, "DELETE", f"{RUNNERS}/{runner['id']}")
+
+    assert answer.status == 204
+    assert answer.body is None
+    assert fake_github.runners == {}
+
+
+def test_deleting_a_busy_runner_is_refused_with_422(fake_github: FakeGitHub) -> None:
+    runner = fake_github.add_runner("gpu-3-1", ["gpu-3-1"], busy=True)
+
+    answer = call(fake_github, "DELETE", f"{RUNNERS}/{runner['id']}")
+
+    assert answer.status == 422
+    assert "still running a job" in answer.body["message"]
+    assert runner["id"] in fake_github.runners
+
+
+# --- organisation scope ---------------------------------------------------------------------------
+
+
+def test_organisation_scope_serves_runner_routes_and_the_default_runner_group() -> None:
+    with FakeGitHub(org="acme-ml") as github:
+        groups = call(github, "GET", "/orgs/acme-ml/actions/runner-groups")
+        created = call(
+            github, "POST", "/orgs/acme-ml/actions/runners/generate-jitconfig", jit_body()
+        )
+        listed = call(github, "GET", "/orgs/acme-ml/actions/runners")
+        other_org = call(github, "GET", "/orgs/someone-else/actions/runners")
+
+    assert groups.status == 200
+    assert groups.body["total_count"] == 1
+    assert groups.body["runner_groups"][0]["id"] == 1
+    assert groups.body["runner_groups"][0]["name"] == "Default"
+    assert created.status == 201
+    dot_runner = FakeGitHub.decode_jit_config(created.body["encoded_jit_config"])[".runner"]
+    assert dot_runner["gitHubUrl"] == "https://github.com/acme-ml"
+    assert [r["name"] for r in listed.body["runners"]] == ["gpu-7-1"]
+    assert other_org.status == 404
+
+
+def test_organisation_routes_are_404_when_the_fake_has_no_organisation(
+    fake_github: FakeGitHub,
+) -> None:
+    assert call(fake_github, "GET", "/orgs/acme/actions/runner-groups").status == 404
+
+
+# --- workflow runs, repository, fork PR settings ------------------------------------------------
+
+
+def test_workflow_run_reports_the_status_the_test_set(fake_github: FakeGitHub) -> None:
+    fake_github.set_run_status(42, "in_progress")
+    running = call(fake_github, "GET", f"{REPO}/actions/runs/42")
+    fake_github.set_run_status(42, "completed", "success")
+    done = call(fake_github, "GET", f"{REPO}/actions/runs/42")
+
+    assert running.status == 200
+    assert (running.body["status"], running.body["conclusion"]) == ("in_progress", None)
+    assert (done.body["status"], done.body["conclusion"]) == ("completed", "success")
+    assert done.body["html_url"] == "https://github.com/acme/models/actions/runs/42"
+    assert call(fake_github, "GET", f"{REPO}/actions/runs/43").status == 404
+
+
+def test_set_run_status_rejects_a_completed_run_without_conclusion(fake_github: FakeGitHub) -> None:
+    with pytest.raises(ValueError, match="conclusion"):
+        fake_github.set_run_status(42, "completed")
+
+
+def test_repository_object_reports_its_visibility() -> None:
+    with FakeGitHub(owner="acme", repo="models", private=False) as github:
+        answer = call(github, "GET", REPO)
+
+    assert answer.status == 200
+    assert answer.body["name"] == "models"
+    assert answer.body["full_name"] == "acme/models"
+    assert answer.body["private"] is False
+    assert answer.body["visibility"] == "public"
+
+
+def test_fork_pr_settings_are_read_and_replaced(fake_github: FakeGitHub) -> None:
+    before = call(fake_github, "GET", FORK_PR)
+    wanted = {
+        "run_workflows_from_fork_pull_requests": True,
+        "send_write_tokens_to_workflows": False,
+        "send_secrets_and_variables": False,
+        "require_approval_for_fork_pr_workflows": True,
+    }
+    put = call(fake_github, "PUT", FORK_PR, wanted)
+    after = call(fake_github, "GET", FORK_PR)
+
+    assert before.status == 200
+    assert before.body == dict.fromkeys(wanted, False)
+    assert put.status == 204
+    assert after.body == wanted
+    assert fake_github.fork_pr_settings == wanted
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"send_write_tokens_to_workflows": False},
+        {"run_workflows_from_fork_pull_requests": "yes"},
+        {"run_workflows_from_fork_pull_requests": False, "send_everything": True},
+    ],
+    ids=["required-key-missing", "not-a-boolean", "unknown-key"],
+)
+def test_fork_pr_settings_put_with_an_invalid_body_is_a_422(
+    fake_github: FakeGitHub, body: dict[str, Any]
+) -> None:
+    answer = call(fake_github, "PUT", FORK_PR, body)
+
+    assert answer.status == 422
+    assert fake_github.fork_pr_settings["run_workflows_from_fork_pull_requests"] is False
+
+
+def test_fork_pr_settings_of_a_public_repository_are_a_422() -> None:
+    with FakeGitHub(private=False) as github:
+        answer = call(github, "GET", FORK_PR)
+
+    assert answer.status == 422
+    assert "private repositories" in answer.body["message"]
+
+
+# --- auth and routing ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", ["Bearer ghp_fake", "token ghp_fake"])
+def test_both_authorization_schemes_are_accepted(fake_github: FakeGitHub, auth: str) -> None:
+    assert call(fake_github, "GET", REPO, auth=auth).status == 200
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer ghp_wrong", "Basic ghp_fake"])
+def test_missing_or_wrong_token_is_401_bad_credentials(
+    fake_github: FakeGitHub, auth: str | None
+) -> None:
+    answer = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body(), auth=auth)
+
+    assert answer.status == 401
+    assert answer.body["message"] == "Bad credentials"
+    assert answer.body["documentation_url"] == "https://docs.github.com/rest"
+    assert fake_github.runners == {}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/repos/acme/other/actions/runners", "/repos/other/models", "/repos/acme/models/nothing"],
+)
+def test_unknown_repository_or_route_is_404_not_found(fake_github: FakeGitHub, path: str) -> None:
+    answer = call(fake_github, "GET", path)
+
+    assert answer.status == 404
+    assert answer.body["message"] == "Not Found"
+
+
+# --- injected faults -----------------------------------------------------------------------------
+
+
+def test_injected_fault_answers_exactly_times_then_the_route_answers(
+    fake_github: FakeGitHub,
+) -> None:
+    fake_github.inject(
+        "GET",
+        r"/actions/runners$",
+        429,
+        times=2,
+        headers={"Retry-After": "1", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "99"},
+    )
+
+    answers = [call(fake_github, "GET", RUNNERS) for _ in range(3)]
+
+    assert [a.status for a in answers] == [429, 429, 200]
+    assert answers[0].headers["retry-after"] == "1"
+    assert answers[0].headers["x-ratelimit-remaining"] == "0"
+    assert answers[0].headers["x-ratelimit-reset"] == "99"
+    assert answers[0].body["message"] == "Too Many Requests"
+    assert answers[2].headers["x-ratelimit-remaining"] != "0"
+    assert fake_github.pending_faults() == 0
+
+
+def test_injected_fault_matches_method_and_path_only(fake_github: FakeGitHub) -> None:
+    fake_github.inject("DELETE", r"/actions/runners/\d+$", 500, body={"message": "boom"})
+    runner = fake_github.add_runner("gpu-1-1", ["gpu-1-1"])
+
+    read = call(fake_github, "GET", f"{RUNNERS}/{runner['id']}")
+    deleted = call(fake_github, "DELETE", f"{RUNNERS}/{runner['id']}")
+    again = call(fake_github, "DELETE", f"{RUNNERS}/{runner['id']}")
+
+    assert (read.status, deleted.status, again.status) == (200, 500, 204)
+    assert deleted.body == {"message": "boom"}
+
+
+def test_injected_fault_is_answered_before_auth(fake_github: FakeGitHub) -> None:
+    fake_github.inject("*", r"^/repos/", 403, body={"message": "Resource not accessible"})
+
+    answer = call(fake_github, "GET", REPO, auth=None)
+
+    assert answer.status == 403
+    assert answer.body["message"] == "Resource not accessible"
+
+
+def test_dropped_connection_is_a_connection_error_for_the_client(fake_github: FakeGitHub) -> None:
+    fake_github.inject("POST", r"/generate-jitconfig$", None, drop=True)
+
+    with pytest.raises((ConnectionError, urllib.error.URLError)):
+        call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body())
+
+    assert fake_github.runners == {}
+    assert call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body()).status == 201
+
+
+def test_delayed_answer_times_out_a_client_with_a_shorter_timeout(fake_github: FakeGitHub) -> None:
+    fake_github.inject("GET", r"/actions/runs/", None, delay=2.0)
+    fake_github.set_run_status(5, "queued")
+
+    started = time.monotonic()
+    with pytest.raises((TimeoutError, urllib.error.URLError)):
+        call(fake_github, "GET", f"{REPO}/actions/runs/5", timeout=0.2)
+
+    assert time.monotonic() - started < 1.5
+    assert call(fake_github, "GET", f"{REPO}/actions/runs/5").body["status"] == "queued"
+
+
+def test_inject_rejects_a_fault_it_cannot_serve(fake_github: FakeGitHub) -> None:
+    with pytest.raises(ValueError, match="drop=True or a delay"):
+        fake_github.inject("GET", ".*", None)
+    with pytest.raises(ValueError, match="status=None"):
+        fake_github.inject("GET", ".*", 500, drop=True)
+    with pytest.raises(ValueError, match="times"):
+        fake_github.inject("GET", ".*", 500, times=0)
+
+
+# --- recording -----------------------------------------------------------------------------------
+
+
+def test_requests_are_recorded_in_order_with_headers_query_and_body(
+    fake_github: FakeGitHub,
+) -> None:
+    call(fake_github, "GET", f"{RUNNERS}?name=gpu-7-1&per_page=100")
+    call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body("gpu-7-1"))
+    call(fake_github, "GET", REPO, auth=None)
+
+    methods_paths = [(r.method, r.path) for r in fake_github.requests]
+    assert methods_paths == [
+        ("GET", RUNNERS),
+        ("POST", f"{RUNNERS}/generate-jitconfig"),
+        ("GET", REPO),
+    ]
+    listed, created, refused = fake_github.requests
+    assert listed.query == {"name": ["gpu-7-1"], "per_page": ["100"]}
+    assert listed.body is None
+    assert created.headers["authorization"] == "Bearer ghp_fake"
+    assert created.headers["content-type"] == "application/json"
+    assert created.body == jit_body("gpu-7-1")
+    assert "authorization" not in refused.headers
+    assert fake_github.requests_to(r"/generate-jitconfig$", "post") == [created]
+    assert fake_github.requests_to(r"/actions/runners", "DELETE") == []
+
+
+def test_on_request_callback_sees_each_request_before_it_is_answered(
+    fake_github: FakeGitHub,
+) -> None:
+    seen: list[RecordedRequest] = []
+
+    def go_online(request: RecordedRequest) -> None:
+        seen.append(request)
+        if request.method == "GET" and request.path.startswith(f"{RUNNERS}/"):
+            fake_github.set_runner_status("gpu-1-1", "online")
+
+    runner = fake_github.add_runner("gpu-1-1", ["gpu-1-1"], status="offline")
+    fake_github.on_request(go_online)
+
+    answer = call(fake_github, "GET", f"{RUNNERS}/{runner['id']}")
+
+    assert answer.body["status"] == "online"
+    assert [r.path for r in seen] == [f"{RUNNERS}/{runner['id']}"]
+
+
+def test_a_failing_callback_is_answered_as_500_naming_the_error(fake_github: FakeGitHub) -> None:
+    def broken(request: RecordedRequest) -> None:
+        raise KeyError("no such runner")
+
+    fake_github.on_request(broken)
+
+    answer = call(fake_github, "GET", REPO)
+
+    assert answer.status == 500
+    assert "no such runner" in answer.body["message"]
+
+
+def test_wait_for_requests_returns_once_a_background_client_called(fake_github: FakeGitHub) -> None:
+    worker = threading.Thread(target=call, args=(fake_github, "POST", f"{RUNNERS}/remove-token"))
+    worker.start()
+    try:
+        arrived = fake_github.wait_for_requests(r"/remove-token$", "POST", timeout=5)
+    finally:
+        worker.join(timeout=5)
+
+    assert [r.method for r in arrived] == ["POST"]
+    with pytest.raises(TimeoutError, match="0 of 1"):
+        fake_github.wait_for_requests(r"/never$", timeout=0.05)
+
+
+def test_stop_frees_the_port(fake_github: FakeGitHub) -> None:
+    url = fake_github.url
+    fake_github.stop()
+
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url + REPO, timeout=2)  # noqa: S310 - local fake
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = fake_github.url
+    assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
