@@ -50,13 +50,13 @@ PSA_LEVEL = "restricted"
 
 #: Actions secret holding a service-account JSON key, read by the seed guide's workflow. A
 #: `gcp.serviceaccount.Key` is allowed only in a stack that declares this secret.
-SEED_SECRET_SERVICE_ACCOUNT_KEY = "GOOGLE_SERVICE_ACCOUNT_KEY"  # noqa: S105 (a secret's name)
+SEED_SECRET_SERVICE_ACCOUNT_KEY = "GOOGLE_SERVICE_ACCOUNT_KEY"
 #: The guide's other repository secrets: the cluster's name and location (its
 #: get-gke-credentials step) and a kubeconfig whose current context is the runner namespace (its
 #: `kubectl apply` of the GPU runner pod, which expects Secret PAT_SECRET_NAME there).
-SEED_SECRET_CLUSTER_NAME = "GCP_K8S_CLUSTER_NAME"  # noqa: S105 (a secret's name)
-SEED_SECRET_CLUSTER_ZONE = "GCP_K8S_CLUSTER_ZONE"  # noqa: S105 (a secret's name)
-SEED_SECRET_KUBECONFIG = "GCP_K8S_KUBECONFIG"  # noqa: S105 (a secret's name)
+SEED_SECRET_CLUSTER_NAME = "GCP_K8S_CLUSTER_NAME"
+SEED_SECRET_CLUSTER_ZONE = "GCP_K8S_CLUSTER_ZONE"
+SEED_SECRET_KUBECONFIG = "GCP_K8S_KUBECONFIG"
 
 # --- Labels and annotations on the objects gpu_runners creates ----------------------------------
 
@@ -121,7 +121,7 @@ PROTECTED_BRANCH = "main"
 # --- Names gpu_runners gives the objects of one run, and the Actions variables it reads ----------
 
 #: The per-run Secret holding the JIT runner config is named <runner name> + this suffix.
-JIT_SECRET_SUFFIX = "-jit"  # noqa: S105 - a name suffix, not a credential
+JIT_SECRET_SUFFIX = "-jit"
 #: Name of the runner container in a GPU pod (what `kubectl logs -c` and the policy pack see).
 GPU_RUNNER_CONTAINER = "runner"
 #: Standard GitHub Actions variables identifying the run a GPU runner belongs to.
@@ -129,7 +129,7 @@ ENV_RUN_ID = "GITHUB_RUN_ID"
 ENV_RUN_ATTEMPT = "GITHUB_RUN_ATTEMPT"
 #: Token env fallback after ENV_PAT_FILE and ENV_PAT_SEED (the workflow's own GITHUB_TOKEN cannot
 #: manage runners, so it is only used when a workflow puts a PAT there).
-ENV_GITHUB_TOKEN = "GITHUB_TOKEN"  # noqa: S105 - a variable name, not a credential
+ENV_GITHUB_TOKEN = "GITHUB_TOKEN"
 #: Files a step writes its outputs and its Markdown summary to.
 ENV_GITHUB_OUTPUT = "GITHUB_OUTPUT"
 ENV_STEP_SUMMARY = "GITHUB_STEP_SUMMARY"

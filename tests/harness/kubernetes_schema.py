@@ -26,13 +26,13 @@ def _schema_dir(version: str) -> Any:
     return _SCHEMAS / f"v{version}.0-local-strict"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registry(version: str) -> referencing.Registry[Any]:
     definitions = json.loads((_schema_dir(version) / "_definitions.json").read_text())
     return referencing.Resource.from_contents(definitions) @ referencing.Registry()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _validator(api_version: str, kind: str, version: str) -> jsonschema.Draft202012Validator:
     # rbac.authorization.k8s.io/v1 -> rbac-v1, v1 -> v1: the bundle's file naming.
     group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
