@@ -3,14 +3,23 @@
 import pulumi
 import pulumi_docker_build as docker_build
 import pulumi_gcp as gcp
+import pulumi_github as github
 import pulumi_kubernetes as k8s
 
+from components.ci_identity import CiIdentity, CiIdentityArgs
 from components.cluster import GkeCluster, GkeClusterArgs
 from components.config import load_stack_config
+from components.repository import (
+    RepositorySettings,
+    RepositorySettingsArgs,
+    SeedCompatibility,
+    workflow_variables,
+)
 from components.runner_image import RunnerImage, RunnerImageArgs
 from components.runner_plane import GpuPoolSummary, RunnerPlane, RunnerPlaneArgs
 
 config = load_stack_config()
+ci_identity: CiIdentity | None = None
 
 if config.gke:
     gcp_provider = gcp.Provider("gcp", project=config.gcp_project,
@@ -34,6 +43,21 @@ if config.gke:
         opts=pulumi.ResourceOptions(providers=[gcp_provider]),
     )
     kubernetes = cluster.provider
+    ci_identity = CiIdentity(
+        "ci",
+        CiIdentityArgs(
+            project=config.gcp_project,
+            github_owner=config.github_owner,
+            github_repository=config.github_repository,
+            account_prefix=config.cluster_name,
+            pool_id=config.workload_identity_pool_id,
+            project_roles=config.ci_service_account_roles,
+            dvc_bucket=config.dvc_bucket,
+            # A long-lived key exists only for the seed guide's workflow, which logs in with one.
+            create_key=config.seed_compatibility,
+        ),
+        opts=pulumi.ResourceOptions(providers=[gcp_provider]),
+    )
     pulumi.export("clusterName", cluster.cluster_name)
     pulumi.export("clusterLocation", cluster.location)
     pulumi.export("kubeconfig", cluster.kubeconfig)
@@ -77,9 +101,57 @@ runner_plane = RunnerPlane(
         reaper_schedule=config.reaper_schedule,
         max_runtime_minutes=config.max_runtime_minutes,
         image_pull_config=image.pull_secret_config,
+        # The seed guide's workflow applies its GPU pod as the CI service account, with its own
+        # pod manifest (no seccomp profile, capabilities kept), which `restricted` would refuse.
+        seed_compatibility_user=(ci_identity.service_account_email
+                                 if ci_identity is not None and config.seed_compatibility
+                                 else None),
     ),
     opts=pulumi.ResourceOptions(providers=[kubernetes]),
 )
 
+seed: SeedCompatibility | None = None
+if config.gke and ci_identity is not None:
+    variables = workflow_variables(
+        runner_namespace=runner_plane.namespace,
+        cluster_name=cluster.cluster_name,
+        cluster_location=cluster.location,
+        workload_identity_provider=ci_identity.workload_identity_provider,
+        ci_service_account=ci_identity.service_account_email,
+    )
+    if ci_identity.service_account_key is not None:
+        seed = SeedCompatibility(
+            cluster_name=cluster.cluster_name,
+            cluster_location=cluster.location,
+            kubeconfig=cluster.kubeconfig,
+            namespace=config.runner_namespace,
+            service_account_key=ci_identity.service_account_key,
+        )
+    pulumi.export("workloadIdentityProvider", ci_identity.workload_identity_provider)
+    pulumi.export("ciServiceAccount", ci_identity.service_account_email)
+else:
+    variables = workflow_variables(runner_namespace=runner_plane.namespace)
+
+repository = RepositorySettings(
+    "repository",
+    RepositorySettingsArgs(
+        owner=config.github_owner,
+        repository=config.github_repository,
+        private=config.repository_private,
+        github_token=config.github_token,
+        actions_secrets=config.actions_secrets,
+        variables=variables,
+        required_approvals=config.required_approvals,
+        required_status_checks=config.required_status_checks,
+        enforce_admins=config.enforce_admins,
+        commit_example_workflow=config.commit_example_workflow,
+        seed=seed,
+    ),
+    opts=pulumi.ResourceOptions(providers=[
+        github.Provider("github", owner=config.github_owner, token=config.github_token),
+    ]),
+)
+
 pulumi.export("runnerImage", image.ref)
 pulumi.export("runnerNamespace", runner_plane.namespace)
+pulumi.export("repositorySecrets", repository.secret_names)

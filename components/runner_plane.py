@@ -82,6 +82,11 @@ class RunnerPlaneArgs:
     max_runtime_minutes: int = 360
     #: dockerconfigjson for a private image, or None for a public one.
     image_pull_config: pulumi.Input[str] | None = None
+    #: Seed compatibility: the Google identity (a service account email) the seed guide's
+    #: workflow runs `kubectl apply` as. It is bound to the spawner Role, and the namespace
+    #: enforces `baseline` (warning and auditing `restricted`), because the guide's own pod
+    #: manifest sets no seccomp profile and drops no capabilities. None keeps `restricted`.
+    seed_compatibility_user: pulumi.Input[str] | None = None
     extra_labels: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -132,13 +137,16 @@ class RunnerPlane(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         labels = {contract.LABEL_PART_OF: contract.PART_OF, **args.extra_labels}
 
+        seed = args.seed_compatibility_user is not None
         namespace = k8s.core.v1.Namespace(
             f"{name}-namespace",
             metadata={
                 "name": args.namespace,
+                "annotations": {contract.ANNOTATION_SEED_COMPATIBILITY: "true"} if seed else {},
                 "labels": {
                     **labels,
-                    contract.PSA_ENFORCE_LABEL: contract.PSA_LEVEL,
+                    contract.PSA_ENFORCE_LABEL: (contract.PSA_SEED_COMPATIBLE_LEVEL if seed
+                                                 else contract.PSA_LEVEL),
                     "pod-security.kubernetes.io/enforce-version": "latest",
                     "pod-security.kubernetes.io/warn": contract.PSA_LEVEL,
                     "pod-security.kubernetes.io/audit": contract.PSA_LEVEL,
@@ -203,6 +211,16 @@ class RunnerPlane(pulumi.ComponentResource):
                        "namespace": ns}],
             opts=child,
         )
+        if args.seed_compatibility_user is not None:
+            k8s.rbac.v1.RoleBinding(
+                f"{name}-seed-binding",
+                metadata=meta("seed-guide-workflow"),
+                role_ref={"api_group": "rbac.authorization.k8s.io", "kind": "Role",
+                          "name": role.metadata.name},
+                subjects=[{"kind": "User", "name": args.seed_compatibility_user,
+                           "api_group": "rbac.authorization.k8s.io"}],
+                opts=child,
+            )
 
         k8s.networking.v1.NetworkPolicy(
             f"{name}-network-policy",

@@ -70,6 +70,11 @@ LABEL_GPU_TYPE = "gpu-runners/gpu-type"
 ANNOTATION_RUN_URL = "gpu-runners/run-url"
 ANNOTATION_REPOSITORY = "gpu-runners/repository"
 ANNOTATION_RUNNER_NAME = "gpu-runners/runner-name"
+#: On the runner namespace of a seed-compatible stack: it enforces Pod Security `baseline`
+#: (warning and auditing `restricted`) because the seed guide's GPU pod manifest meets no more.
+#: The policy pack accepts `baseline` only with this annotation.
+ANNOTATION_SEED_COMPATIBILITY = "gpu-runners/seed-compatibility"
+PSA_SEED_COMPATIBLE_LEVEL = "baseline"
 #: Value of LABEL_MANAGED_BY on every object gpu_runners creates; delete and reap select on it.
 MANAGED_BY = "gpu-runners"
 PART_OF = "gpu-runners"

@@ -384,6 +384,30 @@ def test_namespace_not_enforcing_restricted_is_rejected(level: str | None) -> No
     assert f"{contract.PSA_ENFORCE_LABEL} = {level!r}" in message
 
 
+def seed_compatible_namespace(*, annotated: bool, warn: str | None) -> dict[str, Any]:
+    labels = {contract.PSA_ENFORCE_LABEL: contract.PSA_SEED_COMPATIBLE_LEVEL}
+    if warn is not None:
+        labels["pod-security.kubernetes.io/warn"] = warn
+    annotations = {contract.ANNOTATION_SEED_COMPATIBILITY: "true"} if annotated else {}
+    return wire_props(k8s.core.v1.NamespaceInitArgs, {
+        "metadata": {"name": contract.DEFAULT_NAMESPACE, "labels": labels,
+                     "annotations": annotations}})
+
+
+def test_seed_compatible_namespace_may_enforce_baseline_while_warning_restricted() -> None:
+    props = seed_compatible_namespace(annotated=True, warn="restricted")
+    assert violations("namespace-enforces-restricted", policies.K8S_NAMESPACE, props) == []
+
+
+@pytest.mark.parametrize(("annotated", "warn"), [(False, "restricted"), (True, None),
+                                                 (True, "baseline")])
+def test_baseline_namespace_is_rejected_unless_marked_seed_compatible_and_warning(
+        annotated: bool, warn: str | None) -> None:
+    props = seed_compatible_namespace(annotated=annotated, warn=warn)
+    [message] = violations("namespace-enforces-restricted", policies.K8S_NAMESPACE, props)
+    assert "does not enforce the restricted" in message
+
+
 WORKLOAD_POLICIES = ["no-privileged-or-root-containers", "restricted-pod-security",
                      "images-pinned-by-digest"]
 

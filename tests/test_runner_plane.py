@@ -291,3 +291,22 @@ def test_dev_declares_the_runner_plane_objects(dev: ProgramRun) -> None:
         "ServiceAccount/base-runner",
         "ServiceAccount/gpu-runner",
     ]
+
+
+def test_seed_compatibility_binds_the_ci_account_and_relaxes_the_namespace_to_baseline() -> None:
+    run = run_program("dev", {"seedCompatibility": True})
+    bindings = {b["metadata"]["name"]: b for b in by_kind(run, "RoleBinding")}
+    seed = bindings["seed-guide-workflow"]
+    assert seed["roleRef"]["name"] == "gpu-runner-spawner"
+    assert seed["subjects"] == [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io",
+                                 "name": "gpu-runners-dev-github-ci@acme-ml-ci.iam"
+                                         ".gserviceaccount.com"}]
+    (namespace,) = by_kind(run, "Namespace")
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert namespace["metadata"]["annotations"] == {contract.ANNOTATION_SEED_COMPATIBILITY: "true"}
+
+
+def test_without_seed_compatibility_no_human_or_ci_identity_is_bound(dev: ProgramRun) -> None:
+    assert [b["metadata"]["name"] for b in by_kind(dev, "RoleBinding")] == ["gpu-runner-spawner"]
