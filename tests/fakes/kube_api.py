@@ -1,0 +1,2753 @@
+"""A stateful fake of the Kubernetes core/v1 API, served over HTTP on 127.0.0.1.
+
+`gpu_runners` talks to the cluster through the official `kubernetes` client. Its tests point that
+client at this server, so the real client, its serialization and its HTTP paths run end to end.
+Existing fakes fall short (no watch, label selectors ignored, namespace bugs), hence this one.
+
+What it emulates, for what `gpu_runners` uses:
+
+- Pods, Secrets and Events in `/api/v1/namespaces/{ns}/...` (and cluster-wide lists in
+  `/api/v1/{resource}`): create, get, delete, deletecollection, list with label and field
+  selectors, `limit`/`continue` pagination from a consistent snapshot, and `watch=true` streams
+  from a `resourceVersion`, honouring `timeoutSeconds`. Nodes, Namespaces and ResourceQuotas are
+  readable. Errors are `Status` objects with the API server's reasons and message shapes.
+- The API server's admission on create, in its order: object validation (names, labels,
+  containers, and a strict JSON-schema check (tests/harness/kubernetes_schema.py)),
+  Pod Security `restricted`, ResourceQuota on `nvidia.com/gpu` and pod count, then 409 on a name
+  already taken.
+- Defaulting (restartPolicy, requests from limits, the ServiceAccount token volume, ...), uid,
+  a cluster-wide monotonic resourceVersion, creationTimestamp.
+- A scheduler, cluster autoscaler and kubelet per `PodScript`: events with the real reasons,
+  messages and sources, pod conditions and container states as they progress, node scale-up,
+  `activeDeadlineSeconds`, graceful deletion, and the garbage collector that deletes Secrets
+  whose owner Pod is gone.
+- Faults injected per method and path: a status, a delay, or a dropped connection.
+
+Deliberately stricter than a real API server: unknown fields are rejected (422) instead of
+dropped with a warning, so a misspelt field fails the test; GKE's ExtendedResourceToleration
+admission (which adds the GPU toleration) is not emulated, so a pod must tolerate GPU taints
+itself. Not emulated: PUT/PATCH (405), RBAC, ServiceAccount existence, pod logs, a scheduler
+retry of pods left Pending (a pod that is unschedulable stays so).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import enum
+import fnmatch
+import heapq
+import http.server
+import itertools
+import json
+import random
+import re
+import secrets
+import select
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+from urllib.parse import parse_qs, urlsplit
+
+from gpu_runners.contract import (
+    DEFAULT_NAMESPACE,
+    GKE_ACCELERATOR_LABEL,
+    GPU_RESOURCE,
+    GPU_TAINT_KEY,
+    GPU_TAINT_VALUE,
+    NODE_GPU_LABEL,
+    PSA_ENFORCE_LABEL,
+    PSA_LEVEL,
+)
+from tests.harness.kubernetes_schema import KUBERNETES_VERSION, strict_errors
+
+JSON = dict[str, Any]
+
+#: Name of the ResourceQuota the fake enforces when a quota is set.
+DEFAULT_QUOTA_NAME = "gpu-quota"
+_SCHEDULER = "default-scheduler"
+_AUTOSCALER = "cluster-autoscaler"
+_KUBELET = "kubelet"
+_GKE_NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
+_HOSTNAME_LABEL = "kubernetes.io/hostname"
+_SA_TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+_DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
+# The characters the API server draws generateName suffixes from (no vowels: no words).
+_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_WATCH_POLL_SECONDS = 0.2
+
+
+# --- What the cluster looks like and what happens to a pod ------------------------------------
+
+
+@dataclass(frozen=True)
+class Taint:
+    """A node taint, as in `spec.taints` of a Node."""
+
+    key: str
+    value: str = ""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] = "NoSchedule"
+
+
+#: The taint GKE puts on GPU nodes; a GPU pod must tolerate it.
+GPU_TAINT = Taint(GPU_TAINT_KEY, GPU_TAINT_VALUE, "NoSchedule")
+
+
+@dataclass(frozen=True)
+class FakeNode:
+    """A node that exists from the start.
+
+    Attributes:
+        name: Node name.
+        labels: Node labels (`kubernetes.io/hostname` is added).
+        gpus: Allocatable `nvidia.com/gpu`.
+        taints: Node taints.
+    """
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    gpus: int = 0
+    taints: tuple[Taint, ...] = ()
+
+
+@dataclass(frozen=True)
+class FakeNodePool:
+    """An autoscaled node pool the cluster autoscaler can add nodes from.
+
+    Attributes:
+        name: Pool name (the node label `cloud.google.com/gke-nodepool` and node name infix).
+        labels: Labels of every node of the pool.
+        gpus_per_node: Allocatable `nvidia.com/gpu` of each new node.
+        max_nodes: Size the autoscaler stops at ("max node group size reached").
+        taints: Taints of every node of the pool.
+    """
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    gpus_per_node: int = 1
+    max_nodes: int = 3
+    taints: tuple[Taint, ...] = (GPU_TAINT,)
+
+
+def default_nodes() -> list[FakeNode]:
+    """Three CPU nodes labelled `gpu=false`, as the stack's CPU pool."""
+    return [
+        FakeNode(
+            f"gke-fake-cpu-pool-{index}",
+            {NODE_GPU_LABEL: "false", _GKE_NODEPOOL_LABEL: "cpu-pool"},
+        )
+        for index in range(3)
+    ]
+
+
+def default_node_pools() -> list[FakeNodePool]:
+    """One GPU pool of NVIDIA L4 nodes (1 GPU each), at zero nodes, autoscaled to 3."""
+    return [
+        FakeNodePool(
+            "gpu-nvidia-l4",
+            {NODE_GPU_LABEL: "true", GKE_ACCELERATOR_LABEL: "nvidia-l4"},
+            gpus_per_node=1,
+            max_nodes=3,
+        )
+    ]
+
+
+class Outcome(enum.Enum):
+    """What the simulated control plane and kubelet do with a new pod."""
+
+    RUN = "run"  # scheduled on an existing node; pulled, created, started; Running and Ready
+    SCALE_UP = "scale_up"  # FailedScheduling, TriggeredScaleUp, a new node, then as RUN
+    UNSCHEDULABLE = "unschedulable"  # FailedScheduling, NotTriggerScaleUp; stays Pending
+    IMAGE_PULL_ERROR = "image_pull_error"  # ErrImagePull, then ImagePullBackOff; stays Pending
+    CRASH = "crash"  # runs, then its container exits non-zero: phase Failed
+    SUCCEED = "succeed"  # runs, then its container exits 0: phase Succeeded
+
+
+@dataclass(frozen=True)
+class PodScript:
+    """The scripted life of one pod. Delays are seconds, short by default.
+
+    Attributes:
+        outcome: What happens.
+        schedule_delay: Creation to binding (or to FailedScheduling).
+        step_delay: Between kubelet and autoscaler steps (pull, start, scale-up event, ...).
+        scale_up_delay: TriggeredScaleUp to the new node being Ready.
+        run_duration: Running to terminated, for CRASH and SUCCEED.
+        exit_code: The container's exit code for CRASH.
+        message: Overrides the FailedScheduling message (UNSCHEDULABLE, SCALE_UP) or the image
+            pull error (IMAGE_PULL_ERROR); by default they are computed as the real components
+            would write them.
+    """
+
+    outcome: Outcome
+    schedule_delay: float = 0.02
+    step_delay: float = 0.01
+    scale_up_delay: float = 0.05
+    run_duration: float = 0.05
+    exit_code: int = 1
+    message: str | None = None
+
+    @classmethod
+    def run(cls, *, schedule_delay: float = 0.02, step_delay: float = 0.01) -> PodScript:
+        """The pod is scheduled on an existing node and runs until deleted or finished."""
+        return cls(Outcome.RUN, schedule_delay=schedule_delay, step_delay=step_delay)
+
+    @classmethod
+    def scale_up(cls, *, scale_up_delay: float = 0.05) -> PodScript:
+        """No node fits; the autoscaler adds one and the pod runs there."""
+        return cls(Outcome.SCALE_UP, scale_up_delay=scale_up_delay)
+
+    @classmethod
+    def unschedulable(cls, message: str | None = None) -> PodScript:
+        """No node fits and no scale-up would help; the pod stays Pending."""
+        return cls(Outcome.UNSCHEDULABLE, message=message)
+
+    @classmethod
+    def image_pull_error(cls, message: str | None = None) -> PodScript:
+        """The image cannot be pulled: ErrImagePull, then ImagePullBackOff."""
+        return cls(Outcome.IMAGE_PULL_ERROR, message=message)
+
+    @classmethod
+    def crash(cls, *, exit_code: int = 1, run_duration: float = 0.05) -> PodScript:
+        """The pod runs, then its container exits with `exit_code` (phase Failed)."""
+        if exit_code == 0:
+            raise ValueError("PodScript.crash: exit_code must be non-zero; use succeed()")
+        return cls(Outcome.CRASH, exit_code=exit_code, run_duration=run_duration)
+
+    @classmethod
+    def succeed(cls, *, run_duration: float = 0.05) -> PodScript:
+        """The pod runs, then its container exits 0 (phase Succeeded)."""
+        return cls(Outcome.SUCCEED, exit_code=0, run_duration=run_duration)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the fake answered.
+
+    Attributes:
+        method: HTTP method.
+        path: URL path, without the query.
+        query: Query parameters (the last value of each).
+        headers: Request headers.
+        body: The parsed JSON body, or None.
+        status: The HTTP status answered (0 for a dropped connection).
+    """
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: Any
+    status: int
+
+
+# --- Errors as the API server reports them -----------------------------------------------------
+
+_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "AlreadyExists",
+    410: "Expired",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+class ApiError(Exception):
+    """An API error, answered as a `Status` object."""
+
+    def __init__(
+        self, code: int, message: str, *, reason: str | None = None, details: JSON | None = None
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or _REASONS.get(code, "InternalError")
+        self.details = details
+
+    def status(self) -> JSON:
+        """The `Status` object the API server sends for this error."""
+        body: JSON = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+# --- Resources -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Resource:
+    plural: str
+    kind: str
+    namespaced: bool
+    writable: bool
+    field_labels: frozenset[str]
+
+
+_COMMON_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+_RESOURCES = {
+    resource.plural: resource
+    for resource in (
+        _Resource(
+            "pods",
+            "Pod",
+            True,
+            True,
+            _COMMON_FIELDS
+            | {
+                "spec.nodeName",
+                "spec.restartPolicy",
+                "spec.schedulerName",
+                "spec.serviceAccountName",
+                "spec.hostNetwork",
+                "status.phase",
+                "status.podIP",
+                "status.nominatedNodeName",
+            },
+        ),
+        _Resource("secrets", "Secret", True, True, _COMMON_FIELDS | {"type"}),
+        _Resource(
+            "events",
+            "Event",
+            True,
+            True,
+            _COMMON_FIELDS
+            | {
+                "involvedObject.kind",
+                "involvedObject.namespace",
+                "involvedObject.name",
+                "involvedObject.uid",
+                "involvedObject.apiVersion",
+                "involvedObject.resourceVersion",
+                "involvedObject.fieldPath",
+                "reason",
+                "reportingComponent",
+                "source",
+                "type",
+            },
+        ),
+        _Resource("resourcequotas", "ResourceQuota", True, False, _COMMON_FIELDS),
+        _Resource(
+            "nodes", "Node", False, False, frozenset({"metadata.name", "spec.unschedulable"})
+        ),
+        _Resource("namespaces", "Namespace", False, False, frozenset({"metadata.name"})),
+    )
+}
+
+
+def _field_value(obj: JSON, label: str) -> str:
+    """The string value a field selector compares for `label` (missing fields are "")."""
+    if label == "source":
+        return str(obj.get("source", {}).get("component", ""))
+    value: Any = obj
+    for part in label.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# --- Selectors -------------------------------------------------------------------------------
+
+_SELECTOR_OPERATORS = frozenset({"==", "!=", "=", "(", ")", "!", ">", "<"})
+_SELECTOR_TOKENS = re.compile(r"\s*(?:(==|!=|=|\(|\)|,|!|>|<)|([^\s=!(),<>]+))")
+
+
+@dataclass(frozen=True)
+class _Requirement:
+    """One term of a label selector: `key <operator> values`."""
+
+    key: str
+    operator: Literal["exists", "!", "=", "!=", "in", "notin", ">", "<"]
+    values: frozenset[str] = frozenset()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        value = labels.get(self.key)
+        if self.operator == "exists":
+            return value is not None
+        if self.operator == "!":
+            return value is None
+        if self.operator in ("=", "in"):
+            return value in self.values
+        if self.operator in ("!=", "notin"):
+            return value not in self.values
+        (bound,) = self.values
+        return _compare_label(value, int(bound), self.operator == ">")
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    """A parsed label selector; `matches(labels)` applies it."""
+
+    requirements: tuple[_Requirement, ...]
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """Whether `labels` satisfy every requirement."""
+        return all(requirement.matches(labels) for requirement in self.requirements)
+
+
+def parse_label_selector(text: str) -> LabelSelector:
+    """Parses a label selector as the API server does (`a=b,c!=d,e in (f,g),h notin (i),j,!k`).
+
+    Args:
+        text: The `labelSelector` query value.
+
+    Returns:
+        The selector.
+
+    Raises:
+        ApiError: 400 BadRequest for a malformed selector.
+    """
+    tokens: list[str] = []
+    position = 0
+    while text[position:].strip():
+        match = _SELECTOR_TOKENS.match(text, position)
+        if match is None:
+            raise ApiError(400, f"unable to parse requirement: invalid label selector {text!r}")
+        tokens.append(match.group(1) or match.group(2))
+        position = match.end()
+    requirements: list[_Requirement] = []
+    index = 0
+
+    def fail(detail: str) -> ApiError:
+        return ApiError(400, f"unable to parse requirement: {detail} in label selector {text!r}")
+
+    def take() -> str:
+        nonlocal index
+        if index >= len(tokens):
+            raise fail("unexpected end")
+        index += 1
+        return tokens[index - 1]
+
+    def peek() -> str | None:
+        return tokens[index] if index < len(tokens) else None
+
+    while index < len(tokens):
+        key = take()
+        if key == "!":
+            requirements.append(_Requirement(take(), "!"))
+        else:
+            operator = peek()
+            if operator is None or operator == ",":
+                requirements.append(_Requirement(key, "exists"))
+            elif operator in ("=", "==", "!="):
+                take()
+                value = "" if peek() in (None, ",") else take()
+                if value in _SELECTOR_OPERATORS:
+                    raise fail(f"invalid value {value!r} for {key!r}")
+                requirements.append(
+                    _Requirement(key, "!=" if operator == "!=" else "=", frozenset({value}))
+                )
+            elif operator in ("in", "notin"):
+                take()
+                if take() != "(":
+                    raise fail(f"expected '(' after {operator}")
+                values: set[str] = set()
+                while (item := take()) != ")":
+                    if item != ",":
+                        values.add(item)
+                requirements.append(
+                    _Requirement(key, "in" if operator == "in" else "notin", frozenset(values))
+                )
+            elif operator in (">", "<"):
+                take()
+                bound = take()
+                if not bound.isdigit():
+                    raise fail(f"{bound!r} is not an integer")
+                requirements.append(
+                    _Requirement(key, ">" if operator == ">" else "<", frozenset({bound}))
+                )
+            else:
+                raise fail(f"unexpected {operator!r} after {key!r}")
+        if index < len(tokens) and take() != ",":
+            raise fail("expected ','")
+    return LabelSelector(tuple(requirements))
+
+
+def _compare_label(value: str | None, bound: int, greater: bool) -> bool:
+    if value is None or not value.lstrip("-").isdigit():
+        return False
+    return int(value) > bound if greater else int(value) < bound
+
+
+def _parse_field_selector(text: str, resource: _Resource) -> Callable[[JSON], bool]:
+    """Parses a field selector (`a=b,c!=d`) over the fields `resource` supports."""
+    terms: list[tuple[str, bool, str]] = []
+    for term in filter(None, (part.strip() for part in text.split(","))):
+        for operator in ("!=", "==", "="):
+            if operator in term:
+                label, value = (side.strip() for side in term.split(operator, 1))
+                break
+        else:
+            raise ApiError(400, f"invalid field selector: {term!r}: expected key=value")
+        if label not in resource.field_labels:
+            raise ApiError(400, f'field label not supported: "{label}"')
+        terms.append((label, operator == "!=", value))
+    return lambda obj: all(
+        (_field_value(obj, label) != value) if negated else (_field_value(obj, label) == value)
+        for label, negated, value in terms
+    )
+
+
+# --- Validation ------------------------------------------------------------------------------
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+_QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i?|[munkMGTPE])?")
+_SUBDOMAIN_MESSAGE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used "
+    "for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+_DNS_LABEL_MESSAGE = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and "
+    "must start and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex "
+    "used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
+_LABEL_VALUE_MESSAGE = (
+    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or "
+    "'.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',"
+    "  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')"
+)
+_RESTRICTED_VOLUME_TYPES = frozenset(
+    {
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    }
+)
+
+
+def _validate_name(name: str, path: str, *, label: bool = False) -> list[str]:
+    pattern, limit, message = (
+        (_DNS_LABEL, 63, _DNS_LABEL_MESSAGE) if label else (_DNS_SUBDOMAIN, 253, _SUBDOMAIN_MESSAGE)
+    )
+    if len(name) > limit:
+        return [f'{path}: Invalid value: "{name}": must be no more than {limit} characters']
+    if not pattern.fullmatch(name):
+        return [f'{path}: Invalid value: "{name}": {message}']
+    return []
+
+
+def _validate_labels(labels: Mapping[str, Any], path: str) -> list[str]:
+    errors: list[str] = []
+    for key, value in labels.items():
+        prefix, _, name = key.rpartition("/")
+        if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+            errors.append(f'{path}: Invalid value: "{key}": prefix part {_SUBDOMAIN_MESSAGE}')
+        if len(name) > 63 or not _LABEL_NAME.fullmatch(name):
+            errors.append(
+                f'{path}: Invalid value: "{key}": name part must consist of alphanumeric '
+                "characters, '-', '_' or '.', and must start and end with an alphanumeric "
+                "character, and be no more than 63 characters"
+            )
+        if not isinstance(value, str):
+            continue  # the schema check reports the type
+        if len(value) > 63:
+            errors.append(f'{path}: Invalid value: "{value}": must be no more than 63 characters')
+        elif value and not _LABEL_NAME.fullmatch(value):
+            errors.append(f'{path}: Invalid value: "{value}": {_LABEL_VALUE_MESSAGE}')
+    return errors
+
+
+def _validate_metadata(metadata: JSON) -> list[str]:
+    errors = _validate_name(str(metadata.get("name", "")), "metadata.name")
+    errors += _validate_labels(metadata.get("labels") or {}, "metadata.labels")
+    annotations = metadata.get("annotations") or {}
+    size = sum(len(key) + len(str(value)) for key, value in annotations.items())
+    if size > 256 * 1024:
+        errors.append(f"metadata.annotations: Too long: must have at most 262144 bytes, not {size}")
+    return errors
+
+
+def _validate_pod(pod: JSON) -> list[str]:
+    """The API server's pod validation beyond the schema, for what a runner pod uses."""
+    spec = pod.get("spec") or {}
+    errors: list[str] = []
+    volumes = [volume.get("name", "") for volume in spec.get("volumes") or []]
+    for index, name in enumerate(volumes):
+        errors += _validate_name(name, f"spec.volumes[{index}].name", label=True)
+    errors += [
+        f'spec.volumes: Duplicate value: "{name}"'
+        for name, count in Counter(volumes).items()
+        if count > 1
+    ]
+    if not spec.get("containers"):
+        errors.append("spec.containers: Required value")
+    deadline = spec.get("activeDeadlineSeconds")
+    if isinstance(deadline, int) and not 1 <= deadline <= 2**31 - 1:
+        errors.append(
+            f"spec.activeDeadlineSeconds: Invalid value: {deadline}: must be between 1 and "
+            "2147483647, inclusive"
+        )
+    restart = spec.get("restartPolicy", "Always")
+    if restart not in ("Always", "OnFailure", "Never"):
+        errors.append(
+            f'spec.restartPolicy: Unsupported value: "{restart}": supported values: "Always", '
+            '"OnFailure", "Never"'
+        )
+    for group in ("initContainers", "containers"):
+        for index, container in enumerate(spec.get(group) or []):
+            errors += _validate_container(container, f"spec.{group}[{index}]", set(volumes))
+    return errors
+
+
+def _validate_container(container: JSON, path: str, volumes: set[str]) -> list[str]:
+    errors = _validate_name(str(container.get("name", "")), f"{path}.name", label=True)
+    if not container.get("image"):
+        errors.append(f"{path}.image: Required value")
+    for index, env in enumerate(container.get("env") or []):
+        name = str(env.get("name", ""))
+        if not _ENV_NAME.fullmatch(name):
+            errors.append(
+                f'{path}.env[{index}].name: Invalid value: "{name}": a valid environment variable '
+                "name must consist of alphabetic characters, digits, '_', '-', or '.', and must "
+                "not start with a digit"
+            )
+    for index, mount in enumerate(container.get("volumeMounts") or []):
+        if mount.get("name") not in volumes:
+            errors.append(f'{path}.volumeMounts[{index}].name: Not found: "{mount.get("name")}"')
+    resources = container.get("resources") or {}
+    for section in ("limits", "requests"):
+        for resource, quantity in (resources.get(section) or {}).items():
+            if not _QUANTITY.fullmatch(str(quantity)):
+                errors.append(
+                    f'{path}.resources.{section}[{resource}]: Invalid value: "{quantity}": must '
+                    "match the regular expression "
+                    "'^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$'"
+                )
+    limits = resources.get("limits") or {}
+    requests = resources.get("requests") or {}
+    if GPU_RESOURCE in requests or GPU_RESOURCE in limits:
+        request, limit = requests.get(GPU_RESOURCE), limits.get(GPU_RESOURCE)
+        if limit is None:
+            errors.append(
+                f"{path}.resources.limits: Required value: Limit must be set for non "
+                "overcommitable resources"
+            )
+        elif request is not None and str(request) != str(limit):
+            errors.append(
+                f'{path}.resources.requests[{GPU_RESOURCE}]: Invalid value: "{request}": must be '
+                f"equal to {GPU_RESOURCE} limit of {limit}"
+            )
+        elif not str(limit).isdigit():
+            errors.append(
+                f'{path}.resources.limits[{GPU_RESOURCE}]: Invalid value: "{limit}": must be an '
+                "integer"
+            )
+    return errors
+
+
+def _validate_secret(secret: JSON) -> list[str]:
+    errors: list[str] = []
+    for section in ("data", "stringData"):
+        for key, value in (secret.get(section) or {}).items():
+            if not _SECRET_KEY.fullmatch(key):
+                errors.append(
+                    f'{section}[{key}]: Invalid value: "{key}": a valid config key must consist '
+                    "of alphanumeric characters, '-', '_' or '.'"
+                )
+            if section == "data":
+                try:
+                    base64.b64decode(str(value), validate=True)
+                except ValueError:
+                    errors.append(f"data[{key}]: Invalid value: not valid base64")
+    return errors
+
+
+def _pod_security_violations(pod: JSON) -> list[str]:
+    """Violations of the Pod Security Standard `restricted`, worded as the admission plugin."""
+    spec = pod.get("spec") or {}
+    pod_context = spec.get("securityContext") or {}
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    violations: list[str] = []
+
+    def names(predicate: Callable[[JSON], bool]) -> list[str]:
+        return [c.get("name", "") for c in containers if predicate(c.get("securityContext") or {})]
+
+    def quoted(items: list[str]) -> str:
+        return ", ".join(f'"{item}"' for item in items)
+
+    def container_word(items: list[str]) -> str:
+        return "container" if len(items) == 1 else "containers"
+
+    host = [key for key in ("hostNetwork", "hostPID", "hostIPC") if spec.get(key)]
+    if host:
+        violations.append(f"host namespaces ({', '.join(f'{key}=true' for key in host)})")
+    privileged = names(lambda sc: sc.get("privileged") is True)
+    if privileged:
+        violations.append(
+            f"privileged ({container_word(privileged)} {quoted(privileged)} must not set "
+            "securityContext.privileged=true)"
+        )
+    escalation = names(lambda sc: sc.get("allowPrivilegeEscalation") is not False)
+    if escalation:
+        violations.append(
+            f"allowPrivilegeEscalation != false ({container_word(escalation)} {quoted(escalation)}"
+            " must set securityContext.allowPrivilegeEscalation=false)"
+        )
+    capabilities = names(
+        lambda sc: (
+            "ALL" not in ((sc.get("capabilities") or {}).get("drop") or [])
+            or any(
+                cap != "NET_BIND_SERVICE" for cap in (sc.get("capabilities") or {}).get("add") or []
+            )
+        )
+    )
+    if capabilities:
+        violations.append(
+            f"unrestricted capabilities ({container_word(capabilities)} {quoted(capabilities)} "
+            'must set securityContext.capabilities.drop=["ALL"])'
+        )
+    restricted_volumes = [
+        (volume.get("name", ""), kind)
+        for volume in spec.get("volumes") or []
+        for kind in volume
+        if kind != "name" and kind not in _RESTRICTED_VOLUME_TYPES
+    ]
+    if restricted_volumes:
+        detail = ", ".join(
+            f'volume "{name}" uses restricted volume type "{kind}"'
+            for name, kind in restricted_volumes
+        )
+        violations.append(f"restricted volume types ({detail})")
+    pod_non_root = pod_context.get("runAsNonRoot") is True
+    non_root = names(
+        lambda sc: (
+            sc.get("runAsNonRoot") is False
+            or (not pod_non_root and sc.get("runAsNonRoot") is not True)
+        )
+    )
+    if non_root:
+        where = "" if pod_non_root else "pod or "
+        violations.append(
+            f"runAsNonRoot != true ({where}{container_word(non_root)} {quoted(non_root)} must set "
+            "securityContext.runAsNonRoot=true)"
+        )
+    root_user = names(lambda sc: sc.get("runAsUser") == 0)
+    if pod_context.get("runAsUser") == 0:
+        violations.append("runAsUser=0 (pod must not set runAsUser=0)")
+    elif root_user:
+        violations.append(
+            f"runAsUser=0 ({container_word(root_user)} {quoted(root_user)} must not set "
+            "runAsUser=0)"
+        )
+    allowed_seccomp = ("RuntimeDefault", "Localhost")
+    pod_seccomp = (pod_context.get("seccompProfile") or {}).get("type")
+    seccomp = names(
+        lambda sc: (sc.get("seccompProfile") or {}).get("type", pod_seccomp) not in allowed_seccomp
+    )
+    if seccomp:
+        where = "" if pod_seccomp in allowed_seccomp else "pod or "
+        violations.append(
+            f"seccompProfile ({where}{container_word(seccomp)} {quoted(seccomp)} must set "
+            'securityContext.seccompProfile.type to "RuntimeDefault" or "Localhost")'
+        )
+    return violations
+
+
+# --- Quantities and pod arithmetic -------------------------------------------------------------
+
+
+def _gpu_request(pod: JSON) -> int:
+    """The pod's effective `nvidia.com/gpu` request (containers summed, init containers maxed)."""
+
+    def of(container: JSON) -> int:
+        resources = container.get("resources") or {}
+        value = (resources.get("requests") or {}).get(GPU_RESOURCE) or (
+            resources.get("limits") or {}
+        ).get(GPU_RESOURCE)
+        return int(str(value)) if value is not None and str(value).isdigit() else 0
+
+    spec = pod.get("spec") or {}
+    regular = sum(of(container) for container in spec.get("containers") or [])
+    init = max((of(container) for container in spec.get("initContainers") or []), default=0)
+    return max(regular, init)
+
+
+def _is_terminal(pod: JSON) -> bool:
+    return pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tolerates(tolerations: list[JSON], taint: JSON) -> bool:
+    for toleration in tolerations:
+        if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
+            continue
+        operator = toleration.get("operator", "Equal")
+        key = toleration.get("key", "")
+        if operator == "Exists" and (not key or key == taint.get("key")):
+            return True
+        if (
+            operator == "Equal"
+            and key == taint.get("key")
+            and (toleration.get("value", "") == taint.get("value", ""))
+        ):
+            return True
+    return False
+
+
+def _node_term_matches(term: JSON, labels: Mapping[str, str]) -> bool:
+    for expression in term.get("matchExpressions") or []:
+        key, operator = expression.get("key", ""), expression.get("operator", "")
+        values = expression.get("values") or []
+        value = labels.get(key)
+        matched = {
+            "In": value in values,
+            "NotIn": value not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+            "Gt": value is not None
+            and bool(values)
+            and _compare_label(value, int(values[0]), True),
+            "Lt": value is not None
+            and bool(values)
+            and _compare_label(value, int(values[0]), False),
+        }.get(operator, False)
+        if not matched:
+            return False
+    return True
+
+
+def _selector_matches(pod: JSON, labels: Mapping[str, str]) -> bool:
+    """Whether node `labels` satisfy the pod's nodeSelector and required node affinity."""
+    spec = pod.get("spec") or {}
+    if any(labels.get(key) != value for key, value in (spec.get("nodeSelector") or {}).items()):
+        return False
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+    return not terms or any(_node_term_matches(term, labels) for term in terms)
+
+
+def _untolerated(pod: JSON, taints: Iterable[JSON]) -> JSON | None:
+    tolerations = (pod.get("spec") or {}).get("tolerations") or []
+    for taint in taints:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(
+            tolerations, taint
+        ):
+            return taint
+    return None
+
+
+def _taint_reason(taint: JSON) -> str:
+    return f"node(s) had untolerated taint {{{taint.get('key')}: {taint.get('value', '')}}}"
+
+
+_SELECTOR_REASON = "node(s) didn't match Pod's node affinity/selector"
+
+
+def _histogram(reasons: Iterable[str]) -> str:
+    return ", ".join(sorted(f"{count} {reason}" for reason, count in Counter(reasons).items()))
+
+
+def _failed_scheduling_message(reasons: list[str]) -> str:
+    """The default scheduler's FailedScheduling message for per-node failure reasons."""
+    total = len(reasons)
+    if total == 0:
+        return "no nodes available to schedule pods"
+    preemption = [
+        "No preemption victims found for incoming pod"
+        if reason.startswith("Insufficient")
+        else "Preemption is not helpful for scheduling"
+        for reason in reasons
+    ]
+    return (
+        f"0/{total} nodes are available: {_histogram(reasons)}. "
+        f"preemption: 0/{total} nodes are available: {_histogram(preemption)}."
+    )
+
+
+# --- The fake --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Change:
+    resource_version: int
+    type: str  # ADDED, MODIFIED, DELETED
+    plural: str
+    obj: JSON
+    previous: JSON | None
+
+
+@dataclass
+class _Fault:
+    method: str
+    path_pattern: str
+    status: int | None
+    remaining: int
+    body: Any
+    delay: float
+    drop: bool
+
+
+class FakeKubernetes:
+    """A Kubernetes API server for tests, on 127.0.0.1 (see the module docstring).
+
+    Start it (`start()` or `with`), write a kubeconfig with `write_kubeconfig`, and point the
+    official client at it. Inspect the state with `pods()`, `secrets()`, `events()`, `nodes()`
+    and `requests`; drive it with `inject`, `on_pod_running`, `finish_pod` and `seed`.
+    """
+
+    def __init__(
+        self,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        nodes: list[FakeNode] | None = None,
+        gpu_quota: int | None = None,
+        pod_quota: int | None = None,
+        scheduler: Callable[[JSON], PodScript] | None = None,
+        validate: bool = True,
+        node_pools: list[FakeNodePool] | None = None,
+        quota_name: str = DEFAULT_QUOTA_NAME,
+        pod_security: Literal["restricted", "privileged"] = "restricted",
+        termination_delay: float = 0.02,
+        deadline_scale: float = 1.0,
+        token: str | None = None,
+    ) -> None:
+        """Creates the fake; nothing listens until `start()`.
+
+        Args:
+            namespace: The runner namespace, created with the Pod Security label.
+            nodes: Nodes at start; default: three CPU nodes labelled `gpu=false`.
+            gpu_quota: `requests.nvidia.com/gpu` hard limit of a ResourceQuota in `namespace`.
+            pod_quota: `pods` hard limit of that ResourceQuota.
+            scheduler: Chooses each new pod's `PodScript`; default: `default_script`.
+            validate: Check Pod and Secret bodies against the strict schema (422 if not).
+            node_pools: Autoscaled pools; default: one NVIDIA L4 pool at zero nodes, max 3.
+            quota_name: Name of the ResourceQuota (it appears in the 403 message).
+            pod_security: The level `namespace` enforces ("restricted" as the runner plane's).
+            termination_delay: Seconds a gracefully deleted running pod takes to go away.
+            deadline_scale: Seconds of fake time per second of `activeDeadlineSeconds`, so a
+                test can let a one-hour deadline pass in 36 ms (0.00001).
+            token: Bearer token the server requires; default: a random one.
+        """
+        if gpu_quota is not None and gpu_quota < 0 or pod_quota is not None and pod_quota < 0:
+            raise ValueError("FakeKubernetes: gpu_quota and pod_quota must be >= 0 or None")
+        if termination_delay < 0 or deadline_scale <= 0:
+            raise ValueError("FakeKubernetes: termination_delay >= 0 and deadline_scale > 0")
+        self.namespace = namespace
+        self.validate = validate
+        self.token = token or secrets.token_urlsafe(24)
+        self.validation_errors: list[str] = []
+        #: Exceptions raised by simulation steps, callbacks or request handling: fake bugs or
+        #: failing callbacks. The `fake_kube` fixture fails a test that leaves any.
+        self.errors: list[str] = []
+        self.kubeconfig_path: Path | None = None
+        self._quota_name = quota_name
+        self._hard: dict[str, int] = {}
+        if gpu_quota is not None:
+            self._hard[f"requests.{GPU_RESOURCE}"] = gpu_quota
+        if pod_quota is not None:
+            self._hard["pods"] = pod_quota
+        self._pod_security = pod_security
+        self._termination_delay = termination_delay
+        self._deadline_scale = deadline_scale
+        self._scheduler = scheduler
+        self._pools = list(default_node_pools() if node_pools is None else node_pools)
+        self._pool_sizes: Counter[str] = Counter()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._objects: dict[str, dict[tuple[str, str], JSON]] = {name: {} for name in _RESOURCES}
+        self._history: list[_Change] = []
+        self._history_start = 0  # resourceVersion below which watch history was compacted
+        self._resource_version = 0
+        self._snapshots: dict[str, list[JSON]] = {}
+        self._requests: list[RecordedRequest] = []
+        self._faults: list[_Fault] = []
+        self._running_callbacks: list[Callable[[JSON], None]] = []
+        self._stopping = threading.Event()
+        self._timeline = _Timeline(self._report_error)
+        self._server: _Server | None = None
+        self._serve_thread: threading.Thread | None = None
+        self.url = ""
+        for name in ("default", "kube-system", namespace):
+            labels = {"kubernetes.io/metadata.name": name}
+            if name == namespace and pod_security == "restricted":
+                labels[PSA_ENFORCE_LABEL] = PSA_LEVEL
+            self._store("namespaces", {"metadata": {"name": name, "labels": labels}})
+        for node in default_nodes() if nodes is None else nodes:
+            self._add_node(node.name, dict(node.labels), node.gpus, node.taints)
+        if self._hard:
+            self._store(
+                "resourcequotas",
+                {
+                    "metadata": {"name": quota_name, "namespace": namespace},
+                    "spec": {"hard": {key: str(value) for key, value in self._hard.items()}},
+                    "status": {
+                        "hard": {key: str(value) for key, value in self._hard.items()},
+                        "used": {key: "0" for key in self._hard},
+                    },
+                },
+            )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> FakeKubernetes:
+        """Starts serving on 127.0.0.1 (a free port) and the simulation thread."""
+        if self._server is not None or self._stopping.is_set():
+            raise RuntimeError("FakeKubernetes.start: a fake starts once; create a new one")
+        self._server = _Server(("127.0.0.1", 0), _Handler, self)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._serve_thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.01},
+            name="fake-kube-api",
+            daemon=True,
+        )
+        self._serve_thread.start()
+        self._timeline.start()
+        return self
+
+    def stop(self) -> None:
+        """Ends open watches cleanly, closes every connection and stops the threads."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        with self._changed:
+            self._changed.notify_all()
+        self._timeline.stop()
+        # Requests in flight finish first (watches end with their last chunk), so only idle
+        # keep-alive connections are cut.
+        self._server.join_busy_handlers(timeout=5)
+        self._server.shutdown()
+        self._server.close_connections()
+        self._server.server_close()
+        if self._serve_thread is not None:
+            self._serve_thread.join(timeout=5)
+        self._server.join_handlers(timeout=5)
+        self._server = None
+
+    def __enter__(self) -> FakeKubernetes:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def write_kubeconfig(self, path: Path, *, namespace: str | None = None) -> Path:
+        """Writes a kubeconfig for this server (static bearer token) with its context current.
+
+        Args:
+            path: File to write.
+            namespace: The context's namespace; default: the fake's namespace.
+
+        Returns:
+            `path`, for `kubernetes.config.load_kube_config(config_file=...)`.
+        """
+        if not self.url:
+            raise RuntimeError("FakeKubernetes.write_kubeconfig: start() the server first")
+        kubeconfig = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake-user", "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "fake",
+                    "context": {
+                        "cluster": "fake",
+                        "user": "fake-user",
+                        "namespace": namespace or self.namespace,
+                    },
+                }
+            ],
+            "current-context": "fake",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(kubeconfig, indent=2))  # JSON is YAML
+        self.kubeconfig_path = path
+        return path
+
+    # --- inspection -----------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request answered so far, in order (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def resource_version(self) -> int:
+        """The cluster's current resourceVersion."""
+        with self._lock:
+            return self._resource_version
+
+    def pods(self, namespace: str | None = None) -> list[JSON]:
+        """Copies of the pods in `namespace` (default: the fake's), sorted by name."""
+        return self._list_copies("pods", namespace)
+
+    def secrets(self, namespace: str | None = None) -> list[JSON]:
+        """Copies of the Secrets in `namespace` (default: the fake's), sorted by name."""
+        return self._list_copies("secrets", namespace)
+
+    def events(self, namespace: str | None = None) -> list[JSON]:
+        """Copies of the Events in `namespace` (default: the fake's), in creation order."""
+        events = self._list_copies("events", namespace)
+        return sorted(events, key=lambda event: int(event["metadata"]["resourceVersion"]))
+
+    def nodes(self) -> list[JSON]:
+        """Copies of the nodes, sorted by name."""
+        return self._list_copies("nodes", "")
+
+    def pod(self, name: str, namespace: str | None = None) -> JSON | None:
+        """A copy of one pod, or None."""
+        with self._lock:
+            pod = self._objects["pods"].get((namespace or self.namespace, name))
+            return copy.deepcopy(pod) if pod is not None else None
+
+    def _list_copies(self, plural: str, namespace: str | None) -> list[JSON]:
+        scope = "" if plural == "nodes" else (namespace or self.namespace)
+        with self._lock:
+            return [
+                copy.deepcopy(obj)
+                for (ns, _), obj in sorted(self._objects[plural].items())
+                if ns == scope
+            ]
+
+    # --- driving --------------------------------------------------------------------------
+
+    def inject(
+        self,
+        method: str,
+        path_pattern: str,
+        status: int | None,
+        *,
+        times: int = 1,
+        body: Any = None,
+        delay: float = 0.0,
+        drop: bool = False,
+    ) -> None:
+        """Makes the next `times` matching requests fail or stall.
+
+        Args:
+            method: HTTP method, or "*" for any.
+            path_pattern: fnmatch pattern over the URL path (`*` also matches `/`), e.g.
+                "/api/v1/namespaces/*/pods".
+            status: Answer this status (body: `body`, or a Status object with the usual
+                reason); None to answer normally after `delay`.
+            times: How many matching requests this fault applies to (>= 1).
+            body: JSON body to answer with instead of the Status object.
+            delay: Seconds to wait before answering (cut short by `stop()`).
+            drop: Close the connection without answering.
+        """
+        if times < 1:
+            raise ValueError(f"FakeKubernetes.inject: times must be >= 1, got {times}")
+        if status is None and not drop and delay <= 0:
+            raise ValueError("FakeKubernetes.inject: give a status, a delay or drop=True")
+        with self._lock:
+            self._faults.append(
+                _Fault(method.upper(), path_pattern, status, times, body, delay, drop)
+            )
+
+    def on_pod_running(self, callback: Callable[[JSON], None]) -> None:
+        """Calls `callback(pod)` (a copy) each time a pod becomes Running and Ready."""
+        with self._lock:
+            self._running_callbacks.append(callback)
+
+    def finish_pod(self, name: str, *, exit_code: int = 0, namespace: str | None = None) -> JSON:
+        """Ends a running pod's containers as its process would (the runner's one job is done).
+
+        Args:
+            name: Pod name.
+            exit_code: The containers' exit code; 0 gives phase Succeeded, else Failed.
+            namespace: The pod's namespace; default: the fake's.
+
+        Returns:
+            The updated pod (a copy).
+
+        Raises:
+            LookupError: No such pod.
+        """
+        key = (namespace or self.namespace, name)
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None:
+                raise LookupError(f"FakeKubernetes.finish_pod: no pod {key[0]}/{key[1]}")
+            updated = self._terminate(key, pod["metadata"]["uid"], exit_code)
+            return copy.deepcopy(updated if updated is not None else pod)
+
+    def seed(self, *objects: JSON) -> list[JSON]:
+        """Stores objects as they are (no admission, no scheduling), e.g. 5,000 finished pods.
+
+        Each object needs `kind` (Pod, Secret or Event) and `metadata.name`; the namespace
+        defaults to the fake's. Status is kept as given (a Pod without one is Pending).
+
+        Returns:
+            The stored objects (copies), with uid and resourceVersion.
+        """
+        stored: list[JSON] = []
+        kinds = {resource.kind: plural for plural, resource in _RESOURCES.items()}
+        with self._lock:
+            for obj in objects:
+                plural = kinds.get(str(obj.get("kind")))
+                if plural not in ("pods", "secrets", "events"):
+                    raise ValueError(
+                        f"FakeKubernetes.seed: kind must be Pod, Secret or Event, "
+                        f"got {obj.get('kind')!r}"
+                    )
+                body = copy.deepcopy(obj)
+                body.setdefault("metadata", {}).setdefault("namespace", self.namespace)
+                if plural == "pods":
+                    body.setdefault("status", {"phase": "Pending"})
+                stored.append(copy.deepcopy(self._store(plural, body)))
+            self._update_quota_usage()
+        return stored
+
+    def expire_watch_history(self) -> None:
+        """Compacts the watch history: a watch from an older resourceVersion gets 410 Gone."""
+        with self._lock:
+            self._history.clear()
+            self._history_start = self._resource_version
+            self._snapshots.clear()
+
+    def default_script(self, pod: JSON) -> PodScript:
+        """What the default scheduler does with `pod`, given the nodes and pools now.
+
+        A pod some node fits runs there; else, a pod some pool with room would fit scales that
+        pool up; else it is unschedulable (an accelerator no node or pool offers, a missing
+        toleration, more GPUs than a node has, every pool at its maximum).
+        """
+        with self._lock:
+            if self._fitting_node(pod) is not None:
+                return PodScript.run()
+            if self._fitting_pool(pod) is not None:
+                return PodScript.scale_up()
+            return PodScript.unschedulable()
+
+    # --- store ----------------------------------------------------------------------------
+
+    def _next_version(self) -> int:
+        self._resource_version += 1
+        return self._resource_version
+
+    def _store(self, plural: str, obj: JSON) -> JSON:
+        """Adds a new object (caller holds the lock); returns the stored object."""
+        resource = _RESOURCES[plural]
+        metadata = obj.setdefault("metadata", {})
+        if not resource.namespaced:
+            metadata.pop("namespace", None)
+        metadata.setdefault("uid", str(uuid.uuid4()))
+        metadata.setdefault("creationTimestamp", _now())
+        metadata["resourceVersion"] = str(self._next_version())
+        obj["kind"], obj["apiVersion"] = resource.kind, "v1"
+        key = (metadata.get("namespace", ""), metadata["name"])
+        self._objects[plural][key] = obj
+        self._record(_Change(self._resource_version, "ADDED", plural, obj, None))
+        return obj
+
+    def _replace(self, plural: str, key: tuple[str, str], obj: JSON) -> JSON:
+        previous = self._objects[plural][key]
+        obj["metadata"]["resourceVersion"] = str(self._next_version())
+        self._objects[plural][key] = obj
+        self._record(_Change(self._resource_version, "MODIFIED", plural, obj, previous))
+        return obj
+
+    def _remove(self, plural: str, key: tuple[str, str]) -> JSON:
+        previous = self._objects[plural].pop(key)
+        removed = copy.deepcopy(previous)
+        removed["metadata"]["resourceVersion"] = str(self._next_version())
+        self._record(_Change(self._resource_version, "DELETED", plural, removed, previous))
+        if plural == "pods":
+            self._collect_garbage(previous["metadata"]["uid"], key[0])
+            self._update_quota_usage()
+        return removed
+
+    def _record(self, change: _Change) -> None:
+        with self._changed:
+            self._history.append(change)
+            self._changed.notify_all()
+
+    def _update(
+        self, plural: str, key: tuple[str, str], uid: str, mutate: Callable[[JSON], None]
+    ) -> JSON | None:
+        """Applies `mutate` to a copy of the object if it still exists with `uid`."""
+        with self._lock:
+            current = self._objects[plural].get(key)
+            if current is None or current["metadata"]["uid"] != uid:
+                return None
+            updated = copy.deepcopy(current)
+            mutate(updated)
+            return self._replace(plural, key, updated)
+
+    def _collect_garbage(self, owner_uid: str, namespace: str) -> None:
+        """Deletes Secrets whose every owner is gone, as the garbage collector (background)."""
+        live = {
+            obj["metadata"]["uid"]
+            for plural in ("pods", "secrets")
+            for (ns, _), obj in self._objects[plural].items()
+            if ns == namespace
+        }
+        for key, secret in list(self._objects["secrets"].items()):
+            owners = secret["metadata"].get("ownerReferences") or []
+            if key[0] != namespace or not any(ref.get("uid") == owner_uid for ref in owners):
+                continue
+            remaining = [ref for ref in owners if ref.get("uid") in live]
+            if remaining:
+                updated = copy.deepcopy(secret)
+                updated["metadata"]["ownerReferences"] = remaining
+                self._replace("secrets", key, updated)
+            else:
+                self._remove("secrets", key)
+
+    def _dangling_owner_check(self, key: tuple[str, str], uid: str) -> None:
+        """The garbage collector deletes a Secret created with owners that never existed."""
+        with self._lock:
+            secret = self._objects["secrets"].get(key)
+            if secret is None or secret["metadata"]["uid"] != uid:
+                return
+            owners = secret["metadata"].get("ownerReferences") or []
+            live = {obj["metadata"]["uid"] for obj in self._objects["pods"].values()}
+            if owners and not any(ref.get("uid") in live for ref in owners):
+                self._remove("secrets", key)
+
+    # --- quota ----------------------------------------------------------------------------
+
+    def _quota_used(self) -> dict[str, int]:
+        pods = [
+            pod
+            for (ns, _), pod in self._objects["pods"].items()
+            if ns == self.namespace and not _is_terminal(pod)
+        ]
+        return {"pods": len(pods), f"requests.{GPU_RESOURCE}": sum(map(_gpu_request, pods))}
+
+    def _update_quota_usage(self) -> None:
+        key = (self.namespace, self._quota_name)
+        quota = self._objects["resourcequotas"].get(key)
+        if quota is None:
+            return
+        used = self._quota_used()
+        status_used = {name: str(used[name]) for name in self._hard}
+        if quota["status"]["used"] != status_used:
+            updated = copy.deepcopy(quota)
+            updated["status"]["used"] = status_used
+            self._replace("resourcequotas", key, updated)
+
+    def _admit_quota(self, pod: JSON) -> None:
+        if not self._hard or pod["metadata"]["namespace"] != self.namespace:
+            return
+        used = self._quota_used()
+        requested = {"pods": 1, f"requests.{GPU_RESOURCE}": _gpu_request(pod)}
+        exceeded = sorted(
+            name
+            for name, hard in self._hard.items()
+            if requested[name] > 0 and used[name] + requested[name] > hard
+        )
+        if exceeded:
+
+            def listed(values: Mapping[str, int]) -> str:
+                return ",".join(f"{name}={values[name]}" for name in exceeded)
+
+            name = pod["metadata"]["name"]
+            raise ApiError(
+                403,
+                f'pods "{name}" is forbidden: exceeded quota: {self._quota_name}, requested: '
+                f"{listed(requested)}, used: {listed(used)}, limited: {listed(self._hard)}",
+                details={"name": name, "kind": "pods"},
+            )
+
+    # --- admission and defaulting ----------------------------------------------------------
+
+    def _check_namespace(self, namespace: str) -> None:
+        if ("", namespace) not in self._objects["namespaces"]:
+            raise ApiError(
+                404,
+                f'namespaces "{namespace}" not found',
+                details={"name": namespace, "kind": "namespaces"},
+            )
+
+    def _create(self, plural: str, namespace: str, body: Any) -> JSON:
+        resource = _RESOURCES[plural]
+        if not resource.writable:
+            raise ApiError(405, f"the fake serves {plural} read-only")
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body of a {resource.kind} create must be a JSON object")
+        obj = copy.deepcopy(body)
+        obj.setdefault("apiVersion", "v1")
+        obj.setdefault("kind", resource.kind)
+        if obj["kind"] != resource.kind or obj["apiVersion"] != "v1":
+            raise ApiError(
+                400,
+                f"the API version in the data ({obj['apiVersion']}) and kind ({obj['kind']}) do "
+                f"not match the path's (v1, {resource.kind})",
+            )
+        metadata = obj.setdefault("metadata", {})
+        if metadata.get("namespace", namespace) != namespace:
+            raise ApiError(
+                400,
+                "the namespace of the provided object does not match the namespace sent on "
+                "the request",
+            )
+        metadata["namespace"] = namespace
+        if not metadata.get("name") and metadata.get("generateName"):
+            suffix = "".join(random.choices(_NAME_SUFFIX_ALPHABET, k=5))  # noqa: S311
+            metadata["name"] = f"{metadata['generateName']}{suffix}"
+        if not metadata.get("name"):
+            raise ApiError(
+                422,
+                f'{resource.kind} "" is invalid: metadata.name: Required value: name or '
+                "generateName is required",
+                details={"kind": resource.kind},
+            )
+        with self._lock:
+            self._check_namespace(namespace)
+            if plural in ("pods", "secrets"):
+                self._validate(obj)
+            if plural == "pods":
+                self._default_pod(obj)
+                if self._pod_security == "restricted" and namespace == self.namespace:
+                    violations = _pod_security_violations(obj)
+                    if violations:
+                        raise ApiError(
+                            403,
+                            f'pods "{metadata["name"]}" is forbidden: violates PodSecurity '
+                            f'"restricted:latest": {", ".join(violations)}',
+                            details={"name": metadata["name"], "kind": "pods"},
+                        )
+                self._admit_quota(obj)
+            elif plural == "secrets":
+                self._default_secret(obj)
+            elif plural == "events":
+                obj.setdefault("count", 1)
+            key = (namespace, metadata["name"])
+            if key in self._objects[plural]:
+                raise ApiError(
+                    409,
+                    f'{plural} "{metadata["name"]}" already exists',
+                    details={"name": metadata["name"], "kind": plural},
+                )
+            for server_field in (
+                "uid",
+                "resourceVersion",
+                "creationTimestamp",
+                "deletionTimestamp",
+            ):
+                metadata.pop(server_field, None)
+            stored = self._store(plural, obj)
+            if plural == "pods":
+                self._update_quota_usage()
+            uid = stored["metadata"]["uid"]
+        if plural == "pods":
+            self._plan(stored)
+        elif plural == "secrets" and metadata.get("ownerReferences"):
+            self._timeline.call_later(0.05, lambda: self._dangling_owner_check(key, uid))
+        return stored
+
+    def _validate(self, obj: JSON) -> None:
+        kind = obj["kind"]
+        errors = _validate_metadata(obj["metadata"])
+        errors += _validate_pod(obj) if kind == "Pod" else _validate_secret(obj)
+        if self.validate:
+            errors += strict_errors(obj)
+        if errors:
+            name = obj["metadata"].get("name", "")
+            self.validation_errors.extend(f"{kind} {name}: {error}" for error in errors)
+            listed = errors[0] if len(errors) == 1 else f"[{', '.join(errors)}]"
+            raise ApiError(
+                422,
+                f'{kind} "{name}" is invalid: {listed}',
+                details={
+                    "name": name,
+                    "kind": kind,
+                    "causes": [{"reason": "FieldValueInvalid", "message": e} for e in errors],
+                },
+            )
+
+    def _default_pod(self, pod: JSON) -> None:
+        spec = pod.setdefault("spec", {})
+        for key, value in (
+            ("restartPolicy", "Always"),
+            ("terminationGracePeriodSeconds", 30),
+            ("dnsPolicy", "ClusterFirst"),
+            ("schedulerName", _SCHEDULER),
+            ("serviceAccountName", "default"),
+            ("securityContext", {}),
+            ("enableServiceLinks", True),
+            ("priority", 0),
+            ("preemptionPolicy", "PreemptLowerPriority"),
+        ):
+            spec.setdefault(key, copy.deepcopy(value))
+        spec["serviceAccount"] = spec["serviceAccountName"]
+        tolerations = spec.setdefault("tolerations", [])
+        for taint_key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+            if not any(t.get("key") == taint_key for t in tolerations):
+                tolerations.append(
+                    {
+                        "key": taint_key,
+                        "operator": "Exists",
+                        "effect": "NoExecute",
+                        "tolerationSeconds": 300,
+                    }
+                )
+        mount_token = spec.get("automountServiceAccountToken") is not False
+        token_volume = (
+            f"kube-api-access-{''.join(random.choices('bcdfghjklmnpqrstvwxz2456789', k=5))}"  # noqa: S311
+        )
+        if mount_token:
+            spec.setdefault("volumes", []).append(
+                {
+                    "name": token_volume,
+                    "projected": {
+                        "defaultMode": 420,
+                        "sources": [
+                            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                            {
+                                "configMap": {
+                                    "name": "kube-root-ca.crt",
+                                    "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                                }
+                            },
+                        ],
+                    },
+                }
+            )
+        for container in [*(spec.get("initContainers") or []), *spec.get("containers", [])]:
+            image = str(container.get("image", ""))
+            tag = image.rsplit("/", 1)[-1]
+            latest = "@" not in image and (":" not in tag or tag.endswith(":latest"))
+            container.setdefault("imagePullPolicy", "Always" if latest else "IfNotPresent")
+            container.setdefault("terminationMessagePath", "/dev/termination-log")
+            container.setdefault("terminationMessagePolicy", "File")
+            resources = container.setdefault("resources", {})
+            limits = resources.get("limits") or {}
+            if limits:
+                requests = resources.setdefault("requests", {})
+                for name, quantity in limits.items():
+                    requests.setdefault(name, quantity)
+            if mount_token:
+                container.setdefault("volumeMounts", []).append(
+                    {"name": token_volume, "readOnly": True, "mountPath": _SA_TOKEN_MOUNT}
+                )
+        pod["status"] = {"phase": "Pending", "qosClass": _qos_class(spec)}
+
+    def _default_secret(self, secret: JSON) -> None:
+        secret.setdefault("type", "Opaque")
+        string_data = secret.pop("stringData", None) or {}
+        data = secret.setdefault("data", {}) if string_data else secret.get("data")
+        for key, value in string_data.items():
+            cast(JSON, data)[key] = base64.b64encode(str(value).encode()).decode()
+
+    # --- the scheduler, autoscaler and kubelet ---------------------------------------------
+
+    def _add_node(
+        self, name: str, labels: dict[str, str], gpus: int, taints: Iterable[Taint | JSON]
+    ) -> JSON:
+        taint_list = [
+            {"key": t.key, "value": t.value, "effect": t.effect} if isinstance(t, Taint) else t
+            for t in taints
+        ]
+        capacity = {"cpu": "8", "memory": "32863744Ki", "pods": "110"}
+        if gpus:
+            capacity[GPU_RESOURCE] = str(gpus)
+        node: JSON = {
+            "metadata": {"name": name, "labels": {**labels, _HOSTNAME_LABEL: name}},
+            "spec": {"providerID": f"gce://fake-project/us-central1-a/{name}"},
+            "status": {
+                "capacity": capacity,
+                "allocatable": dict(capacity),
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "kubelet is posting ready status",
+                        "lastHeartbeatTime": _now(),
+                        "lastTransitionTime": _now(),
+                    }
+                ],
+            },
+        }
+        if taint_list:
+            node["spec"]["taints"] = taint_list
+        with self._lock:
+            return self._store("nodes", node)
+
+    def _free_gpus(self, node: JSON) -> int:
+        allocatable = int(node["status"]["allocatable"].get(GPU_RESOURCE, "0"))
+        name = node["metadata"]["name"]
+        used = sum(
+            _gpu_request(pod)
+            for pod in self._objects["pods"].values()
+            if pod.get("spec", {}).get("nodeName") == name and not _is_terminal(pod)
+        )
+        return allocatable - used
+
+    def _node_failure(self, pod: JSON, node: JSON) -> str | None:
+        """Why `node` cannot take `pod`, in the default profile's filter order, or None."""
+        taint = _untolerated(pod, node["spec"].get("taints") or [])
+        if taint is not None:
+            return _taint_reason(taint)
+        if not _selector_matches(pod, node["metadata"].get("labels") or {}):
+            return _SELECTOR_REASON
+        if _gpu_request(pod) > self._free_gpus(node):
+            return f"Insufficient {GPU_RESOURCE}"
+        return None
+
+    def _fitting_node(self, pod: JSON) -> JSON | None:
+        for node in sorted(self._objects["nodes"].values(), key=lambda n: n["metadata"]["name"]):
+            if self._node_failure(pod, node) is None:
+                return node
+        return None
+
+    def _pool_failure(self, pod: JSON, pool: FakeNodePool) -> str | None:
+        """Why a new node of `pool` would not take `pod` (the autoscaler's reason), or None."""
+        taints = [{"key": t.key, "value": t.value, "effect": t.effect} for t in pool.taints]
+        taint = _untolerated(pod, taints)
+        labels = {**pool.labels, _GKE_NODEPOOL_LABEL: pool.name}
+        if taint is not None:
+            return _taint_reason(taint)
+        if not _selector_matches(pod, labels):
+            return _SELECTOR_REASON
+        if _gpu_request(pod) > pool.gpus_per_node:
+            return f"Insufficient {GPU_RESOURCE}"
+        if self._pool_sizes[pool.name] >= pool.max_nodes:
+            return "max node group size reached"
+        return None
+
+    def _fitting_pool(self, pod: JSON) -> FakeNodePool | None:
+        return next((p for p in self._pools if self._pool_failure(pod, p) is None), None)
+
+    def _plan(self, pod: JSON) -> None:
+        """Chooses the new pod's script (outside the lock: a custom scheduler may call us)."""
+        snapshot = copy.deepcopy(pod)
+        forced = self._scheduler is not None
+        try:
+            script = self._scheduler(snapshot) if self._scheduler else self.default_script(snapshot)
+        except Exception:
+            self._report_error(f"scheduler callback failed:\n{traceback.format_exc()}")
+            return
+        key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+        uid = pod["metadata"]["uid"]
+        self._timeline.call_later(
+            script.schedule_delay, lambda: self._schedule(key, uid, script, forced)
+        )
+
+    def _schedule(self, key: tuple[str, str], uid: str, script: PodScript, forced: bool) -> None:
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if (
+                pod is None
+                or pod["metadata"]["uid"] != uid
+                or pod.get("metadata", {}).get("deletionTimestamp")
+            ):
+                return
+            outcome = script.outcome
+            if outcome is Outcome.SCALE_UP or outcome is Outcome.UNSCHEDULABLE:
+                self._fail_scheduling(key, uid, script)
+                return
+            node = self._fitting_node(pod)
+            if node is None and not forced:
+                # The cluster changed since the pod was created: decide again, as the real
+                # scheduler would on its next attempt.
+                again = self.default_script(pod)
+                self._fail_scheduling(key, uid, again)
+                return
+            if node is None:
+                node = self._forced_node(pod)
+            self._bind(key, uid, node["metadata"]["name"], script)
+
+    def _forced_node(self, pod: JSON) -> JSON:
+        """A node for a pod a custom scheduler said runs, even if none fits."""
+        nodes = sorted(self._objects["nodes"].values(), key=lambda n: n["metadata"]["name"])
+        for node in nodes:
+            if _selector_matches(pod, node["metadata"].get("labels") or {}):
+                return node
+        return self._new_pool_node(pod, self._matching_pool(pod))
+
+    def _matching_pool(self, pod: JSON) -> FakeNodePool:
+        """The pool a scale-up for `pod` grows: a fitting one, else a selector match, else one
+        made from the pod's nodeSelector."""
+        pool = self._fitting_pool(pod)
+        if pool is None:
+            pool = next(
+                (
+                    p
+                    for p in self._pools
+                    if _selector_matches(pod, {**p.labels, _GKE_NODEPOOL_LABEL: p.name})
+                ),
+                None,
+            )
+        if pool is None:
+            selector = dict((pod.get("spec") or {}).get("nodeSelector") or {})
+            pool = FakeNodePool("scripted", selector, max(_gpu_request(pod), 1), 1_000, ())
+        return pool
+
+    def _new_pool_node(self, pod: JSON, pool: FakeNodePool) -> JSON:
+        self._pool_sizes[pool.name] += 1
+        name = f"gke-fake-{pool.name}-{secrets.token_hex(4)}"
+        labels = {**pool.labels, _GKE_NODEPOOL_LABEL: pool.name}
+        return self._add_node(name, labels, pool.gpus_per_node, pool.taints)
+
+    def _fail_scheduling(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        """FailedScheduling, then the autoscaler's scale-up (SCALE_UP) or refusal."""
+        pod = self._objects["pods"][key]
+        nodes = sorted(self._objects["nodes"].values(), key=lambda n: n["metadata"]["name"])
+        reasons = [
+            self._node_failure(pod, node) or f"Insufficient {GPU_RESOURCE}" for node in nodes
+        ]
+        message = script.message or _failed_scheduling_message(reasons)
+
+        def unschedulable(p: JSON) -> None:
+            _set_condition(p, "PodScheduled", "False", "Unschedulable", message)
+
+        self._update("pods", key, uid, unschedulable)
+        self._event(pod, "Warning", "FailedScheduling", message, _SCHEDULER)
+        if script.outcome is Outcome.SCALE_UP:
+            pool = self._matching_pool(pod)
+            size = self._pool_sizes[pool.name]
+            group = (
+                "https://www.googleapis.com/compute/v1/projects/fake-project/zones/us-central1-a/"
+                f"instanceGroups/gke-fake-{pool.name}-grp"
+            )
+            info = f"[{{{group} {size}->{size + 1} (max: {pool.max_nodes})}}]"
+            self._timeline.call_later(
+                script.step_delay,
+                lambda: self._pod_event(
+                    key,
+                    uid,
+                    "Normal",
+                    "TriggeredScaleUp",
+                    f"pod triggered scale-up: {info}",
+                    _AUTOSCALER,
+                ),
+            )
+            self._pool_sizes[pool.name] += 1  # reserved now, as the autoscaler's target size
+
+            def node_ready() -> None:
+                with self._lock:
+                    self._pool_sizes[pool.name] -= 1  # _new_pool_node counts it again
+                    node = self._new_pool_node(pod, pool)
+                    self._bind(key, uid, node["metadata"]["name"], _continue_as_run(script))
+
+            self._timeline.call_later(script.step_delay + script.scale_up_delay, node_ready)
+        else:
+            pool_reasons = [
+                self._pool_failure(pod, p) or "max node group size reached" for p in self._pools
+            ]
+            refusal = (
+                f"pod didn't trigger scale-up: {_histogram(pool_reasons)}"
+                if pool_reasons
+                else "pod didn't trigger scale-up (it wouldn't fit if a new node is added)"
+            )
+            self._timeline.call_later(
+                script.step_delay,
+                lambda: self._pod_event(
+                    key, uid, "Normal", "NotTriggerScaleUp", refusal, _AUTOSCALER
+                ),
+            )
+
+    def _bind(self, key: tuple[str, str], uid: str, node_name: str, script: PodScript) -> None:
+        """The scheduler binds the pod; the kubelet then runs its script step by step."""
+        namespace, name = key
+
+        def bound(pod: JSON) -> None:
+            pod["spec"]["nodeName"] = node_name
+            _set_condition(pod, "PodScheduled", "True")
+
+        with self._lock:
+            pod = self._update("pods", key, uid, bound)
+            if pod is None:
+                return
+            self._event(
+                pod,
+                "Normal",
+                "Scheduled",
+                f"Successfully assigned {namespace}/{name} to {node_name}",
+                _SCHEDULER,
+            )
+        self._timeline.call_later(script.step_delay, lambda: self._kubelet_start(key, uid, script))
+
+    def _kubelet_start(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        """The kubelet admits the pod: startTime, containers waiting in ContainerCreating."""
+
+        def admitted(pod: JSON) -> None:
+            status = pod["status"]
+            status["startTime"] = _now()
+            status["hostIP"] = "10.128.0.10"
+            status["hostIPs"] = [{"ip": "10.128.0.10"}]
+            names = [c["name"] for c in pod["spec"]["containers"]]
+            unready = f"containers with unready status: [{' '.join(names)}]"
+            _set_condition(pod, "PodReadyToStartContainers", "False")
+            _set_condition(pod, "Initialized", "True")
+            _set_condition(pod, "Ready", "False", "ContainersNotReady", unready)
+            _set_condition(pod, "ContainersReady", "False", "ContainersNotReady", unready)
+            status["containerStatuses"] = [
+                {
+                    "name": c["name"],
+                    "image": c["image"],
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "started": False,
+                    "state": {"waiting": {"reason": "ContainerCreating"}},
+                    "lastState": {},
+                }
+                for c in pod["spec"]["containers"]
+            ]
+
+        with self._lock:
+            pod = self._update("pods", key, uid, admitted)
+            if pod is None:
+                return
+            deadline = pod["spec"].get("activeDeadlineSeconds")
+        if isinstance(deadline, int):
+            self._timeline.call_later(
+                deadline * self._deadline_scale, lambda: self._deadline(key, uid)
+            )
+        self._timeline.call_later(script.step_delay, lambda: self._mount(key, uid, script, True))
+
+    def _mount(self, key: tuple[str, str], uid: str, script: PodScript, first: bool) -> None:
+        """Waits (FailedMount) until every non-optional Secret volume exists, then pulls."""
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None or pod["metadata"]["uid"] != uid or _is_terminal(pod):
+                return
+            missing = [
+                (volume["name"], volume["secret"].get("secretName", ""))
+                for volume in pod["spec"].get("volumes") or []
+                if "secret" in volume
+                and not volume["secret"].get("optional")
+                and (key[0], volume["secret"].get("secretName", "")) not in self._objects["secrets"]
+            ]
+            if missing:
+                if first:
+                    volume, secret_name = missing[0]
+                    self._event(
+                        pod,
+                        "Warning",
+                        "FailedMount",
+                        f'MountVolume.SetUp failed for volume "{volume}" : secret '
+                        f'"{secret_name}" not found',
+                        _KUBELET,
+                    )
+                self._timeline.call_later(
+                    script.step_delay, lambda: self._mount(key, uid, script, False)
+                )
+                return
+
+        def sandbox_ready(p: JSON) -> None:
+            _set_condition(p, "PodReadyToStartContainers", "True")
+            p["status"]["podIP"] = f"10.8.{random.randint(0, 255)}.{random.randint(2, 254)}"  # noqa: S311
+            p["status"]["podIPs"] = [{"ip": p["status"]["podIP"]}]
+
+        self._update("pods", key, uid, sandbox_ready)
+        self._pod_container_events(key, uid, "Normal", "Pulling", 'Pulling image "{image}"')
+        self._timeline.call_later(script.step_delay, lambda: self._pulled(key, uid, script))
+
+    def _pulled(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        if script.outcome is Outcome.IMAGE_PULL_ERROR:
+            self._image_pull_failed(key, uid, script)
+            return
+        self._pod_container_events(
+            key,
+            uid,
+            "Normal",
+            "Pulled",
+            'Successfully pulled image "{image}" in 812ms (812ms including waiting). '
+            "Image size: 1523478112 bytes.",
+        )
+        self._pod_container_events(key, uid, "Normal", "Created", "Created container: {name}")
+        self._pod_container_events(key, uid, "Normal", "Started", "Started container {name}")
+
+        def running(pod: JSON) -> None:
+            pod["status"]["phase"] = "Running"
+            for condition in ("Ready", "ContainersReady"):
+                _set_condition(pod, condition, "True")
+            for status in pod["status"]["containerStatuses"]:
+                status.update(
+                    ready=True,
+                    started=True,
+                    containerID=f"containerd://{secrets.token_hex(32)}",
+                    imageID=f"{status['image'].split('@')[0].split(':')[0]}@sha256:"
+                    f"{secrets.token_hex(32)}",
+                    state={"running": {"startedAt": _now()}},
+                )
+
+        pod = self._update("pods", key, uid, running)
+        if pod is None:
+            return
+        snapshot = copy.deepcopy(pod)
+        with self._lock:
+            callbacks = list(self._running_callbacks)
+        for callback in callbacks:
+            try:
+                callback(copy.deepcopy(snapshot))
+            except Exception:
+                self._report_error(f"on_pod_running callback failed:\n{traceback.format_exc()}")
+        if script.outcome in (Outcome.CRASH, Outcome.SUCCEED):
+
+            def exited() -> None:
+                self._terminate(key, uid, script.exit_code)
+
+            self._timeline.call_later(script.run_duration, exited)
+
+    def _image_pull_failed(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None or pod["metadata"]["uid"] != uid:
+                return
+            images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
+        errors = {
+            name: script.message
+            or f'rpc error: code = NotFound desc = failed to pull and unpack image "{image}": '
+            f'failed to resolve reference "{image}": {image}: not found'
+            for name, image in images.items()
+        }
+        for name, image in images.items():
+            self._container_event(
+                key,
+                uid,
+                name,
+                "Warning",
+                "Failed",
+                f'Failed to pull image "{image}": {errors[name]}',
+            )
+            self._container_event(key, uid, name, "Warning", "Failed", "Error: ErrImagePull")
+
+        def waiting(reason: str, messages: Mapping[str, str]) -> Callable[[JSON], None]:
+            def mutate(pod: JSON) -> None:
+                for status in pod["status"]["containerStatuses"]:
+                    status["state"] = {
+                        "waiting": {"reason": reason, "message": messages[status["name"]]}
+                    }
+
+            return mutate
+
+        self._update("pods", key, uid, waiting("ErrImagePull", errors))
+
+        def back_off() -> None:
+            messages = {name: f'Back-off pulling image "{image}"' for name, image in images.items()}
+            for name in images:
+                self._container_event(key, uid, name, "Normal", "BackOff", messages[name])
+                self._container_event(
+                    key, uid, name, "Warning", "Failed", "Error: ImagePullBackOff"
+                )
+            self._update("pods", key, uid, waiting("ImagePullBackOff", messages))
+
+        self._timeline.call_later(script.step_delay, back_off)
+
+    def _terminate(self, key: tuple[str, str], uid: str, exit_code: int) -> JSON | None:
+        """The containers exit with `exit_code`; the pod becomes Succeeded or Failed."""
+
+        def terminated(pod: JSON) -> None:
+            succeeded = exit_code == 0
+            pod["status"]["phase"] = "Succeeded" if succeeded else "Failed"
+            reason = "PodCompleted" if succeeded else "PodFailed"
+            for condition in ("Ready", "ContainersReady"):
+                _set_condition(pod, condition, "False", reason)
+            _set_condition(pod, "PodReadyToStartContainers", "False")
+            for status in pod["status"].get("containerStatuses") or []:
+                started = (status["state"].get("running") or {}).get("startedAt", _now())
+                status.update(ready=False, started=False)
+                status["state"] = {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "reason": "Completed" if succeeded else "Error",
+                        "startedAt": started,
+                        "finishedAt": _now(),
+                        "containerID": status.get("containerID", ""),
+                    }
+                }
+
+        with self._lock:
+            current = self._objects["pods"].get(key)
+            if current is None or current["metadata"]["uid"] != uid or _is_terminal(current):
+                return current
+            pod = self._update("pods", key, uid, terminated)
+            self._update_quota_usage()
+            return pod
+
+    def _deadline(self, key: tuple[str, str], uid: str) -> None:
+        """The kubelet fails a pod past its activeDeadlineSeconds."""
+
+        def exceeded(pod: JSON) -> None:
+            pod["status"].update(
+                phase="Failed", reason="DeadlineExceeded", message=_DEADLINE_MESSAGE
+            )
+            for condition in ("Ready", "ContainersReady"):
+                _set_condition(pod, condition, "False", "PodFailed")
+            for status in pod["status"].get("containerStatuses") or []:
+                running = status["state"].get("running")
+                if running is not None:
+                    status.update(ready=False, started=False)
+                    status["state"] = {
+                        "terminated": {
+                            "exitCode": 137,
+                            "reason": "Error",
+                            "startedAt": running["startedAt"],
+                            "finishedAt": _now(),
+                            "containerID": status.get("containerID", ""),
+                        }
+                    }
+
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None or pod["metadata"]["uid"] != uid or _is_terminal(pod):
+                return
+            updated = self._update("pods", key, uid, exceeded)
+            if updated is not None:
+                self._event(updated, "Warning", "DeadlineExceeded", _DEADLINE_MESSAGE, _KUBELET)
+            self._update_quota_usage()
+
+    def _delete_pod(self, key: tuple[str, str], grace: int | None) -> JSON:
+        """Deletes a pod: at once if unscheduled, finished or grace 0; else gracefully."""
+        pod = self._objects["pods"][key]
+        if pod["metadata"].get("deletionTimestamp"):
+            return copy.deepcopy(pod)
+        if grace is None:
+            grace = int(pod["spec"].get("terminationGracePeriodSeconds", 30))
+        if grace == 0 or not pod["spec"].get("nodeName") or _is_terminal(pod):
+            return self._remove("pods", key)
+        uid = pod["metadata"]["uid"]
+
+        def terminating(p: JSON) -> None:
+            p["metadata"]["deletionTimestamp"] = _now()
+            p["metadata"]["deletionGracePeriodSeconds"] = grace
+
+        updated = self._update("pods", key, uid, terminating)
+        for container in pod["spec"]["containers"]:
+            self._container_event(
+                key,
+                uid,
+                container["name"],
+                "Normal",
+                "Killing",
+                f"Stopping container {container['name']}",
+            )
+
+        def gone() -> None:
+            with self._lock:
+                current = self._objects["pods"].get(key)
+                if current is not None and current["metadata"]["uid"] == uid:
+                    self._remove("pods", key)
+
+        self._timeline.call_later(self._termination_delay, gone)
+        return copy.deepcopy(cast(JSON, updated))
+
+    # --- events ---------------------------------------------------------------------------
+
+    def _event(
+        self,
+        pod: JSON,
+        event_type: str,
+        reason: str,
+        message: str,
+        component: str,
+        field_path: str | None = None,
+    ) -> None:
+        host = pod["spec"].get("nodeName") if component == _KUBELET else None
+        involved: JSON = {
+            "kind": "Pod",
+            "namespace": pod["metadata"]["namespace"],
+            "name": pod["metadata"]["name"],
+            "uid": pod["metadata"]["uid"],
+            "apiVersion": "v1",
+            "resourceVersion": pod["metadata"]["resourceVersion"],
+        }
+        if field_path:
+            involved["fieldPath"] = field_path
+        source: JSON = {"component": component}
+        if host:
+            source["host"] = host
+        now = _now()
+        event = {
+            "metadata": {
+                "name": f"{pod['metadata']['name']}.{secrets.token_hex(8)}",
+                "namespace": pod["metadata"]["namespace"],
+            },
+            "involvedObject": involved,
+            "reason": reason,
+            "message": message,
+            "source": source,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "type": event_type,
+            "eventTime": None,
+            "reportingComponent": component,
+            "reportingInstance": host or f"{component}-fake",
+        }
+        with self._lock:
+            self._store("events", event)
+
+    def _pod_event(
+        self,
+        key: tuple[str, str],
+        uid: str,
+        event_type: str,
+        reason: str,
+        message: str,
+        component: str,
+    ) -> None:
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is not None and pod["metadata"]["uid"] == uid:
+                self._event(pod, event_type, reason, message, component)
+
+    def _container_event(
+        self,
+        key: tuple[str, str],
+        uid: str,
+        container: str,
+        event_type: str,
+        reason: str,
+        message: str,
+    ) -> None:
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is not None and pod["metadata"]["uid"] == uid:
+                self._event(
+                    pod, event_type, reason, message, _KUBELET, f"spec.containers{{{container}}}"
+                )
+
+    def _pod_container_events(
+        self, key: tuple[str, str], uid: str, event_type: str, reason: str, template: str
+    ) -> None:
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None or pod["metadata"]["uid"] != uid:
+                return
+            for container in pod["spec"]["containers"]:
+                message = template.format(name=container["name"], image=container["image"])
+                self._container_event(key, uid, container["name"], event_type, reason, message)
+
+    def _report_error(self, message: str) -> None:
+        with self._lock:
+            self.errors.append(message)
+
+    # --- request handling (called from _Handler threads) --------------------------------------
+
+    def _take_fault(self, method: str, path: str) -> _Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.method in ("*", method) and fnmatch.fnmatchcase(path, fault.path_pattern):
+                    fault.remaining -= 1
+                    if fault.remaining == 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _record_request(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self._requests.append(request)
+
+    def _list(self, resource: _Resource, namespace: str | None, query: Mapping[str, str]) -> JSON:
+        matches = self._matcher(resource, query)
+        limit = _int_param(query, "limit")
+        token = query.get("continue")
+        with self._lock:
+            items: list[JSON] | None
+            if token:
+                snapshot_id, offset = _decode_continue(token)
+                items = self._snapshots.get(snapshot_id)
+                if items is None:
+                    raise ApiError(
+                        410,
+                        "The provided continue parameter is too old to display a consistent list "
+                        "result. You can start a new list without the continue parameter.",
+                    )
+                snapshot_version = int(snapshot_id.split("-")[0])
+            else:
+                items = [
+                    obj
+                    for (ns, _), obj in sorted(self._objects[resource.plural].items())
+                    if (namespace is None or ns == namespace) and matches(obj)
+                ]
+                snapshot_version, offset = self._resource_version, 0
+                snapshot_id = f"{snapshot_version}-{uuid.uuid4().hex}"
+            page = items[offset : offset + limit] if limit else items[offset:]
+            metadata: JSON = {"resourceVersion": str(snapshot_version)}
+            remaining = len(items) - offset - len(page)
+            if limit and remaining > 0:
+                # Later pages come from this snapshot, as the API server's consistent lists.
+                self._snapshots[snapshot_id] = items
+                while len(self._snapshots) > 64:
+                    self._snapshots.pop(next(iter(self._snapshots)))
+                metadata["continue"] = _encode_continue(snapshot_id, offset + len(page))
+                metadata["remainingItemCount"] = remaining
+            return {
+                "kind": f"{resource.kind}List",
+                "apiVersion": "v1",
+                "metadata": metadata,
+                "items": [
+                    {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
+                    for obj in page
+                ],
+            }
+
+    def _matcher(self, resource: _Resource, query: Mapping[str, str]) -> Callable[[JSON], bool]:
+        labels = parse_label_selector(query.get("labelSelector", ""))
+        fields = _parse_field_selector(query.get("fieldSelector", ""), resource)
+        return lambda obj: labels.matches(obj["metadata"].get("labels") or {}) and fields(obj)
+
+    def _watch(
+        self,
+        resource: _Resource,
+        namespace: str | None,
+        query: Mapping[str, str],
+        write: Callable[[JSON], bool],
+        disconnected: Callable[[], bool],
+    ) -> None:
+        """Streams watch events to `write` until timeoutSeconds, a disconnect or `stop()`."""
+        matches = self._matcher(resource, query)
+        timeout = _int_param(query, "timeoutSeconds")
+        deadline = time.monotonic() + timeout if timeout > 0 else None
+        requested = query.get("resourceVersion", "")
+
+        def in_scope(obj: JSON) -> bool:
+            return namespace is None or obj["metadata"].get("namespace") == namespace
+
+        initial: list[JSON]
+        cursor: int | None
+        with self._lock:
+            if requested in ("", "0"):
+                initial = [
+                    {"type": "ADDED", "object": obj}
+                    for (ns, _), obj in sorted(self._objects[resource.plural].items())
+                    if in_scope(obj) and matches(obj)
+                ]
+                cursor = len(self._history)
+            else:
+                if not requested.isdigit():
+                    raise ApiError(400, f"invalid resourceVersion: {requested!r}")
+                since = int(requested)
+                if since < self._history_start:
+                    initial = [_gone_event(since, self._history_start)]
+                    cursor = None
+                else:
+                    initial = []
+                    cursor = next(
+                        (i for i, c in enumerate(self._history) if c.resource_version > since),
+                        len(self._history),
+                    )
+        for event in initial:
+            if not write(event):
+                return
+        if cursor is None:
+            return
+        history_start = self._history_start
+        while not self._stopping.is_set():
+            with self._changed:
+                if self._history_start != history_start:
+                    write(_gone_event(history_start, self._history_start))
+                    return
+                if cursor >= len(self._history):
+                    wait = _WATCH_POLL_SECONDS
+                    if deadline is not None:
+                        wait = min(wait, deadline - time.monotonic())
+                    if wait > 0:
+                        self._changed.wait(wait)
+                changes = self._history[cursor:]
+                cursor += len(changes)
+            for change in changes:
+                if change.plural != resource.plural:
+                    continue
+                seen = _watch_event(change, in_scope, matches)
+                if seen is not None and not write(seen):
+                    return
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if not changes and disconnected():
+                return
+
+    def _handle(
+        self, method: str, path: str, query: Mapping[str, str], body: Any
+    ) -> tuple[int, JSON]:
+        """Answers one non-watch request: (status, JSON body)."""
+        if path == "/version":
+            return 200, {
+                "major": "1",
+                "minor": "33",
+                "gitVersion": f"v{KUBERNETES_VERSION}.0-fake",
+                "platform": "linux/amd64",
+            }
+        route = _route(path)
+        if route is None:
+            raise ApiError(404, "the server could not find the requested resource")
+        resource, namespace, name = route
+        if method not in ("GET", "POST", "DELETE"):
+            raise ApiError(405, f"the fake does not implement {method} on {resource.plural}")
+        if name is None:
+            if method == "GET":
+                return 200, self._list(resource, namespace, query)
+            if method == "POST":
+                if namespace is None:
+                    raise ApiError(405, f"create {resource.plural} in a namespace")
+                return 201, self._create(resource.plural, namespace, body)
+            return 200, self._delete_collection(resource, namespace, query)
+        key = (namespace or "", name)
+        with self._lock:
+            obj = self._objects[resource.plural].get(key)
+            if obj is None:
+                raise ApiError(
+                    404,
+                    f'{resource.plural} "{name}" not found',
+                    details={"name": name, "kind": resource.plural},
+                )
+            if method == "GET":
+                return 200, copy.deepcopy(obj)
+            if method == "POST":
+                raise ApiError(405, f"POST to a named {resource.kind} is not allowed")
+            return 200, self._delete(resource, key, query, body)
+
+    def _delete(
+        self, resource: _Resource, key: tuple[str, str], query: Mapping[str, str], body: Any
+    ) -> JSON:
+        if not resource.writable:
+            raise ApiError(405, f"the fake serves {resource.plural} read-only")
+        options = body if isinstance(body, dict) else {}
+        grace_text = query.get("gracePeriodSeconds")
+        grace = _int_param(query, "gracePeriodSeconds") if grace_text else None
+        if grace is None and isinstance(options.get("gracePeriodSeconds"), int):
+            grace = options["gracePeriodSeconds"]
+        preconditions = options.get("preconditions") or {}
+        obj = self._objects[resource.plural][key]
+        expected_uid = preconditions.get("uid")
+        if expected_uid and expected_uid != obj["metadata"]["uid"]:
+            raise ApiError(
+                409,
+                f"Precondition failed: UID in precondition: {expected_uid}, UID in object meta: "
+                f"{obj['metadata']['uid']}",
+                reason="Conflict",
+                details={"name": key[1], "kind": resource.plural},
+            )
+        orphan = (query.get("propagationPolicy") or options.get("propagationPolicy")) == "Orphan"
+        if resource.plural == "pods":
+            if orphan:
+                self._orphan_dependents(obj["metadata"]["uid"], key[0])
+            return self._delete_pod(key, grace)
+        removed = self._remove(resource.plural, key)
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {"name": key[1], "kind": resource.plural, "uid": removed["metadata"]["uid"]},
+        }
+
+    def _orphan_dependents(self, owner_uid: str, namespace: str) -> None:
+        for key, secret in list(self._objects["secrets"].items()):
+            owners = secret["metadata"].get("ownerReferences") or []
+            if key[0] == namespace and any(ref.get("uid") == owner_uid for ref in owners):
+                updated = copy.deepcopy(secret)
+                remaining = [ref for ref in owners if ref.get("uid") != owner_uid]
+                if remaining:
+                    updated["metadata"]["ownerReferences"] = remaining
+                else:
+                    del updated["metadata"]["ownerReferences"]  # omitted when empty, as stored
+                self._replace("secrets", key, updated)
+
+    def _delete_collection(
+        self, resource: _Resource, namespace: str | None, query: Mapping[str, str]
+    ) -> JSON:
+        if namespace is None or not resource.writable:
+            raise ApiError(405, f"deletecollection of {resource.plural} needs a namespace")
+        matches = self._matcher(resource, query)
+        with self._lock:
+            keys = [
+                key
+                for key, obj in sorted(self._objects[resource.plural].items())
+                if key[0] == namespace and matches(obj)
+            ]
+            for key in keys:
+                self._delete(resource, key, query, None)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+
+
+def _continue_as_run(script: PodScript) -> PodScript:
+    """The script a scaled-up pod continues with once its node is there: it runs."""
+    return PodScript(
+        Outcome.RUN,
+        schedule_delay=script.schedule_delay,
+        step_delay=script.step_delay,
+        scale_up_delay=script.scale_up_delay,
+        run_duration=script.run_duration,
+        exit_code=script.exit_code,
+    )
+
+
+def _qos_class(spec: JSON) -> str:
+    containers = spec.get("containers") or []
+    resources = [c.get("resources") or {} for c in containers]
+    if not any(r.get("requests") or r.get("limits") for r in resources):
+        return "BestEffort"
+    guaranteed = all(
+        all((r.get("limits") or {}).get(name) is not None for name in ("cpu", "memory"))
+        and (r.get("requests") or {}) == (r.get("limits") or {})
+        for r in resources
+    )
+    return "Guaranteed" if guaranteed else "Burstable"
+
+
+def _set_condition(
+    pod: JSON,
+    condition_type: str,
+    status: str,
+    reason: str | None = None,
+    message: str | None = None,
+) -> None:
+    conditions: list[JSON] = pod["status"].setdefault("conditions", [])
+    condition = next((c for c in conditions if c["type"] == condition_type), None)
+    if condition is None:
+        condition = {"type": condition_type, "lastProbeTime": None}
+        conditions.append(condition)
+    if condition.get("status") != status:
+        condition["lastTransitionTime"] = _now()
+    condition["status"] = status
+    for name, value in (("reason", reason), ("message", message)):
+        if value is None:
+            condition.pop(name, None)
+        else:
+            condition[name] = value
+
+
+def _gone_event(requested: int, oldest: int) -> JSON:
+    return {
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": f"too old resource version: {requested} ({oldest})",
+            "reason": "Expired",
+            "code": 410,
+        },
+    }
+
+
+def _watch_event(
+    change: _Change, in_scope: Callable[[JSON], bool], matches: Callable[[JSON], bool]
+) -> JSON | None:
+    """The event a filtered watch sees: an object entering the selection is ADDED, one leaving
+    it is DELETED, as the API server's watch filter reports them."""
+    if not in_scope(change.obj):
+        return None
+    now = matches(change.obj)
+    before = change.previous is not None and matches(change.previous)
+    if change.type == "MODIFIED":
+        if now and before:
+            return {"type": "MODIFIED", "object": change.obj}
+        if now:
+            return {"type": "ADDED", "object": change.obj}
+        if before:
+            return {"type": "DELETED", "object": change.obj}
+        return None
+    if change.type == "DELETED":
+        return {"type": "DELETED", "object": change.obj} if before else None
+    return {"type": change.type, "object": change.obj} if now else None
+
+
+def _int_param(query: Mapping[str, str], name: str) -> int:
+    """A non-negative integer query parameter (0 when absent)."""
+    text = query.get(name) or "0"
+    if not text.isdigit():
+        raise ApiError(400, f"{name}: Invalid value: {text!r}: must be a non-negative integer")
+    return int(text)
+
+
+def _encode_continue(snapshot_id: str, offset: int) -> str:
+    raw = json.dumps({"snapshot": snapshot_id, "offset": offset}).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_continue(token: str) -> tuple[str, int]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(data["snapshot"]), int(data["offset"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ApiError(400, f"continue key is not valid: {error}") from error
+
+
+_NAMESPACED_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?")
+_CLUSTER_PATH = re.compile(r"/api/v1/([a-z]+)(?:/([^/]+))?")
+
+
+def _route(path: str) -> tuple[_Resource, str | None, str | None] | None:
+    """(resource, namespace, name) of a core/v1 path, or None if the fake does not serve it."""
+    match = _NAMESPACED_PATH.fullmatch(path)
+    if match is not None and match.group(2) in _RESOURCES:
+        resource = _RESOURCES[match.group(2)]
+        return (resource, match.group(1), match.group(3)) if resource.namespaced else None
+    match = _CLUSTER_PATH.fullmatch(path)
+    if match is not None and match.group(1) in _RESOURCES:
+        resource = _RESOURCES[match.group(1)]
+        if resource.namespaced and match.group(2) is not None:
+            return None
+        return resource, None, match.group(2)
+    return None
+
+
+# --- Threads: the simulation clock and the HTTP server --------------------------------------------
+
+
+class _Timeline:
+    """Runs scheduled simulation steps in order on one thread (scales to thousands of pods)."""
+
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self._report = report
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._sequence = itertools.count()
+        self._condition = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="fake-kube-timeline", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def call_later(self, delay: float, action: Callable[[], None]) -> None:
+        with self._condition:
+            heapq.heappush(self._queue, (time.monotonic() + delay, next(self._sequence), action))
+            self._condition.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopped:
+                    if self._queue and self._queue[0][0] <= time.monotonic():
+                        break
+                    timeout = self._queue[0][0] - time.monotonic() if self._queue else None
+                    self._condition.wait(timeout)
+                if self._stopped:
+                    return
+                _, _, action = heapq.heappop(self._queue)
+            try:
+                action()
+            except Exception:
+                self._report(f"simulation step failed:\n{traceback.format_exc()}")
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer that can close idle keep-alive connections and join its handlers."""
+
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[_Handler], fake: FakeKubernetes
+    ) -> None:
+        self.fake = fake
+        self._connections: set[socket.socket] = set()
+        self._handler_threads: set[threading.Thread] = set()
+        self._busy_threads: set[threading.Thread] = set()
+        self._connections_lock = threading.Lock()
+        self._idle = threading.Condition(self._connections_lock)
+        super().__init__(address, handler)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+            self._handler_threads.add(threading.current_thread())
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.discard(request)
+                self._handler_threads.discard(threading.current_thread())
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Marks the current handler thread as answering a request."""
+        with self._connections_lock:
+            self._busy_threads.add(threading.current_thread())
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy_threads.discard(threading.current_thread())
+                self._idle.notify_all()
+
+    def join_busy_handlers(self, timeout: float) -> None:
+        """Waits until no handler is answering a request (or `timeout` passes)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy_threads and (remaining := deadline - time.monotonic()) > 0:
+                self._idle.wait(remaining)
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def join_handlers(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._connections_lock:
+            threads = list(self._handler_threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One HTTP/1.1 connection to the fake (keep-alive; chunked watch streams)."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without TCP_NODELAY, Nagle's algorithm
+        # and the client's delayed ACK stall every response by ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Keeps test output quiet; `FakeKubernetes.requests` records every request."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve("POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._serve("DELETE")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._serve("PATCH")
+
+    def _serve(self, method: str) -> None:
+        with self.server.busy():
+            self._answer(method)
+
+    def _answer(self, method: str) -> None:
+        fake = self.server.fake
+        url = urlsplit(self.path)
+        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
+        headers = {key: value for key, value in self.headers.items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        body: Any = None
+        status: int
+        payload: Any
+        try:
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except ValueError as error:
+                    raise ApiError(400, f"the request body is not JSON: {error}") from error
+            fault = fake._take_fault(method, url.path)
+            if fault is not None and fault.delay > 0:
+                fake._stopping.wait(fault.delay)
+            if fault is not None and fault.drop:
+                fake._record_request(RecordedRequest(method, url.path, query, headers, body, 0))
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if fault is not None and fault.status is not None:
+                status = fault.status
+                payload = (
+                    fault.body
+                    if fault.body is not None
+                    else ApiError(
+                        status, f"injected fault: {status} on {method} {url.path}"
+                    ).status()
+                )
+            else:
+                if self.headers.get("Authorization") != f"Bearer {fake.token}":
+                    raise ApiError(401, "Unauthorized")
+                if method == "GET" and query.get("watch") in ("true", "1"):
+                    self._watch(url.path, query, headers)
+                    return
+                status, payload = fake._handle(method, url.path, query, body)
+        except ApiError as error:
+            status, payload = error.code, error.status()
+        except Exception:
+            fake._report_error(f"{method} {self.path} failed:\n{traceback.format_exc()}")
+            status, payload = 500, ApiError(500, "the fake API server failed").status()
+        fake._record_request(RecordedRequest(method, url.path, query, headers, body, status))
+        self._send_json(status, payload)
+
+    def _send_json(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(data)
+
+    def _watch(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> None:
+        fake = self.server.fake
+        route = _route(path)
+        if route is None or route[2] is not None:
+            raise ApiError(404, "the server could not find the requested resource")
+        resource, namespace, _ = route
+        fake._matcher(resource, query)  # a bad selector is a 400 before the stream starts
+        fake._record_request(RecordedRequest("GET", path, query, headers, None, 200))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True
+
+        def write(event: JSON) -> bool:
+            data = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            except OSError:
+                return False
+            return True
+
+        def disconnected() -> bool:
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
+        try:
+            fake._watch(resource, namespace, query, write, disconnected)
+        except ApiError as error:
+            write({"type": "ERROR", "object": error.status()})
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()

@@ -1,0 +1,1156 @@
+"""The fake Kubernetes API answers the official client as a real API server would.
+
+Every test drives the fake through `kubernetes.client.CoreV1Api` configured by
+`config.load_kube_config` from the kubeconfig the fake writes, and `kubernetes.watch.Watch`, so
+the client's own serialization, deserialization and HTTP paths run against it. Tests read the
+client's models through `to_dict()` (the models' attribute names, snake_case): every field is
+optional in the models, and the dict keeps the assertions short.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pytest
+import urllib3
+from kubernetes import client, config, watch
+
+from gpu_runners.contract import (
+    DEFAULT_NAMESPACE,
+    GKE_ACCELERATOR_LABEL,
+    GPU_RESOURCE,
+    GPU_TAINT_KEY,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    NODE_GPU_LABEL,
+    PSA_ENFORCE_LABEL,
+    PSA_LEVEL,
+    RUNNER_UID,
+)
+from tests.fakes.kube_api import (
+    FakeKubernetes,
+    FakeNode,
+    FakeNodePool,
+    PodScript,
+    parse_label_selector,
+)
+
+NS = DEFAULT_NAMESPACE
+IMAGE = "ghcr.io/acme/runner:1.0"
+Obj = dict[str, Any]
+MakeFake = Callable[..., FakeKubernetes]
+
+
+class Model(Protocol):
+    def to_dict(self) -> Obj: ...
+
+
+def attrs(model: Model) -> Obj:
+    """A client model as a dict of its attributes (nested models included)."""
+    return model.to_dict()
+
+
+def names(listing: Model) -> list[str]:
+    """The object names in a list response, in the order the server sent them."""
+    return [item["metadata"]["name"] for item in attrs(listing)["items"]]
+
+
+def api_for(fake: FakeKubernetes) -> client.CoreV1Api:
+    """A CoreV1Api configured from the fake's kubeconfig (without touching global config)."""
+    assert fake.kubeconfig_path is not None
+    configuration = client.Configuration()
+    config.load_kube_config(
+        config_file=str(fake.kubeconfig_path), client_configuration=configuration
+    )
+    return client.CoreV1Api(client.ApiClient(configuration))
+
+
+@pytest.fixture
+def core(fake_kube: FakeKubernetes) -> client.CoreV1Api:
+    return api_for(fake_kube)
+
+
+def runner_pod_json(
+    name: str,
+    *,
+    gpus: int = 0,
+    accelerator: str | None = None,
+    labels: dict[str, str] | None = None,
+    deadline: int | None = None,
+    secret_volume: str | None = None,
+) -> Obj:
+    """A pod the restricted Pod Security level admits; a GPU pod selects and tolerates GPUs."""
+    container: Obj = {
+        "name": "runner",
+        "image": IMAGE,
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    spec: Obj = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+    }
+    if gpus:
+        container["resources"] = {"limits": {GPU_RESOURCE: str(gpus)}}
+        spec["nodeSelector"] = {NODE_GPU_LABEL: "true"}
+        spec["tolerations"] = [{"key": GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+    if accelerator:
+        spec.setdefault("nodeSelector", {})[GKE_ACCELERATOR_LABEL] = accelerator
+    if deadline is not None:
+        spec["activeDeadlineSeconds"] = deadline
+    if secret_volume:
+        spec["volumes"] = [{"name": "jit", "secret": {"secretName": secret_volume}}]
+        container["volumeMounts"] = [{"name": "jit", "mountPath": "/jit", "readOnly": True}]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": spec,
+    }
+
+
+def as_pod(body: Obj) -> client.V1Pod:
+    pod = client.V1Pod.from_dict(body)
+    assert pod is not None
+    return pod
+
+
+def runner_pod(name: str, **options: Any) -> client.V1Pod:
+    return as_pod(runner_pod_json(name, **options))
+
+
+def secret_json(name: str, labels: dict[str, str] | None = None, **metadata: Any) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "labels": labels or {}, **metadata},
+        "stringData": {"jitconfig": "opaque"},
+    }
+
+
+def secret(name: str, labels: dict[str, str] | None = None, **metadata: Any) -> client.V1Secret:
+    model = client.V1Secret.from_dict(secret_json(name, labels, **metadata))
+    assert model is not None
+    return model
+
+
+def owner(pod: Obj) -> list[Obj]:
+    """ownerReferences naming `pod`, as gpu_runners sets them on a JIT config Secret."""
+    metadata = pod["metadata"]
+    return [{"apiVersion": "v1", "kind": "Pod", "name": metadata["name"], "uid": metadata["uid"]}]
+
+
+def watch_pod(
+    core: client.CoreV1Api, name: str, until: Callable[[Obj], bool], timeout: int = 5
+) -> list[Obj]:
+    """The pod's states as a watch sees them, up to the first one satisfying `until`."""
+    seen: list[Obj] = []
+    stream = watch.Watch()
+    for event in stream.stream(
+        core.list_namespaced_pod,
+        NS,
+        field_selector=f"metadata.name={name}",
+        timeout_seconds=timeout,
+    ):
+        seen.append(attrs(event["object"]))
+        if until(seen[-1]):
+            stream.stop()
+            return seen
+    phases = [pod["status"]["phase"] for pod in seen]
+    raise AssertionError(f"pod {name} never reached the awaited state; phases seen: {phases}")
+
+
+def pod_events(core: client.CoreV1Api, pod: str) -> list[Obj]:
+    """The pod's events, in creation order."""
+    listing = attrs(core.list_namespaced_event(NS, field_selector=f"involvedObject.name={pod}"))
+    return sorted(listing["items"], key=lambda e: int(e["metadata"]["resource_version"]))
+
+
+def watch_events(
+    core: client.CoreV1Api, pod: str, until_reason: str, timeout: int = 5
+) -> list[Obj]:
+    """The pod's events in creation order, once one with `until_reason` has been recorded."""
+    stream = watch.Watch()
+    for event in stream.stream(
+        core.list_namespaced_event,
+        NS,
+        field_selector=f"involvedObject.kind=Pod,involvedObject.name={pod}",
+        timeout_seconds=timeout,
+    ):
+        if event["object"].reason == until_reason:
+            stream.stop()
+            return pod_events(core, pod)
+    raise AssertionError(f"no {until_reason} event for pod {pod}")
+
+
+def reasons(events: list[Obj]) -> list[str]:
+    return [event["reason"] for event in events]
+
+
+def status_of(error: client.ApiException) -> Obj:
+    """The Kubernetes Status object an API error carried."""
+    status: Obj = json.loads(error.body or "null")
+    assert status["kind"] == "Status" and status["status"] == "Failure"
+    assert status["code"] == error.status
+    return status
+
+
+def phase_is(phase: str) -> Callable[[Obj], bool]:
+    return lambda pod: bool(pod["status"]["phase"] == phase)
+
+
+running = phase_is("Running")
+
+
+# --- CRUD, errors and object metadata ----------------------------------------------------------
+
+
+def test_secret_round_trip_through_create_get_list_and_delete(core: client.CoreV1Api) -> None:
+    created = attrs(core.create_namespaced_secret(NS, secret("jit-1", {"run": "1"})))
+
+    assert created["type"] == "Opaque"
+    assert created["data"] == {"jitconfig": "b3BhcXVl"}  # stringData stored base64-encoded
+    assert created["string_data"] is None
+    uid = created["metadata"]["uid"]
+    assert uid and created["metadata"]["creation_timestamp"] is not None
+    assert attrs(core.read_namespaced_secret("jit-1", NS))["metadata"]["uid"] == uid
+    assert names(core.list_namespaced_secret(NS)) == ["jit-1"]
+    status = core.delete_namespaced_secret("jit-1", NS)  # the client returns this Status as a dict
+    assert isinstance(status, dict)
+    assert status["status"] == "Success"
+    assert status["details"] == {"name": "jit-1", "kind": "secrets", "uid": uid}
+    with pytest.raises(client.ApiException) as missing:
+        core.read_namespaced_secret("jit-1", NS)
+    assert missing.value.status == 404
+    assert status_of(missing.value)["reason"] == "NotFound"
+    assert status_of(missing.value)["message"] == 'secrets "jit-1" not found'
+
+
+def test_creating_a_taken_name_is_409_already_exists(core: client.CoreV1Api) -> None:
+    core.create_namespaced_secret(NS, secret("jit-1"))
+
+    with pytest.raises(client.ApiException) as taken:
+        core.create_namespaced_secret(NS, secret("jit-1"))
+
+    assert taken.value.status == 409
+    assert status_of(taken.value)["reason"] == "AlreadyExists"
+    assert status_of(taken.value)["message"] == 'secrets "jit-1" already exists'
+
+
+def test_deleting_a_missing_pod_is_404_not_found(core: client.CoreV1Api) -> None:
+    with pytest.raises(client.ApiException) as missing:
+        core.delete_namespaced_pod("gpu-9-1", NS)
+
+    assert missing.value.status == 404
+    assert status_of(missing.value)["message"] == 'pods "gpu-9-1" not found'
+
+
+def test_creating_in_a_namespace_that_does_not_exist_is_404(core: client.CoreV1Api) -> None:
+    with pytest.raises(client.ApiException) as missing:
+        core.create_namespaced_secret("no-such-namespace", secret("jit-1"))
+
+    assert missing.value.status == 404
+    assert status_of(missing.value)["message"] == 'namespaces "no-such-namespace" not found'
+
+
+def test_resource_versions_increase_across_kinds(core: client.CoreV1Api) -> None:
+    first = attrs(core.create_namespaced_secret(NS, secret("a")))
+    pod = attrs(core.create_namespaced_pod(NS, runner_pod("p")))
+    second = attrs(core.create_namespaced_secret(NS, secret("b")))
+
+    versions = [int(o["metadata"]["resource_version"]) for o in (first, pod, second)]
+    assert versions == sorted(versions) and len(set(versions)) == 3
+    listed = attrs(core.list_namespaced_secret(NS))
+    assert int(listed["metadata"]["resource_version"]) >= versions[-1]
+
+
+def test_generate_name_gets_a_random_suffix(core: client.CoreV1Api) -> None:
+    body = secret("")
+    body.metadata = client.V1ObjectMeta(generate_name="jit-")
+
+    created = {attrs(core.create_namespaced_secret(NS, body))["metadata"]["name"] for _ in "abc"}
+
+    assert len(created) == 3
+    assert all(name.startswith("jit-") and len(name) == 9 for name in created)
+
+
+def test_a_wrong_bearer_token_is_401(fake_kube: FakeKubernetes) -> None:
+    configuration = client.Configuration(host=fake_kube.url)
+    configuration.api_key = {"authorization": "Bearer wrong"}
+
+    with pytest.raises(client.ApiException) as denied:
+        client.CoreV1Api(client.ApiClient(configuration)).list_namespaced_pod(NS)
+
+    assert denied.value.status == 401
+
+
+def test_pods_are_defaulted_like_the_api_server(core: client.CoreV1Api) -> None:
+    body = runner_pod_json("p", gpus=1)
+    del body["spec"]["automountServiceAccountToken"]
+
+    pod = attrs(core.create_namespaced_pod(NS, as_pod(body)))
+
+    runner = pod["spec"]["containers"][0]
+    assert runner["resources"]["requests"] == {GPU_RESOURCE: "1"}  # requests default to limits
+    assert runner["image_pull_policy"] == "IfNotPresent"
+    assert pod["spec"]["service_account_name"] == "default"
+    assert pod["status"]["phase"] == "Pending"
+    assert [m["mount_path"] for m in runner["volume_mounts"]] == [
+        "/var/run/secrets/kubernetes.io/serviceaccount"
+    ]
+
+
+def test_automount_false_leaves_no_service_account_token(core: client.CoreV1Api) -> None:
+    pod = attrs(core.create_namespaced_pod(NS, runner_pod("p")))
+
+    assert pod["spec"]["volumes"] is None
+    assert pod["spec"]["containers"][0]["volume_mounts"] is None
+
+
+def test_pods_of_every_namespace_list_at_api_v1_pods(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.seed(
+        {"kind": "Pod", "metadata": {"name": "a", "namespace": NS}},
+        {"kind": "Pod", "metadata": {"name": "b", "namespace": "default"}},
+    )
+
+    pods = attrs(core.list_pod_for_all_namespaces())["items"]
+
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in pods) == [
+        ("default", "b"),
+        (NS, "a"),
+    ]
+
+
+def test_nodes_list_with_a_label_selector(core: client.CoreV1Api) -> None:
+    cpu = attrs(core.list_node(label_selector=f"{NODE_GPU_LABEL}=false"))["items"]
+
+    assert len(cpu) == 3
+    assert all(node["metadata"]["labels"][NODE_GPU_LABEL] == "false" for node in cpu)
+    assert names(core.list_node(label_selector=f"{NODE_GPU_LABEL}=true")) == []
+
+
+def test_the_runner_namespace_enforces_pod_security_restricted(core: client.CoreV1Api) -> None:
+    namespace = attrs(core.read_namespace(NS))
+
+    assert namespace["metadata"]["labels"][PSA_ENFORCE_LABEL] == PSA_LEVEL
+
+
+# --- Selectors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("selector", "expected"),
+    [
+        ("app=x", ["a"]),
+        ("app==y", ["b"]),
+        ("app!=x", ["b", "c"]),
+        ("app in (x, y)", ["a", "b"]),
+        ("app notin (x)", ["b", "c"]),
+        ("app", ["a", "b"]),
+        ("!app", ["c"]),
+        ("app=x,tier=gpu", ["a"]),
+        ("app=x,tier!=gpu", []),
+        ("", ["a", "b", "c"]),
+    ],
+)
+def test_label_selectors_select_as_the_api_server(
+    core: client.CoreV1Api, selector: str, expected: list[str]
+) -> None:
+    core.create_namespaced_secret(NS, secret("a", {"app": "x", "tier": "gpu"}))
+    core.create_namespaced_secret(NS, secret("b", {"app": "y"}))
+    core.create_namespaced_secret(NS, secret("c"))
+
+    assert names(core.list_namespaced_secret(NS, label_selector=selector)) == expected
+
+
+def test_label_selector_integer_comparisons() -> None:
+    selector = parse_label_selector("attempt>1,attempt<4")
+
+    matched = [selector.matches({"attempt": str(n)}) for n in range(6)]
+
+    assert matched == [False, False, True, True, False, False]
+    assert not selector.matches({})
+
+
+@pytest.mark.parametrize("selector", ["app in x", "app=(", "app notin (x"])
+def test_a_malformed_label_selector_is_400(core: client.CoreV1Api, selector: str) -> None:
+    with pytest.raises(client.ApiException) as bad:
+        core.list_namespaced_secret(NS, label_selector=selector)
+
+    assert bad.value.status == 400
+    assert status_of(bad.value)["reason"] == "BadRequest"
+    assert status_of(bad.value)["message"].startswith("unable to parse requirement")
+
+
+def test_pod_field_selectors_on_name_and_phase(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.seed(
+        *(
+            {"kind": "Pod", "metadata": {"name": name}, "status": {"phase": phase}}
+            for name, phase in [("p1", "Running"), ("p2", "Succeeded"), ("p3", "Failed")]
+        )
+    )
+
+    def selected(selector: str) -> list[str]:
+        return names(core.list_namespaced_pod(NS, field_selector=selector))
+
+    assert selected("status.phase=Succeeded") == ["p2"]
+    assert selected("status.phase!=Running") == ["p2", "p3"]
+    assert selected("metadata.name=p1") == ["p1"]
+    assert selected("metadata.name=p1,status.phase=Failed") == []
+
+
+def test_unsupported_field_selector_is_400(core: client.CoreV1Api) -> None:
+    with pytest.raises(client.ApiException) as bad:
+        core.list_namespaced_pod(NS, field_selector="spec.containers=x")
+
+    assert bad.value.status == 400
+    assert status_of(bad.value)["message"] == 'field label not supported: "spec.containers"'
+
+
+def test_event_field_selector_on_the_involved_object(core: client.CoreV1Api) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    core.create_namespaced_pod(NS, runner_pod("gpu-2-1"))
+
+    events = watch_events(core, "gpu-1-1", "Started")
+
+    involved = {(e["involved_object"]["kind"], e["involved_object"]["name"]) for e in events}
+    assert involved == {("Pod", "gpu-1-1")}
+
+
+# --- Pagination --------------------------------------------------------------------------------
+
+
+def test_pages_of_the_limit_return_every_pod_once_from_a_consistent_snapshot(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.seed(*({"kind": "Pod", "metadata": {"name": f"p-{i:04d}"}} for i in range(1200)))
+
+    pages = [attrs(core.list_namespaced_pod(NS, limit=500))]
+    # Created mid-listing: a consistent list from the first page's snapshot must not show it.
+    fake_kube.seed({"kind": "Pod", "metadata": {"name": "p-0999x"}})
+    while token := pages[-1]["metadata"]["_continue"]:
+        pages.append(attrs(core.list_namespaced_pod(NS, limit=500, _continue=token)))
+
+    assert [len(page["items"]) for page in pages] == [500, 500, 200]
+    assert [page["metadata"]["remaining_item_count"] for page in pages] == [700, 200, None]
+    listed = [pod["metadata"]["name"] for page in pages for pod in page["items"]]
+    assert listed == [f"p-{i:04d}" for i in range(1200)]
+
+
+def test_an_unknown_continue_token_is_410_expired(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.seed(*({"kind": "Pod", "metadata": {"name": f"p-{i}"}} for i in range(3)))
+    token = attrs(core.list_namespaced_pod(NS, limit=1))["metadata"]["_continue"]
+    fake_kube.expire_watch_history()  # also drops list snapshots, as etcd compaction does
+
+    with pytest.raises(client.ApiException) as expired:
+        core.list_namespaced_pod(NS, limit=1, _continue=token)
+
+    assert expired.value.status == 410
+    assert status_of(expired.value)["reason"] == "Expired"
+
+
+# --- Watch -------------------------------------------------------------------------------------
+
+
+def list_version(core: client.CoreV1Api) -> str:
+    version: str = attrs(core.list_namespaced_pod(NS))["metadata"]["resource_version"]
+    return version
+
+
+def test_watch_sees_a_pod_added_modified_and_deleted(core: client.CoreV1Api) -> None:
+    start = list_version(core)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    types: list[str] = []
+    stream = watch.Watch()
+    for event in stream.stream(
+        core.list_namespaced_pod, NS, resource_version=start, timeout_seconds=5
+    ):
+        types.append(event["type"])
+        if event["type"] == "MODIFIED" and running(attrs(event["object"])):
+            core.delete_namespaced_pod("gpu-1-1", NS, grace_period_seconds=0)
+        if event["type"] == "DELETED":
+            stream.stop()
+
+    assert types[0] == "ADDED" and types[-1] == "DELETED"
+    assert set(types[1:-1]) == {"MODIFIED"}
+
+
+def test_watch_without_resource_version_starts_with_the_current_objects(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.seed({"kind": "Pod", "metadata": {"name": "old"}})
+
+    stream = watch.Watch()
+    first = next(iter(stream.stream(core.list_namespaced_pod, NS, timeout_seconds=5)))
+    stream.stop()
+
+    assert (first["type"], first["object"].metadata.name) == ("ADDED", "old")
+
+
+def test_watch_with_a_label_selector_sees_only_matching_pods(core: client.CoreV1Api) -> None:
+    start = list_version(core)
+    core.create_namespaced_pod(NS, runner_pod("other", labels={"run": "2"}))
+    core.create_namespaced_pod(NS, runner_pod("mine", labels={"run": "1"}))
+
+    stream = watch.Watch()
+    seen = set()
+    for event in stream.stream(
+        core.list_namespaced_pod,
+        NS,
+        label_selector="run=1",
+        resource_version=start,
+        timeout_seconds=5,
+    ):
+        pod = attrs(event["object"])
+        seen.add(pod["metadata"]["name"])
+        if running(pod):
+            stream.stop()
+
+    assert seen == {"mine"}
+
+
+def test_watch_from_a_compacted_resource_version_is_410_gone(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    old = list_version(core)
+    core.create_namespaced_secret(NS, secret("s"))
+    fake_kube.expire_watch_history()
+
+    with pytest.raises(client.ApiException) as gone:
+        for _ in watch.Watch().stream(
+            core.list_namespaced_pod, NS, resource_version=old, timeout_seconds=5
+        ):
+            pass
+
+    assert gone.value.status == 410
+
+
+def test_watch_ends_after_timeout_seconds(core: client.CoreV1Api) -> None:
+    began = time.monotonic()
+
+    events = list(watch.Watch().stream(core.list_namespaced_pod, NS, timeout_seconds=1))
+
+    assert events == []
+    assert 1.0 <= time.monotonic() - began < 4.0
+
+
+def test_stop_ends_an_open_watch_cleanly(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube()
+    core = api_for(fake)
+    ended = threading.Event()
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            for _ in watch.Watch().stream(core.list_namespaced_pod, NS, timeout_seconds=30):
+                pass
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            failures.append(error)
+        ended.set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    deadline = time.monotonic() + 5
+    while not any(r.query.get("watch") == "true" for r in fake.requests):
+        assert time.monotonic() < deadline, "the watch request never arrived"
+        time.sleep(0.01)
+
+    fake.stop()
+
+    assert ended.wait(5), "the watch did not end when the server stopped"
+    assert failures == []
+
+
+# --- Pod scripts: what the scheduler, autoscaler and kubelet do -------------------------------
+
+
+def test_run_schedules_pulls_starts_and_readies_the_pod(core: client.CoreV1Api) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    states = watch_pod(core, "gpu-1-1", running)
+
+    pod = states[-1]
+    assert states[0]["status"]["phase"] == "Pending"
+    node = pod["spec"]["node_name"]
+    assert node.startswith("gke-fake-cpu-pool-")
+    assert {c["type"]: c["status"] for c in pod["status"]["conditions"]} == {
+        "PodScheduled": "True",
+        "Initialized": "True",
+        "PodReadyToStartContainers": "True",
+        "ContainersReady": "True",
+        "Ready": "True",
+    }
+    runner = pod["status"]["container_statuses"][0]
+    assert runner["ready"] and runner["started"]
+    assert runner["state"]["running"]["started_at"] is not None
+    events = watch_events(core, "gpu-1-1", "Started")
+    assert [(e["reason"], e["source"]["component"], e["message"]) for e in events] == [
+        ("Scheduled", "default-scheduler", f"Successfully assigned {NS}/gpu-1-1 to {node}"),
+        ("Pulling", "kubelet", f'Pulling image "{IMAGE}"'),
+        (
+            "Pulled",
+            "kubelet",
+            f'Successfully pulled image "{IMAGE}" in 812ms (812ms including waiting). Image '
+            "size: 1523478112 bytes.",
+        ),
+        ("Created", "kubelet", "Created container: runner"),
+        ("Started", "kubelet", "Started container runner"),
+    ]
+    assert events[3]["involved_object"]["field_path"] == "spec.containers{runner}"
+
+
+def test_scale_up_adds_a_gpu_node_for_a_gpu_pod(core: client.CoreV1Api) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1, accelerator="nvidia-l4"))
+
+    pod = watch_pod(core, "gpu-1-1", running)[-1]
+
+    events = watch_events(core, "gpu-1-1", "Started")
+    assert reasons(events)[:3] == ["FailedScheduling", "TriggeredScaleUp", "Scheduled"]
+    failed, triggered = events[0], events[1]
+    assert (failed["type"], failed["source"]["component"]) == ("Warning", "default-scheduler")
+    assert failed["message"] == (
+        "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector. "
+        "preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+    )
+    assert (triggered["type"], triggered["source"]["component"]) == ("Normal", "cluster-autoscaler")
+    assert triggered["message"] == (
+        "pod triggered scale-up: [{https://www.googleapis.com/compute/v1/projects/fake-project/"
+        "zones/us-central1-a/instanceGroups/gke-fake-gpu-nvidia-l4-grp 0->1 (max: 3)}]"
+    )
+    node = attrs(core.read_node(pod["spec"]["node_name"]))
+    assert node["metadata"]["labels"][GKE_ACCELERATOR_LABEL] == "nvidia-l4"
+    assert node["status"]["allocatable"][GPU_RESOURCE] == "1"
+
+
+def test_an_accelerator_no_pool_offers_is_unschedulable_without_scale_up(
+    core: client.CoreV1Api,
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1, accelerator="nvidia-a100-80gb"))
+
+    events = watch_events(core, "gpu-1-1", "NotTriggerScaleUp")
+
+    assert reasons(events) == ["FailedScheduling", "NotTriggerScaleUp"]
+    assert events[1]["source"]["component"] == "cluster-autoscaler"
+    assert events[1]["message"] == (
+        "pod didn't trigger scale-up: 1 node(s) didn't match Pod's node affinity/selector"
+    )
+    pod = attrs(core.read_namespaced_pod("gpu-1-1", NS))
+    assert pod["status"]["phase"] == "Pending" and pod["spec"]["node_name"] is None
+    scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+    assert (scheduled["status"], scheduled["reason"], scheduled["message"]) == (
+        "False",
+        "Unschedulable",
+        events[0]["message"],
+    )
+
+
+def test_gpu_nodes_without_a_free_gpu_report_insufficient_gpu(make_fake_kube: MakeFake) -> None:
+    full = [FakeNode(f"gpu-{i}", {NODE_GPU_LABEL: "true"}, gpus=0) for i in range(3)]
+    core = api_for(make_fake_kube(nodes=full, node_pools=[]))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1))
+
+    events = watch_events(core, "gpu-1-1", "NotTriggerScaleUp")
+
+    assert events[0]["message"] == (
+        "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are "
+        "available: 3 No preemption victims found for incoming pod."
+    )
+    assert events[1]["message"] == (
+        "pod didn't trigger scale-up (it wouldn't fit if a new node is added)"
+    )
+
+
+def test_a_pool_at_its_maximum_does_not_scale_up(make_fake_kube: MakeFake) -> None:
+    pool = FakeNodePool("gpu-l4", {NODE_GPU_LABEL: "true"}, gpus_per_node=1, max_nodes=1)
+    core = api_for(make_fake_kube(node_pools=[pool]))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1))
+    watch_pod(core, "gpu-1-1", running)
+
+    core.create_namespaced_pod(NS, runner_pod("gpu-2-1", gpus=1))
+    events = watch_events(core, "gpu-2-1", "NotTriggerScaleUp")
+
+    assert events[1]["message"] == "pod didn't trigger scale-up: 1 max node group size reached"
+    assert "1 Insufficient nvidia.com/gpu" in events[0]["message"]  # the one GPU node is full
+
+
+def test_a_gpu_pod_without_the_toleration_is_unschedulable(core: client.CoreV1Api) -> None:
+    body = runner_pod_json("gpu-1-1", gpus=1)
+    del body["spec"]["tolerations"]
+    core.create_namespaced_pod(NS, as_pod(body))
+
+    events = watch_events(core, "gpu-1-1", "NotTriggerScaleUp")
+
+    assert events[1]["message"] == (
+        "pod didn't trigger scale-up: 1 node(s) had untolerated taint {nvidia.com/gpu: present}"
+    )
+
+
+def test_image_pull_error_leaves_the_pod_in_image_pull_back_off(make_fake_kube: MakeFake) -> None:
+    core = api_for(make_fake_kube(scheduler=lambda pod: PodScript.image_pull_error()))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    def waiting_reason(pod: Obj) -> str | None:
+        statuses = pod["status"]["container_statuses"] or [{"state": {"waiting": None}}]
+        waiting = statuses[0]["state"]["waiting"]
+        return waiting["reason"] if waiting else None
+
+    states = watch_pod(core, "gpu-1-1", lambda p: waiting_reason(p) == "ImagePullBackOff")
+
+    waiting = [waiting_reason(state) for state in states]
+    assert waiting.index("ErrImagePull") < waiting.index("ImagePullBackOff")
+    assert states[-1]["status"]["phase"] == "Pending"
+    # The kubelet records the events before the status update that ended the watch.
+    assert [(e["type"], e["reason"], e["message"]) for e in pod_events(core, "gpu-1-1")][1:] == [
+        ("Normal", "Pulling", f'Pulling image "{IMAGE}"'),
+        (
+            "Warning",
+            "Failed",
+            f'Failed to pull image "{IMAGE}": rpc error: code = NotFound desc = failed to pull '
+            f'and unpack image "{IMAGE}": failed to resolve reference "{IMAGE}": {IMAGE}: '
+            "not found",
+        ),
+        ("Warning", "Failed", "Error: ErrImagePull"),
+        ("Normal", "BackOff", f'Back-off pulling image "{IMAGE}"'),
+        ("Warning", "Failed", "Error: ImagePullBackOff"),
+    ]
+
+
+def test_crash_fails_the_pod_with_the_exit_code(make_fake_kube: MakeFake) -> None:
+    core = api_for(make_fake_kube(scheduler=lambda pod: PodScript.crash(exit_code=3)))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    pod = watch_pod(core, "gpu-1-1", phase_is("Failed"))[-1]
+
+    terminated = pod["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (3, "Error")
+    ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PodFailed")
+
+
+def test_succeed_completes_the_pod(make_fake_kube: MakeFake) -> None:
+    core = api_for(make_fake_kube(scheduler=lambda pod: PodScript.succeed()))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    states = watch_pod(core, "gpu-1-1", phase_is("Succeeded"))
+
+    assert "Running" in [state["status"]["phase"] for state in states]
+    terminated = states[-1]["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (0, "Completed")
+
+
+def test_finish_pod_ends_a_running_pod_as_its_runner_exiting(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+
+    fake_kube.finish_pod("gpu-1-1", exit_code=0)
+
+    assert attrs(core.read_namespaced_pod("gpu-1-1", NS))["status"]["phase"] == "Succeeded"
+
+
+def test_a_pod_past_its_active_deadline_fails_with_deadline_exceeded(
+    make_fake_kube: MakeFake,
+) -> None:
+    core = api_for(make_fake_kube(deadline_scale=0.00002))  # 3600 s pass in 72 ms
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", deadline=3600))
+
+    pod = watch_pod(core, "gpu-1-1", phase_is("Failed"))[-1]
+
+    assert pod["status"]["reason"] == "DeadlineExceeded"
+    assert pod["status"]["message"] == (
+        "Pod was active on the node longer than the specified deadline"
+    )
+    terminated = pod["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (137, "Error")
+    assert "DeadlineExceeded" in reasons(watch_events(core, "gpu-1-1", "DeadlineExceeded"))
+
+
+def test_a_pod_waits_in_failed_mount_until_its_secret_exists(core: client.CoreV1Api) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", secret_volume="gpu-1-1-jit"))
+
+    events = watch_events(core, "gpu-1-1", "FailedMount")
+    core.create_namespaced_secret(NS, secret("gpu-1-1-jit"))
+    watch_pod(core, "gpu-1-1", running)
+
+    assert events[-1]["message"] == (
+        'MountVolume.SetUp failed for volume "jit" : secret "gpu-1-1-jit" not found'
+    )
+
+
+def test_on_pod_running_calls_back_once_with_the_running_pod(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    seen: list[tuple[str, str]] = []
+    called = threading.Event()
+
+    def flip_online(pod: Obj) -> None:
+        seen.append((pod["metadata"]["name"], pod["status"]["phase"]))
+        called.set()
+
+    fake_kube.on_pod_running(flip_online)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    assert called.wait(5)
+    fake_kube.finish_pod("gpu-1-1")  # a later change does not call back again
+    assert seen == [("gpu-1-1", "Running")]
+
+
+def test_a_custom_scheduler_sees_the_stored_pod(make_fake_kube: MakeFake) -> None:
+    seen: list[str] = []
+
+    def scheduler(pod: Obj) -> PodScript:
+        seen.append(pod["metadata"]["uid"])
+        return PodScript.run()
+
+    core = api_for(make_fake_kube(scheduler=scheduler))
+    created = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1)))
+
+    assert seen == [created["metadata"]["uid"]]
+
+
+# --- Deletion and garbage collection -----------------------------------------------------------
+
+
+def test_deleting_a_running_pod_is_graceful_then_it_is_gone(core: client.CoreV1Api) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    start = list_version(core)
+
+    terminating = attrs(core.delete_namespaced_pod("gpu-1-1", NS))
+
+    assert terminating["metadata"]["deletion_timestamp"] is not None
+    assert terminating["metadata"]["deletion_grace_period_seconds"] == 30
+    types: list[str] = []
+    stream = watch.Watch()
+    for event in stream.stream(
+        core.list_namespaced_pod, NS, resource_version=start, timeout_seconds=5
+    ):
+        types.append(event["type"])
+        if event["type"] == "DELETED":
+            stream.stop()
+    assert types == ["MODIFIED", "DELETED"]  # marked terminating, then gone
+    assert "Killing" in reasons(pod_events(core, "gpu-1-1"))
+
+
+def test_deleting_a_pod_garbage_collects_the_secrets_it_owns(core: client.CoreV1Api) -> None:
+    pod = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-1-1")))
+    other = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-2-1")))
+    core.create_namespaced_secret(NS, secret("gpu-1-1-jit", owner_references=owner(pod)))
+    core.create_namespaced_secret(NS, secret("gpu-2-1-jit", owner_references=owner(other)))
+
+    core.delete_namespaced_pod("gpu-1-1", NS, grace_period_seconds=0)
+
+    assert names(core.list_namespaced_secret(NS)) == ["gpu-2-1-jit"]
+
+
+def test_orphan_propagation_keeps_the_owned_secret(core: client.CoreV1Api) -> None:
+    pod = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-1-1")))
+    core.create_namespaced_secret(NS, secret("gpu-1-1-jit", owner_references=owner(pod)))
+
+    core.delete_namespaced_pod("gpu-1-1", NS, grace_period_seconds=0, propagation_policy="Orphan")
+
+    kept = attrs(core.read_namespaced_secret("gpu-1-1-jit", NS))
+    assert kept["metadata"]["owner_references"] is None
+
+
+def test_a_secret_whose_owner_never_existed_is_collected(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    ghost = {"metadata": {"name": "ghost", "uid": "0000-not-a-pod"}}
+    core.create_namespaced_secret(NS, secret("orphan", owner_references=owner(ghost)))
+
+    deadline = time.monotonic() + 5
+    while fake_kube.secrets():
+        assert time.monotonic() < deadline, "the garbage collector kept a Secret with no owner"
+        time.sleep(0.01)
+
+
+def test_delete_collection_removes_only_the_selected_secrets(core: client.CoreV1Api) -> None:
+    core.create_namespaced_secret(NS, secret("a", {LABEL_MANAGED_BY: MANAGED_BY}))
+    core.create_namespaced_secret(NS, secret("b"))
+
+    core.delete_collection_namespaced_secret(NS, label_selector=f"{LABEL_MANAGED_BY}={MANAGED_BY}")
+
+    assert names(core.list_namespaced_secret(NS)) == ["b"]
+
+
+# --- ResourceQuota -------------------------------------------------------------------------------
+
+
+def test_gpu_quota_forbids_a_pod_beyond_it_and_frees_when_a_pod_is_deleted(
+    make_fake_kube: MakeFake,
+) -> None:
+    core = api_for(make_fake_kube(gpu_quota=2))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1))
+    core.create_namespaced_pod(NS, runner_pod("gpu-2-1", gpus=1))
+
+    with pytest.raises(client.ApiException) as forbidden:
+        core.create_namespaced_pod(NS, runner_pod("gpu-3-1", gpus=1))
+
+    assert forbidden.value.status == 403
+    assert status_of(forbidden.value)["reason"] == "Forbidden"
+    assert status_of(forbidden.value)["message"] == (
+        'pods "gpu-3-1" is forbidden: exceeded quota: gpu-quota, requested: '
+        "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=2, limited: "
+        "requests.nvidia.com/gpu=2"
+    )
+    core.delete_namespaced_pod("gpu-1-1", NS, grace_period_seconds=0)
+    core.create_namespaced_pod(NS, runner_pod("gpu-3-1", gpus=1))
+    quota = attrs(core.read_namespaced_resource_quota("gpu-quota", NS))
+    assert quota["status"]["used"] == {"requests.nvidia.com/gpu": "2"}
+
+
+def test_quota_frees_when_a_pod_finishes(make_fake_kube: MakeFake) -> None:
+    core = api_for(make_fake_kube(pod_quota=1, scheduler=lambda pod: PodScript.succeed()))
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    with pytest.raises(client.ApiException) as forbidden:
+        core.create_namespaced_pod(NS, runner_pod("gpu-2-1"))
+    assert status_of(forbidden.value)["message"].endswith(
+        "exceeded quota: gpu-quota, requested: pods=1, used: pods=1, limited: pods=1"
+    )
+
+    watch_pod(core, "gpu-1-1", phase_is("Succeeded"))
+
+    created = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-2-1")))
+    assert created["metadata"]["name"] == "gpu-2-1"
+
+
+def test_a_pod_without_gpus_is_not_held_by_the_gpu_quota(make_fake_kube: MakeFake) -> None:
+    core = api_for(make_fake_kube(gpu_quota=0))
+
+    created = attrs(core.create_namespaced_pod(NS, runner_pod("cpu-only")))
+
+    assert created["metadata"]["name"] == "cpu-only"
+
+
+# --- Validation and admission ------------------------------------------------------------------
+
+
+def post_raw(fake: FakeKubernetes, path: str, body: Obj) -> tuple[int, Any]:
+    """POSTs a body as given. The client's pydantic models refuse unknown fields before sending,
+    so an unknown field reaches a server only through a raw request (or another client)."""
+    request = urllib.request.Request(  # noqa: S310 - the fake's 127.0.0.1 URL
+        fake.url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {fake.token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_valid_pod_and_secret_leave_no_validation_errors(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1, secret_volume="jit"))
+    core.create_namespaced_secret(NS, secret("jit"))
+
+    assert fake_kube.validation_errors == []
+
+
+def test_strict_validation_rejects_an_unknown_field_with_422(fake_kube: FakeKubernetes) -> None:
+    body = runner_pod_json("gpu-1-1")
+    body["spec"]["nodeSelectr"] = {"gpu": "true"}
+
+    code, status = post_raw(fake_kube, f"/api/v1/namespaces/{NS}/pods", body)
+
+    assert (code, status["reason"]) == (422, "Invalid")
+    assert status["message"] == (
+        "Pod \"gpu-1-1\" is invalid: spec: Additional properties are not allowed ('nodeSelectr' "
+        "was unexpected)"
+    )
+    assert fake_kube.validation_errors == [
+        "Pod gpu-1-1: spec: Additional properties are not allowed ('nodeSelectr' was unexpected)"
+    ]
+    assert fake_kube.pods() == []
+
+
+def test_strict_validation_rejects_a_wrong_type_in_a_secret(fake_kube: FakeKubernetes) -> None:
+    body = secret_json("jit")
+    body["immutable"] = "yes"
+
+    code, status = post_raw(fake_kube, f"/api/v1/namespaces/{NS}/secrets", body)
+
+    assert code == 422
+    assert "immutable: 'yes' is not of type 'boolean', 'null'" in status["message"]
+    assert fake_kube.secrets() == []
+
+
+def test_validation_can_be_turned_off_for_unknown_fields(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(validate=False)
+    body = runner_pod_json("gpu-1-1")
+    body["spec"]["nodeSelectr"] = {"gpu": "true"}
+
+    code, _ = post_raw(fake, f"/api/v1/namespaces/{NS}/pods", body)
+
+    assert code == 201
+    assert fake.validation_errors == []
+
+
+def rename_pod(body: Obj) -> None:
+    body["metadata"]["name"] = "GPU_1"
+
+
+def long_label(body: Obj) -> None:
+    body["metadata"]["labels"] = {"run": "x" * 64}
+
+
+def capitalised_container(body: Obj) -> None:
+    body["spec"]["containers"][0]["name"] = "Runner"
+
+
+def gpu_request_above_limit(body: Obj) -> None:
+    limits = {GPU_RESOURCE: "1"}
+    body["spec"]["containers"][0]["resources"] = {"limits": limits, "requests": {GPU_RESOURCE: "2"}}
+
+
+def mount_without_volume(body: Obj) -> None:
+    body["spec"]["containers"][0]["volumeMounts"] = [{"name": "jit", "mountPath": "/jit"}]
+
+
+def zero_deadline(body: Obj) -> None:
+    body["spec"]["activeDeadlineSeconds"] = 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (rename_pod, 'metadata.name: Invalid value: "GPU_1": a lowercase RFC 1123 subdomain'),
+        (long_label, f'metadata.labels: Invalid value: "{"x" * 64}": must be no more than 63'),
+        (
+            capitalised_container,
+            'spec.containers[0].name: Invalid value: "Runner": a lowercase RFC 1123 label',
+        ),
+        (
+            gpu_request_above_limit,
+            'spec.containers[0].resources.requests[nvidia.com/gpu]: Invalid value: "2": must be '
+            "equal to nvidia.com/gpu limit of 1",
+        ),
+        (mount_without_volume, 'spec.containers[0].volumeMounts[0].name: Not found: "jit"'),
+        (
+            zero_deadline,
+            "spec.activeDeadlineSeconds: Invalid value: 0: must be between 1 and 2147483647",
+        ),
+    ],
+)
+def test_invalid_pods_are_422_with_the_api_server_message(
+    core: client.CoreV1Api, change: Callable[[Obj], None], message: str
+) -> None:
+    body = runner_pod_json("gpu-1-1")
+    change(body)
+
+    with pytest.raises(client.ApiException) as invalid:
+        core.create_namespaced_pod(NS, as_pod(body))
+
+    assert invalid.value.status == 422
+    assert status_of(invalid.value)["reason"] == "Invalid"
+    assert message in status_of(invalid.value)["message"]
+
+
+def test_pod_security_restricted_forbids_a_pod_without_a_security_context(
+    core: client.CoreV1Api,
+) -> None:
+    body = runner_pod_json("gpu-1-1")
+    body["spec"].pop("securityContext")
+    body["spec"]["containers"][0].pop("securityContext")
+
+    with pytest.raises(client.ApiException) as forbidden:
+        core.create_namespaced_pod(NS, as_pod(body))
+
+    assert forbidden.value.status == 403
+    assert status_of(forbidden.value)["message"] == (
+        'pods "gpu-1-1" is forbidden: violates PodSecurity "restricted:latest": '
+        'allowPrivilegeEscalation != false (container "runner" must set '
+        "securityContext.allowPrivilegeEscalation=false), unrestricted capabilities (container "
+        '"runner" must set securityContext.capabilities.drop=["ALL"]), runAsNonRoot != true (pod '
+        'or container "runner" must set securityContext.runAsNonRoot=true), seccompProfile (pod '
+        'or container "runner" must set securityContext.seccompProfile.type to "RuntimeDefault" '
+        'or "Localhost")'
+    )
+
+
+# --- Injected faults -----------------------------------------------------------------------------
+
+
+def test_an_injected_status_fails_the_next_matching_request_only(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.inject("POST", "/api/v1/namespaces/*/secrets", 503)
+
+    with pytest.raises(client.ApiException) as unavailable:
+        core.create_namespaced_secret(NS, secret("jit"))
+    created = attrs(core.create_namespaced_secret(NS, secret("jit")))
+
+    assert unavailable.value.status == 503
+    assert status_of(unavailable.value)["reason"] == "ServiceUnavailable"
+    assert created["metadata"]["name"] == "jit"
+    assert [(r.method, r.status) for r in fake_kube.requests] == [("POST", 503), ("POST", 201)]
+
+
+def test_an_injected_body_is_answered_as_given(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    etcd_down = {"kind": "Status", "code": 500, "message": "etcdserver: request timed out"}
+    fake_kube.inject("GET", "/api/v1/namespaces/*/pods/gpu-1-1", 500, body=etcd_down)
+
+    with pytest.raises(client.ApiException) as failed:
+        core.read_namespaced_pod("gpu-1-1", NS)
+
+    assert failed.value.status == 500
+    assert json.loads(failed.value.body or "null") == etcd_down
+
+
+def test_a_dropped_get_is_retried_by_the_client(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.inject("GET", "/api/v1/namespaces/*/pods", None, drop=True)
+
+    assert names(core.list_namespaced_pod(NS)) == []
+    assert [r.status for r in fake_kube.requests] == [0, 200]  # urllib3 retried the GET
+
+
+def test_a_dropped_post_reaches_the_caller(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.inject("POST", "/api/v1/namespaces/*/pods", None, drop=True)
+
+    with pytest.raises(urllib3.exceptions.ProtocolError):
+        core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    assert fake_kube.pods() == []
+
+
+def test_an_injected_delay_outlasts_the_client_timeout(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    fake_kube.inject("POST", "/api/v1/namespaces/*/secrets", None, delay=2.0)
+
+    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
+        core.create_namespaced_secret(NS, secret("jit"), _request_timeout=0.2)
+
+
+def test_inject_rejects_a_fault_that_does_nothing(fake_kube: FakeKubernetes) -> None:
+    with pytest.raises(ValueError, match="give a status, a delay or drop=True"):
+        fake_kube.inject("GET", "/api/v1/*", None)
+    with pytest.raises(ValueError, match="times must be >= 1"):
+        fake_kube.inject("GET", "/api/v1/*", 500, times=0)
