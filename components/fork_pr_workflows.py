@@ -172,7 +172,7 @@ class ForkPrWorkflowsProvider(pulumi.dynamic.ResourceProvider):
         url = (f"{str(props['api_url']).rstrip('/')}/repos/{urllib.parse.quote(owner)}/"
                f"{urllib.parse.quote(repository)}/{self.ENDPOINT}")
         # check() admits only http(s) URLs, so neither call can be steered to file: or ftp:.
-        request = urllib.request.Request(url, method=method, headers={  # noqa: S310
+        request = urllib.request.Request(url, method=method, headers={
             "Accept": "application/vnd.github+json",
             "Authorization": f"Bearer {props['token']}",
             "X-GitHub-Api-Version": self.API_VERSION,
@@ -182,7 +182,7 @@ class ForkPrWorkflowsProvider(pulumi.dynamic.ResourceProvider):
             request.data = json.dumps(body).encode()
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=self.TIMEOUT_SECONDS) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self.TIMEOUT_SECONDS) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             try:

@@ -11,9 +11,9 @@ from pathlib import Path
 # (gpu_runners/contract.py, which imports nothing), so the repository root goes on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pulumi_policy import EnforcementLevel, PolicyPack  # noqa: E402
+from pulumi_policy import EnforcementLevel, PolicyPack
 
-from policy.policies import POLICIES  # noqa: E402
+from policy.policies import POLICIES
 
 PolicyPack(
     name="gpu-runners-security",

@@ -38,7 +38,7 @@ GKE_CLUSTER = "gcp:container/cluster:Cluster"
 GKE_NODE_POOL = "gcp:container/nodePool:NodePool"
 SERVICE_ACCOUNT_KEY = "gcp:serviceaccount/key:Key"
 K8S_NAMESPACE = "kubernetes:core/v1:Namespace"
-ACTIONS_SECRET = "github:index/actionsSecret:ActionsSecret"  # noqa: S105 (a type token)
+ACTIONS_SECRET = "github:index/actionsSecret:ActionsSecret"
 BRANCH_PROTECTION = "github:index/branchProtection:BranchProtection"
 
 #: Where each workload kind keeps its pod spec, as a path of wire property names.

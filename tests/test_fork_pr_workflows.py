@@ -353,7 +353,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
         super().__init__(mocks)
         self.additional_secret_outputs: dict[str, list[str]] = {}
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (the gRPC method name)
+    def RegisterResource(self, request: Any) -> Any:
         self.additional_secret_outputs[request.name] = list(request.additionalSecretOutputs)
         return super().RegisterResource(request)
 

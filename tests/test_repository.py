@@ -90,7 +90,7 @@ class _OptionsMonitor(RecordingMonitor):
         super().__init__(mocks)
         self.ignore_changes: dict[str, list[str]] = {}
 
-    def RegisterResource(self, request: Any) -> Any:  # noqa: N802 (the gRPC method name)
+    def RegisterResource(self, request: Any) -> Any:
         self.ignore_changes[request.name] = list(request.ignoreChanges)
         return super().RegisterResource(request)
 

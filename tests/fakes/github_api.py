@@ -167,7 +167,7 @@ class FakeGitHub:
     def __init__(
         self,
         *,
-        token: str = "ghp_fake",  # noqa: S107 - the fake's own test token
+        token: str = "ghp_fake",
         owner: str = "acme",
         repo: str = "models",
         org: str | None = None,
@@ -452,10 +452,10 @@ class FakeGitHub:
             protocol_version = "HTTP/1.1"
             server_version = "FakeGitHub"
 
-            def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+            def do_GET(self) -> None:
                 fake._serve(self)
 
-            do_POST = do_PUT = do_DELETE = do_PATCH = do_GET  # noqa: N815
+            do_POST = do_PUT = do_DELETE = do_PATCH = do_GET
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean; `requests` is the log

@@ -1417,7 +1417,7 @@ class FakeKubernetes:
             )
         metadata["namespace"] = namespace
         if not metadata.get("name") and metadata.get("generateName"):
-            suffix = "".join(random.choices(_NAME_SUFFIX_ALPHABET, k=5))  # noqa: S311
+            suffix = "".join(random.choices(_NAME_SUFFIX_ALPHABET, k=5))
             metadata["name"] = f"{metadata['generateName']}{suffix}"
         if not metadata.get("name"):
             raise ApiError(
@@ -1518,7 +1518,7 @@ class FakeKubernetes:
                 )
         mount_token = spec.get("automountServiceAccountToken") is not False
         token_volume = (
-            f"kube-api-access-{''.join(random.choices('bcdfghjklmnpqrstvwxz2456789', k=5))}"  # noqa: S311
+            f"kube-api-access-{''.join(random.choices('bcdfghjklmnpqrstvwxz2456789', k=5))}"
         )
         if mount_token:
             spec.setdefault("volumes", []).append(
@@ -1864,7 +1864,7 @@ class FakeKubernetes:
 
         def sandbox_ready(p: JSON) -> None:
             _set_condition(p, "PodReadyToStartContainers", "True")
-            p["status"]["podIP"] = f"10.8.{random.randint(0, 255)}.{random.randint(2, 254)}"  # noqa: S311
+            p["status"]["podIP"] = f"10.8.{random.randint(0, 255)}.{random.randint(2, 254)}"
             p["status"]["podIPs"] = [{"ip": p["status"]["podIP"]}]
 
         self._update("pods", key, uid, sandbox_ready)
@@ -2634,22 +2634,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # and the client's delayed ACK stall every response by ~40 ms.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Keeps test output quiet; `FakeKubernetes.requests` records every request."""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._serve("POST")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self._serve("DELETE")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._serve("PUT")
 
-    def do_PATCH(self) -> None:  # noqa: N802
+    def do_PATCH(self) -> None:
         self._serve("PATCH")
 
     def _serve(self, method: str) -> None:

@@ -51,9 +51,9 @@ def call(
     if data is not None:
         headers["Content-Type"] = "application/json"
     # The URL is the local fake's (http://127.0.0.1), never a file: or remote one.
-    request = urllib.request.Request(url or github.url + path, data, headers, method=method)  # noqa: S310
+    request = urllib.request.Request(url or github.url + path, data, headers, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return Answer(response.status, _lower(response.headers), response.read())
     except urllib.error.HTTPError as e:
         with e:
@@ -539,7 +539,7 @@ def test_stop_frees_the_port(fake_github: FakeGitHub) -> None:
     fake_github.stop()
 
     with pytest.raises(urllib.error.URLError):
-        urllib.request.urlopen(url + REPO, timeout=2)  # noqa: S310 - local fake
+        urllib.request.urlopen(url + REPO, timeout=2)
     with pytest.raises(RuntimeError, match="not started"):
         _ = fake_github.url
     assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"

@@ -561,7 +561,7 @@ def test_stop_ends_an_open_watch_cleanly(make_fake_kube: MakeFake) -> None:
         try:
             for _ in watch.Watch().stream(core.list_namespaced_pod, NS, timeout_seconds=30):
                 pass
-        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+        except BaseException as error:
             failures.append(error)
         ended.set()
 
@@ -946,14 +946,14 @@ def test_a_pod_without_gpus_is_not_held_by_the_gpu_quota(make_fake_kube: MakeFak
 def post_raw(fake: FakeKubernetes, path: str, body: Obj) -> tuple[int, Any]:
     """POSTs a body as given. The client's pydantic models refuse unknown fields before sending,
     so an unknown field reaches a server only through a raw request (or another client)."""
-    request = urllib.request.Request(  # noqa: S310 - the fake's 127.0.0.1 URL
+    request = urllib.request.Request(
         fake.url + path,
         data=json.dumps(body).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {fake.token}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
