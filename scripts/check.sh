@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 venv=.venv
 python=${PYTHON:-python3}
 
+# The runner entrypoint's tests run it with the tools the image has.
+for tool in bash curl jq awk; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: install it (e.g. apt-get install $tool)" >&2; exit 1; }
+done
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "==> creating $venv"
   "$python" -m venv "$venv"
