@@ -1,0 +1,65 @@
+"""HTTP requests per spawn besides the watch streams (target <= 6), and the delay between the
+runner going online and spawn returning (target <= 0.5 s), against the fake servers.
+
+The figures are measured twice: with the runner online the moment its container runs (what
+the fakes do by default), and with it online 2.2 s later, as a real runner connects a few
+seconds after start; the second shows the cost of spawn's GitHub check cadence (every 0.5 s
+at first): more requests, and a delay of up to one interval.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ on the path; the repository root is what we need.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.fake_harness import RunnerClock, fake_servers, summary  # noqa: E402
+from gpu_runners.github_api import GitHubClient, RunnerScope, Token  # noqa: E402
+from gpu_runners.kube import KubeClient, load_api_client  # noqa: E402
+from gpu_runners.pod_options import RunnerPodOptions  # noqa: E402
+from gpu_runners.progress import ProgressLog  # noqa: E402
+from gpu_runners.run_identity import RunIdentity  # noqa: E402
+from gpu_runners.spawn import SpawnRequest, spawn  # noqa: E402
+
+SPAWNS = 10
+LAGS = (0.0, 2.2)
+
+
+def measure(lag: float) -> tuple[list[int], list[int], list[float]]:
+    """Per spawn: API requests (Kubernetes and GitHub, no watches), watch requests, delay."""
+    requests, watches, delays = [], [], []
+    with fake_servers() as (kube, github):
+        clock = RunnerClock(kube, github, lag=lag)
+        client = KubeClient(load_api_client(kubeconfig=str(kube.kubeconfig_path), environ={}))
+        gh = GitHubClient(Token(github.token, "benchmark"), RunnerScope(repository="acme/models"),
+                          api_url=github.url)
+        for run_id in range(1, SPAWNS + 1):
+            kube_before, github_before = len(kube.requests), len(github.requests)
+            request = SpawnRequest(
+                identity=RunIdentity("acme/models", run_id, 1),
+                pod=RunnerPodOptions(namespace="github-runners", image="ghcr.io/acme/runner:1"),
+            )
+            result = spawn(request, kube=client, github=gh, log=ProgressLog(None))
+            returned = time.monotonic()
+            delays.append(returned - clock.online_at[result.label])
+            sent = kube.requests[kube_before:]
+            watches.append(sum(1 for r in sent if r.query.get("watch") == "true"))
+            requests.append(len(sent) - watches[-1] + len(github.requests) - github_before)
+    return requests, watches, delays
+
+
+def main() -> None:
+    for lag in LAGS:
+        requests, watches, delays = measure(lag)
+        print(f"runner online {lag:.1f}s after its container starts:")
+        print(f"  requests per spawn besides watches  median {statistics.median(requests):.0f}  "
+              f"max {max(requests)}  (watch requests: median {statistics.median(watches):.0f})")
+        print(f"  online -> spawn returned            {summary(delays)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""A small GitHub REST client for the runner endpoints gpu_runners uses, on urllib alone.
+
+It mints JIT runner configs, finds, lists and deletes runner registrations, and reads a
+workflow run's status, for a repository or an organisation runner scope. Every request has
+a socket timeout; 5xx answers, 429s and network errors are retried with exponential backoff,
+and rate limits are waited out (`Retry-After`, or `X-RateLimit-Reset` when the remaining
+quota is 0) as long as the wait is bounded. Authentication and permission failures become
+errors that say which token, which scope or permission, and which repository.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import os
+import random
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpu_runners import contract
+from gpu_runners.errors import (
+    GitHubAuthError,
+    GitHubConflictError,
+    GitHubError,
+    GitHubNotFoundError,
+    GitHubRateLimitError,
+    RunnerBusyError,
+    UsageError,
+)
+
+DEFAULT_API_URL = "https://api.github.com"
+API_VERSION = "2022-11-28"
+USER_AGENT = "gpu-runners"
+#: The "Default" runner group: the only group of a repository, and id 1 in every organisation.
+DEFAULT_RUNNER_GROUP_ID = 1
+PAGE_SIZE = 100  # GitHub's maximum per_page for the runner list
+_NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="next"')
+
+
+# --- Token -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    """A GitHub token and where it came from (named in errors, never the value)."""
+
+    value: str
+    source: str
+
+    def __repr__(self) -> str:
+        return f"Token(source={self.source!r})"
+
+
+def load_token(environ: Mapping[str, str]) -> Token:
+    """Finds the PAT: the file named by GITHUB_PAT_FILE, the base runner's mount, then env.
+
+    The file comes first because that is how the base runner receives it (a mounted Secret,
+    never an env variable a job step could print); GITHUB_RUNNER_PAT (the seed guide's name)
+    is preferred over GITHUB_TOKEN because in Actions the latter is usually the workflow
+    token, which cannot manage runners.
+
+    Args:
+        environ: The process environment.
+
+    Returns:
+        The token and a description of its source.
+
+    Raises:
+        UsageError: The named file cannot be read or is empty, or no source has a token.
+    """
+    named_file = environ.get(contract.ENV_PAT_FILE)
+    mounted = Path(contract.PAT_MOUNT_DIR) / contract.PAT_SECRET_KEY
+    if named_file:
+        try:
+            value = Path(named_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise UsageError(
+                f"{contract.ENV_PAT_FILE} names {named_file}, which cannot be read: {e.strerror}"
+            ) from e
+        if not value:
+            raise UsageError(f"{contract.ENV_PAT_FILE} names {named_file}, which is empty")
+        return Token(value, f"file {named_file} ({contract.ENV_PAT_FILE})")
+    if mounted.is_file():
+        value = mounted.read_text(encoding="utf-8").strip()
+        if value:
+            return Token(value, f"file {mounted}")
+    for name in (contract.ENV_PAT_SEED, contract.ENV_GITHUB_TOKEN):
+        value = environ.get(name, "").strip()
+        if value:
+            return Token(value, f"env {name}")
+    raise UsageError(
+        f"no GitHub token: set {contract.ENV_PAT_FILE} to a file holding a PAT, mount one at "
+        f"{mounted}, or set {contract.ENV_PAT_SEED} or {contract.ENV_GITHUB_TOKEN}"
+    )
+
+
+# --- Scope and results ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunnerScope:
+    """Where GPU runners register: one repository, or an organisation.
+
+    Attributes:
+        repository: `owner/name` for repository runners (None for an organisation scope).
+        organization: Organisation login for organisation runners (None for a repository).
+    """
+
+    repository: str | None = None
+    organization: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.repository is None) == (self.organization is None):
+            raise UsageError("give exactly one runner scope: --repository or --org")
+
+    @property
+    def path(self) -> str:
+        """URL path prefix of the scope's runner endpoints."""
+        if self.organization is not None:
+            return f"/orgs/{urllib.parse.quote(self.organization)}"
+        return f"/repos/{self.repository}"
+
+    def describe(self) -> str:
+        """Human words for the scope, as errors use them."""
+        if self.organization is not None:
+            return f"organisation {self.organization!r}"
+        return f"repository {self.repository!r}"
+
+    def permission_hint(self, *, write: bool) -> str:
+        """What a token needs for this scope's runner endpoints, for 403 errors."""
+        access = "read and write" if write else "read"
+        if self.organization is not None:
+            return (
+                "a classic PAT needs the admin:org scope (and repo for private repositories); "
+                f"a fine-grained token needs the organisation permission Self-hosted runners: "
+                f"{access}"
+            )
+        return (
+            "a classic PAT needs the repo scope; a fine-grained token needs the repository "
+            f"permission Administration: {access}"
+        )
+
+
+@dataclass(frozen=True)
+class Runner:
+    """A self-hosted runner registration as GitHub reports it."""
+
+    id: int
+    name: str
+    status: str  # "online" or "offline"
+    busy: bool
+    labels: tuple[str, ...] = ()
+
+    @property
+    def online(self) -> bool:
+        """Whether the runner is connected to GitHub and can take a job."""
+        return self.status == "online"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Runner:
+        """Builds a Runner from GitHub's JSON representation."""
+        return cls(
+            id=int(data["id"]),
+            name=str(data["name"]),
+            status=str(data.get("status", "offline")),
+            busy=bool(data.get("busy", False)),
+            labels=tuple(str(label["name"]) for label in data.get("labels", ())),
+        )
+
+
+@dataclass(frozen=True)
+class JitRunner:
+    """A freshly registered JIT runner and its single-use config."""
+
+    runner: Runner
+    encoded_jit_config: str
+
+    def __repr__(self) -> str:  # the config is a credential: keep it out of logs and tracebacks
+        return f"JitRunner(runner={self.runner!r})"
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A workflow run's status ("queued", "in_progress", "completed", ...) and conclusion."""
+
+    status: str
+    conclusion: str | None
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run has ended; nothing of it will need a runner any more."""
+        return self.status == "completed"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard the client tries before giving up.
+
+    Attributes:
+        attempts: Requests per call, the first included.
+        backoff_base: First backoff in seconds; doubled per retry, with jitter.
+        backoff_max: Longest single backoff.
+        max_wait: Longest rate-limit wait honoured; a later reset is an error at once.
+        timeout: Socket timeout of each request.
+    """
+
+    attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+    max_wait: float = 120.0
+    timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+
+class GitHubClient:
+    """GitHub REST calls for runner management, retried and with clear errors.
+
+    Args:
+        token: The PAT (see `load_token`).
+        scope: The repository or organisation runners register to.
+        api_url: `GITHUB_API_URL` (https://api.github.com or a GHES `/api/v3` URL).
+        policy: Timeouts and retries.
+        sleep: Waits between retries; replaceable so tests can observe the waits.
+    """
+
+    def __init__(
+        self,
+        token: Token,
+        scope: RunnerScope,
+        *,
+        api_url: str = DEFAULT_API_URL,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if urllib.parse.urlsplit(api_url).scheme not in ("https", "http"):
+            raise UsageError(
+                f"{contract.ENV_API_URL}={api_url!r} is not an http(s) URL, e.g. "
+                f"{DEFAULT_API_URL}"
+            )
+        self._token = token
+        self.scope = scope
+        self._api_url = api_url.rstrip("/")
+        self._policy = policy or RetryPolicy()
+        self._sleep = sleep
+
+    def with_policy(self, policy: RetryPolicy) -> GitHubClient:
+        """A client like this one with other timeouts, e.g. short ones for cleanup on a signal."""
+        return GitHubClient(
+            self._token, self.scope, api_url=self._api_url, policy=policy, sleep=self._sleep
+        )
+
+    # --- runner endpoints --------------------------------------------------------------------
+
+    def generate_jit_config(
+        self, name: str, labels: Sequence[str], *, runner_group_id: int = DEFAULT_RUNNER_GROUP_ID
+    ) -> JitRunner:
+        """Registers a single-use runner and returns its JIT config.
+
+        Args:
+            name: Runner name (unique in the scope).
+            labels: Custom labels of the runner (1 to 100).
+            runner_group_id: Runner group; 1 (Default) for repository runners.
+
+        Returns:
+            The registration and its encoded config.
+
+        Raises:
+            GitHubConflictError: A runner with this name is registered already (409).
+            GitHubError: Any other failure, after retries.
+        """
+        response = self._request(
+            "POST",
+            f"{self.scope.path}/actions/runners/generate-jitconfig",
+            body={"name": name, "runner_group_id": runner_group_id, "labels": list(labels)},
+            write=True,
+        )
+        return JitRunner(
+            runner=Runner.from_json(response.body["runner"]),
+            encoded_jit_config=str(response.body["encoded_jit_config"]),
+        )
+
+    def get_runner(self, runner_id: int) -> Runner | None:
+        """Returns the runner with this id, or None when it is not registered (any more)."""
+        try:
+            response = self._request("GET", f"{self.scope.path}/actions/runners/{runner_id}")
+        except GitHubNotFoundError:
+            return None
+        return Runner.from_json(response.body)
+
+    def find_runner(self, name: str) -> Runner | None:
+        """Returns the runner registered under exactly this name, or None."""
+        for runner in self._runner_pages({"name": name}):
+            if runner.name == name:
+                return runner
+        return None
+
+    def list_runners(self) -> Iterator[Runner]:
+        """Yields every runner of the scope, page by page."""
+        yield from self._runner_pages({})
+
+    def delete_runner(self, runner_id: int) -> bool:
+        """Removes a runner registration.
+
+        Returns:
+            True if it was removed, False if it was not registered (already gone).
+
+        Raises:
+            RunnerBusyError: The runner is running a job (422); retry once it has stopped.
+        """
+        what = f"{self.scope.path}/actions/runners/{runner_id}"
+        try:
+            self._request("DELETE", what, write=True)
+        except GitHubNotFoundError:
+            return False
+        except GitHubError as e:
+            if e.status == 422:  # GitHub's answer for a runner that is running a job
+                raise RunnerBusyError(
+                    f"runner {runner_id} is running a job: {e}", status=422
+                ) from e
+            raise
+        return True
+
+    def runner_group_id(self, name: str) -> int:
+        """Returns the id of the organisation runner group with this name.
+
+        Raises:
+            UsageError: The scope is a repository, or no group has this name.
+        """
+        if self.scope.organization is None:
+            raise UsageError("--runner-group applies to organisation runners (--org) only")
+        path: str | None = f"{self.scope.path}/actions/runner-groups"
+        query: dict[str, str] = {"per_page": str(PAGE_SIZE)}
+        seen: list[str] = []
+        while path is not None:
+            response = self._request("GET", path, query=query)
+            for group in response.body.get("runner_groups", ()):
+                if group.get("name") == name:
+                    return int(group["id"])
+                seen.append(str(group.get("name")))
+            path, query = self._next_page(response, path)
+        raise UsageError(
+            f"--runner-group: no runner group {name!r} in {self.scope.describe()}; "
+            f"groups: {', '.join(seen) or 'none'}"
+        )
+
+    def get_run_status(self, repository: str, run_id: int) -> RunStatus | None:
+        """Returns a workflow run's status, or None if GitHub does not know the run (404)."""
+        try:
+            response = self._request("GET", f"/repos/{repository}/actions/runs/{run_id}")
+        except GitHubNotFoundError:
+            return None
+        return RunStatus(
+            status=str(response.body.get("status")),
+            conclusion=response.body.get("conclusion"),
+        )
+
+    # --- transport -----------------------------------------------------------------------------
+
+    def _runner_pages(self, filters: Mapping[str, str]) -> Iterator[Runner]:
+        path: str | None = f"{self.scope.path}/actions/runners"
+        query = {**filters, "per_page": str(PAGE_SIZE)}
+        while path is not None:
+            response = self._request("GET", path, query=query)
+            for item in response.body.get("runners", ()):
+                yield Runner.from_json(item)
+            path, query = self._next_page(response, path)
+
+    def _next_page(self, response: _Response, path: str) -> tuple[str | None, dict[str, str]]:
+        """Path and query of the next page: the Link header's rel="next", as GitHub documents.
+
+        Only the query of the link is used (page, per_page, filters), on the same path: the
+        token is never sent to a host other than the API's.
+        """
+        match = _NEXT_LINK.search(response.headers.get("link", ""))
+        if match is None:
+            return None, {}
+        link = match.group(1)
+        if not link.startswith(self._api_url):
+            raise GitHubError(f"GitHub's next-page link {link!r} leaves {self._api_url}")
+        return path, dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query))
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+        write: bool = False,
+    ) -> _Response:
+        url = self._api_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {
+            "Accept": "application/vnd.github+json",
+            "Authorization": f"Bearer {self._token.value}",
+            "X-GitHub-Api-Version": API_VERSION,
+            "User-Agent": USER_AGENT,
+        }
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        what = f"{method} {path}"
+        for attempt in range(1, self._policy.attempts + 1):
+            last = attempt == self._policy.attempts
+            try:
+                # S310: the URL is built from api_url, whose scheme __init__ checked.
+                request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
+                response = self._send(request)
+            except (OSError, http.client.HTTPException) as e:
+                # URLError, timeouts, refused and reset connections, truncated responses.
+                if last:
+                    raise GitHubError(
+                        f"GitHub unreachable for {what} after {attempt} attempts: {_reason(e)}"
+                    ) from e
+                self._sleep(self._backoff(attempt))
+                continue
+            if response.status < 400:
+                return response
+            wait = self._retry_wait(response, attempt)
+            if wait is None:
+                raise self._error(response, what, write=write)
+            if last:
+                error = GitHubRateLimitError if response.status in (403, 429) else GitHubError
+                raise error(
+                    f"GitHub answered {response.status} for {what} {attempt} times: "
+                    f"{_message(response.body)}",
+                    status=response.status,
+                )
+            self._sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _send(self, request: urllib.request.Request) -> _Response:
+        try:
+            with urllib.request.urlopen(request, timeout=self._policy.timeout) as answer:  # noqa: S310
+                return _Response(answer.status, _lower(answer.headers), _json(answer.read()))
+        except urllib.error.HTTPError as e:
+            with e:
+                return _Response(e.code, _lower(e.headers), _json(e.read()))
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self._policy.backoff_max, self._policy.backoff_base * 2 ** (attempt - 1))
+        # Full jitter: concurrent spawns hitting the same outage do not retry in lockstep.
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+    def _retry_wait(self, response: _Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying this response, or None if the answer is final."""
+        status, headers = response.status, response.headers
+        limited = status in (403, 429)
+        primary = limited and headers.get("x-ratelimit-remaining") == "0"
+        # GitHub's secondary (abuse) limits answer 403 or 429 with Retry-After, or say so.
+        secondary = limited and (
+            "retry-after" in headers or "secondary rate limit" in _message(response.body).lower()
+        )
+        if status == 429 or primary or secondary:
+            wait = _retry_after(headers)
+            if wait is None and primary:
+                wait = _until_reset(headers)
+            if wait is None:
+                wait = self._backoff(attempt)
+            if wait > self._policy.max_wait:
+                raise GitHubRateLimitError(
+                    f"GitHub rate limit exhausted; it resets in {wait:.0f}s, longer than the "
+                    f"{self._policy.max_wait:.0f}s this command waits",
+                    status=status,
+                )
+            return wait
+        if status >= 500:
+            retry_after = _retry_after(headers)  # a 503 may say when to come back
+            return retry_after if retry_after is not None else self._backoff(attempt)
+        return None
+
+    def _error(self, response: _Response, what: str, *, write: bool) -> GitHubError:
+        status = response.status
+        detail = _message(response.body)
+        if status == 401:
+            return GitHubAuthError(
+                f"GitHub rejected the token from {self._token.source} for {what} "
+                f"(401 {detail or 'Bad credentials'}): it is wrong, expired or revoked",
+                status=status,
+            )
+        if status == 403:
+            needed = response.headers.get("x-accepted-oauth-scopes")
+            granted = response.headers.get("x-oauth-scopes")
+            if needed is not None and granted is not None:
+                hint = f"this needs the classic scope(s) {needed!r}; the token has {granted!r}"
+            else:
+                hint = self.scope.permission_hint(write=write)
+            return GitHubAuthError(
+                f"GitHub refused {what} for the token from {self._token.source} "
+                f"(403 {detail}): {hint}",
+                status=status,
+            )
+        if status == 404:
+            return GitHubNotFoundError(
+                f"GitHub answered 404 for {what}: {self.scope.describe()} does not exist or the "
+                f"token from {self._token.source} cannot see it (check --repository/--org, "
+                f"{contract.ENV_REPOSITORY} and the token's repository access)",
+                status=status,
+            )
+        if status == 409:
+            return GitHubConflictError(f"GitHub answered 409 for {what}: {detail}", status=status)
+        return GitHubError(f"GitHub answered {status} for {what}: {detail}", status=status)
+
+
+def _lower(headers: Mapping[str, str] | Any) -> dict[str, str]:
+    return {str(key).lower(): str(value) for key, value in headers.items()}
+
+
+def _json(raw: bytes) -> Any:
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"message": raw[:200].decode("utf-8", "replace")}
+
+
+def _message(body: Any) -> str:
+    return str(body.get("message", "")) if isinstance(body, dict) else ""
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    return str(error) or type(error).__name__
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _until_reset(headers: Mapping[str, str]) -> float | None:
+    """Seconds until X-RateLimit-Reset (epoch seconds), plus one for clock skew."""
+    value = headers.get("x-ratelimit-reset", "")
+    if not value.isdigit():
+        return None
+    return max(0.0, int(value) - time.time() + 1)
+
+
+def api_url_from(environ: Mapping[str, str]) -> str:
+    """`GITHUB_API_URL`, or https://api.github.com outside Actions."""
+    return environ.get(contract.ENV_API_URL) or DEFAULT_API_URL
+
+
+def scope_from(
+    *, repository: str | None, organization: str | None, environ: Mapping[str, str] = os.environ
+) -> RunnerScope:
+    """The runner scope: `--org`/GITHUB_ORG if given, else `--repository`/GITHUB_REPOSITORY.
+
+    Raises:
+        UsageError: Neither is known.
+    """
+    org = organization or environ.get(contract.ENV_ORGANIZATION)
+    if org:
+        return RunnerScope(organization=org)
+    repo = repository or environ.get(contract.ENV_REPOSITORY)
+    if not repo:
+        raise UsageError(
+            f"no runner scope: give --repository (or {contract.ENV_REPOSITORY}) or --org "
+            f"(or {contract.ENV_ORGANIZATION})"
+        )
+    return RunnerScope(repository=repo)

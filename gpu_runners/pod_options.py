@@ -1,0 +1,106 @@
+"""The choices a user makes about a GPU runner pod, validated before anything is sent.
+
+Kept apart from `pod_spec` (which builds the Kubernetes objects) so that the CLI can reject a
+bad size or label without importing the Kubernetes client: a typo fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from gpu_runners import contract
+from gpu_runners.errors import UsageError
+from gpu_runners.quantities import parse_quantity
+
+# Defaults that fit the smallest GPU machines (n1-standard-4 with a T4, g2-standard-4 with an
+# L4: 4 vCPUs, about 13 GiB allocatable), so a pod asking for nothing else schedules on any pool.
+DEFAULT_CPU = "2"
+DEFAULT_MEMORY = "8Gi"
+DEFAULT_SHM_SIZE = "2Gi"
+DEFAULT_MAX_RUNTIME_SECONDS = 6 * 3600
+MAX_DEADLINE_SECONDS = 2**31 - 1  # the API server's bound on activeDeadlineSeconds
+
+# Labels whose values gpu_runners owns: an extra label may not override them, or `delete` and
+# `reap` could lose track of the pod (or select another run's).
+RESERVED_LABELS = frozenset({
+    contract.LABEL_NAME,
+    contract.LABEL_COMPONENT,
+    contract.LABEL_MANAGED_BY,
+    contract.LABEL_PART_OF,
+    contract.LABEL_RUN_ID,
+    contract.LABEL_RUN_ATTEMPT,
+    contract.LABEL_GPU_TYPE,
+})
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def _check_label(key: str, value: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    if (prefix and not _LABEL_PREFIX.match(prefix)) or not _LABEL_NAME.match(name):
+        raise UsageError(
+            f"--label: {key!r} is not a Kubernetes label key ([prefix/]name, name up to 63 "
+            "letters, digits, '-', '_', '.')"
+        )
+    if value and not _LABEL_NAME.match(value):
+        raise UsageError(
+            f"--label: value {value!r} of {key!r} is not a Kubernetes label value (up to 63 "
+            "letters, digits, '-', '_', '.', starting and ending alphanumeric)"
+        )
+    if key in RESERVED_LABELS:
+        raise UsageError(f"--label: {key!r} is set by gpu_runners and cannot be overridden")
+
+
+@dataclass(frozen=True)
+class RunnerPodOptions:
+    """What the user chooses about a GPU runner pod; validated on construction.
+
+    Attributes:
+        namespace: Namespace of the pod and its Secret.
+        image: Runner image reference (the base runner's own image by default).
+        gpu_count: `nvidia.com/gpu` requested (and limited) for the runner container.
+        cpu: CPU request and limit, a Kubernetes quantity.
+        memory: Memory request and limit, a Kubernetes quantity.
+        shm_size: Size limit of the memory-backed `/dev/shm`; it counts against `memory`.
+        max_runtime_seconds: activeDeadlineSeconds: the kubelet kills the pod after this.
+        image_pull_secret: Name of a dockerconfigjson Secret for a private image, or None.
+        extra_labels: Further pod labels (e.g. a team, for cost reports).
+    """
+
+    namespace: str
+    image: str
+    gpu_count: int = 1
+    cpu: str = DEFAULT_CPU
+    memory: str = DEFAULT_MEMORY
+    shm_size: str = DEFAULT_SHM_SIZE
+    max_runtime_seconds: int = DEFAULT_MAX_RUNTIME_SECONDS
+    image_pull_secret: str | None = None
+    extra_labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not self.image.strip():
+            raise UsageError(f"--image is empty (and {contract.ENV_IMAGE} is not set)")
+        if self.gpu_count < 1:
+            raise UsageError(f"--gpus: {self.gpu_count} is not allowed; ask for at least 1 GPU")
+        parse_quantity(self.cpu, "--cpu")
+        memory = parse_quantity(self.memory, "--memory")
+        shm = parse_quantity(self.shm_size, "--shm-size")
+        # /dev/shm pages are charged to the container's memory limit: a larger shm could never
+        # be filled, and a training job that tries would be OOM-killed, not told why.
+        if shm >= memory:
+            raise UsageError(
+                f"--shm-size: {self.shm_size} must be smaller than --memory ({self.memory}), "
+                "because /dev/shm is memory charged to the container"
+            )
+        if not 1 <= self.max_runtime_seconds <= MAX_DEADLINE_SECONDS:
+            raise UsageError(
+                f"--max-runtime: {self.max_runtime_seconds}s is outside 1s to "
+                f"{MAX_DEADLINE_SECONDS}s (what activeDeadlineSeconds accepts)"
+            )
+        for key, value in self.extra_labels.items():
+            _check_label(key, value)
+        # A copy, read-only: a caller changing its dict later must not change the pod.
+        object.__setattr__(self, "extra_labels", MappingProxyType(dict(self.extra_labels)))

@@ -1,0 +1,288 @@
+"""Reading a GPU pod's way to "running" from its watch snapshots and Kubernetes events.
+
+`PodProgress` is pure: it is fed pod objects and events (from a watch, a test, anything) and
+returns the progress lines to print, or raises the failure that ends the wait. Deciding is
+kept apart from waiting so that every rule below can be tested without a server.
+
+The signals it reads are the ones a real cluster emits:
+- the scheduler's `FailedScheduling` Warning ("0/3 nodes are available: 3 Insufficient
+  nvidia.com/gpu") and the pod's `PodScheduled=False/Unschedulable` condition;
+- the cluster autoscaler's `TriggeredScaleUp` ("pod triggered scale-up: [{pool 0->1 (max:
+  2)}]") and `NotTriggerScaleUp` ("pod didn't trigger scale-up: 1 max node group size
+  reached", "... in backoff after failed scale-up");
+- the kubelet's `Pulled` / `Failed` / `BackOff` events and the container's waiting reason
+  (`ErrImagePull`, `ImagePullBackOff`, `InvalidImageName`);
+- the pod phase, status reason (`DeadlineExceeded`, `Evicted`) and container termination.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from kubernetes.client import CoreV1Event, V1ContainerStatus, V1Pod
+
+from gpu_runners import contract
+from gpu_runners.errors import ImagePullError, NoCapacityError, PodFailedError
+
+#: Container waiting reasons that mean the image will not be pulled without a change.
+#: ErrImagePull alone is not final: the kubelet retries, and a registry hiccup recovers; the
+#: BackOff that follows a failed retry is.
+IMAGE_PULL_FAILURES = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+
+
+class Stage(enum.Enum):
+    """The stages `spawn` reports, in the order a pod goes through them."""
+
+    CREATED = "created"
+    SCHEDULED = "scheduled"
+    IMAGE_PULLED = "image pulled"
+    RUNNING = "container running"
+    ONLINE = "runner online"
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A progress line: a stage reached (stage set) or something worth telling (stage None)."""
+
+    text: str
+    stage: Stage | None = None
+
+
+def _clip(text: str | None, limit: int = 300) -> str:
+    """One line, bounded: event messages can hold newlines and whole node lists."""
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class PodProgress:
+    """Follows one GPU pod from creation to a running runner container.
+
+    Args:
+        pod_name: Name of the pod; events about other objects are ignored.
+        gpu_type: The accelerator asked for (None for any), named in capacity failures.
+        scale_up_grace: Seconds a pod may stay unschedulable without the autoscaler starting
+            a scale-up before that counts as "no scale-up coming". It covers clusters with no
+            autoscaler, which emit neither TriggeredScaleUp nor NotTriggerScaleUp.
+        now: The time (any monotonic clock) at which the pod was created.
+    """
+
+    def __init__(
+        self, pod_name: str, *, gpu_type: str | None, scale_up_grace: float, now: float
+    ) -> None:
+        self.pod_name = pod_name
+        self.gpu_type = gpu_type
+        self.scale_up_grace = scale_up_grace
+        self.pod_uid: str | None = None
+        self.node_name: str | None = None
+        self.node_added = False
+        self.reached: dict[Stage, float] = {Stage.CREATED: now}
+        self._unschedulable_since: float | None = None
+        self._unschedulable_reason = ""
+        self._scale_up_triggered = False
+        self._told: set[str] = set()
+        self._last_pull_error = ""
+        self.image = "the runner image"
+
+    @property
+    def container_running(self) -> bool:
+        """Whether the runner container has started (GitHub is worth asking from then on)."""
+        return Stage.RUNNING in self.reached
+
+    @property
+    def last_stage(self) -> Stage:
+        """The furthest stage reached, for timeout messages."""
+        return max(self.reached, key=lambda stage: list(Stage).index(stage))
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def observe_pod(self, pod: V1Pod, now: float) -> list[Notice]:
+        """Reads a pod snapshot (a watch ADDED/MODIFIED event).
+
+        Returns:
+            The progress lines this snapshot adds.
+
+        Raises:
+            ImagePullError: The runner image cannot be pulled.
+            PodFailedError: The pod failed or ended before its runner was seen online.
+        """
+        notices: list[Notice] = []
+        if pod.metadata is not None and pod.metadata.uid:
+            self.pod_uid = pod.metadata.uid
+        for container in (pod.spec.containers if pod.spec else None) or ():
+            if container.name == contract.GPU_RUNNER_CONTAINER and container.image:
+                self.image = container.image
+        status = pod.status
+        spec_node = pod.spec.node_name if pod.spec is not None else None
+        if spec_node:
+            notices += self._scheduled(spec_node, now)
+        elif status is not None:
+            for condition in status.conditions or ():
+                if (condition.type == "PodScheduled" and condition.status == "False"
+                        and condition.reason == "Unschedulable"):
+                    notices += self._unschedulable(condition.message, now)
+        if status is None:
+            return notices
+        runner = self._runner_status(status.container_statuses)
+        if runner is not None and runner.state is not None:
+            waiting = runner.state.waiting
+            if waiting is not None and waiting.reason in IMAGE_PULL_FAILURES:
+                # The back-off message only says "Back-off pulling image"; the pull error
+                # before it says why (not found, unauthorized, ...).
+                raise self._pull_failure(waiting.reason, self._last_pull_error or waiting.message)
+            if waiting is not None and waiting.reason == "ErrImagePull":
+                self._last_pull_error = waiting.message or self._last_pull_error
+            if runner.state.running is not None or runner.state.terminated is not None:
+                notices += self._reach(Stage.IMAGE_PULLED, "image pulled", now)
+                notices += self._reach(Stage.RUNNING, "container running", now)
+        if status.phase in ("Failed", "Succeeded"):
+            raise PodFailedError(self._ended_reason(pod))
+        return notices
+
+    def observe_deleted(self) -> None:
+        """Reads a DELETED watch event: someone else removed the pod.
+
+        Raises:
+            PodFailedError: Always; a deleted pod will not run the runner.
+        """
+        raise PodFailedError(f"pod {self.pod_name} was deleted before its runner came online")
+
+    def observe_event(self, event: CoreV1Event, now: float) -> list[Notice]:
+        """Reads a Kubernetes Event about the pod.
+
+        Returns:
+            The progress lines this event adds.
+
+        Raises:
+            NoCapacityError: The autoscaler says no scale-up will make room for the pod.
+            ImagePullError: The kubelet backs off pulling the image.
+        """
+        involved = event.involved_object
+        if involved.name != self.pod_name or (
+            self.pod_uid and involved.uid and involved.uid != self.pod_uid
+        ):
+            return []  # an earlier pod of the same name, or another object
+        reason, raw = event.reason or "", event.message or ""
+        message = _clip(raw)
+        if reason == "FailedScheduling" and not self.node_name:
+            return self._unschedulable(message, now)
+        if reason == "TriggeredScaleUp":
+            self._scale_up_triggered = True
+            self.node_added = True
+            if self.node_name:
+                return []  # pod and event streams raced: the binding was read first
+            return self._tell(f"autoscaler is adding a GPU node: {message}")
+        if reason == "NotTriggerScaleUp" and not self.node_name:
+            raise NoCapacityError(
+                f"no {self._gpu_words()} capacity and no scale-up coming: {message}"
+            )
+        if reason == "Scheduled":
+            node = message.rsplit(" to ", 1)[-1] if " to " in message else ""
+            return self._scheduled(node, now) if node else []
+        if reason == "Pulled":
+            return self._reach(Stage.IMAGE_PULLED, f"image pulled ({message})", now)
+        if reason == "Failed" and raw.startswith("Failed to pull image"):
+            # 'Failed to pull image "<ref>": <why>' (not the "Error: ErrImagePull" after it);
+            # keep <why>, as the container status reports it.
+            self._last_pull_error = raw.split('": ', 1)[-1]
+            return []
+        if reason == "BackOff" and "pulling image" in raw.lower():
+            raise self._pull_failure("ImagePullBackOff", self._last_pull_error or raw)
+        if reason == "Started":
+            notices = self._reach(Stage.IMAGE_PULLED, "image pulled", now)
+            return notices + self._reach(Stage.RUNNING, "container running", now)
+        return []
+
+    def check_timers(self, now: float) -> None:
+        """Applies the scale-up grace period.
+
+        Raises:
+            NoCapacityError: Unschedulable for longer than the grace period and no scale-up
+                was triggered.
+        """
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            raise NoCapacityError(
+                f"no {self._gpu_words()} capacity: unschedulable for {self.scale_up_grace:.0f}s "
+                f"and no autoscaler scale-up started: {self._unschedulable_reason}"
+            )
+
+    def next_deadline(self) -> float | None:
+        """When `check_timers` will fail unless something changes; None if no timer runs."""
+        if self._unschedulable_since is None or self._scale_up_triggered or self.node_name:
+            return None
+        return self._unschedulable_since + self.scale_up_grace
+
+    def mark_online(self, now: float) -> list[Notice]:
+        """Records that GitHub reports the runner online."""
+        return self._reach(Stage.ONLINE, "runner online", now)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _gpu_words(self) -> str:
+        return f"{self.gpu_type} GPU" if self.gpu_type else "GPU"
+
+    def _pull_failure(self, reason: str, detail: str | None) -> ImagePullError:
+        # Registry errors repeat the (often 100-character, digest-pinned) reference three
+        # times; naming it once keeps the one-line reason readable.
+        short = (detail or "").replace(self.image, "<image>")
+        return ImagePullError(f"cannot pull image {self.image}: {reason}: {_clip(short)}")
+
+    def _runner_status(
+        self, statuses: list[V1ContainerStatus] | None
+    ) -> V1ContainerStatus | None:
+        for status in statuses or ():
+            if status.name == contract.GPU_RUNNER_CONTAINER:
+                return status
+        return None
+
+    def _scheduled(self, node: str, now: float) -> list[Notice]:
+        if self.node_name:
+            return []
+        self.node_name = node
+        if self.node_added:
+            how = "a node the autoscaler added"
+        elif self._unschedulable_since is not None:
+            # Unschedulable first, so capacity had to come from somewhere: a new node whose
+            # TriggeredScaleUp event is still on its way, or a GPU another pod released.
+            how = f"after waiting {now - self._unschedulable_since:.0f}s for capacity"
+        else:
+            how = "an existing node"
+        return self._reach(Stage.SCHEDULED, f"scheduled on node {node} ({how})", now)
+
+    def _unschedulable(self, message: str | None, now: float) -> list[Notice]:
+        if self._unschedulable_since is None:
+            self._unschedulable_since = now
+        self._unschedulable_reason = _clip(message) or self._unschedulable_reason
+        return self._tell(f"waiting for {self._gpu_words()} capacity: {self._unschedulable_reason}")
+
+    def _reach(self, stage: Stage, text: str, now: float) -> list[Notice]:
+        if stage in self.reached:
+            return []
+        self.reached[stage] = now
+        return [Notice(text, stage)]
+
+    def _tell(self, text: str) -> list[Notice]:
+        # The autoscaler repeats its events every scan; say each distinct thing once.
+        if text in self._told:
+            return []
+        self._told.add(text)
+        return [Notice(text)]
+
+    def _ended_reason(self, pod: V1Pod) -> str:
+        status = pod.status
+        assert status is not None  # only called for a pod with a phase
+        runner = self._runner_status(status.container_statuses)
+        terminated = runner.state.terminated if runner is not None and runner.state else None
+        if status.reason:  # DeadlineExceeded, Evicted, UnexpectedAdmissionError, ...
+            detail = f"{status.reason}: {_clip(status.message)}"
+        elif terminated is not None:
+            detail = (
+                f"runner container exited with code {terminated.exit_code}"
+                f" ({terminated.reason or 'no reason given'})"
+            )
+        else:
+            detail = "no reason given"
+        return (
+            f"pod {self.pod_name} ended ({status.phase}) before its runner came online: {detail}"
+        )

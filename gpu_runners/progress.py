@@ -1,0 +1,55 @@
+"""Human-readable progress lines, each stamped with the seconds since the command started."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+
+class ProgressLog:
+    """Writes `[  12.3s] scheduled on node ...` lines and flushes each one.
+
+    Flushing matters: the GitHub Actions log shows a step's output as it arrives, and a user
+    watching a GPU node come up should see each stage when it happens, not at the end.
+
+    Args:
+        stream: Where lines go (stdout by default; None discards them, for library use).
+        clock: Monotonic clock, replaceable in tests.
+        prefix: Put before each line (e.g. the runner name when many spawns share a stream).
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = sys.stdout,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        prefix: str = "",
+    ) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._start = clock()
+        self._prefix = prefix
+        self._lock = threading.Lock()
+        self.lines: list[str] = []
+
+    @property
+    def start(self) -> float:
+        """The clock reading the elapsed times count from."""
+        return self._start
+
+    def elapsed(self) -> float:
+        """Seconds since the log was created."""
+        return self._clock() - self._start
+
+    def line(self, text: str) -> None:
+        """Writes one progress line (newlines in `text` are flattened to keep it one line)."""
+        flat = " ".join(text.split())
+        rendered = f"[{self.elapsed():7.1f}s] {self._prefix}{flat}"
+        with self._lock:
+            self.lines.append(rendered)
+            if self._stream is not None:
+                self._stream.write(rendered + "\n")
+                self._stream.flush()

@@ -1,0 +1,78 @@
+"""Fixtures of the runtime tests: the product's clients on the fake servers (see fake_wiring)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpu_runners import contract
+from gpu_runners.github_api import GitHubClient
+from gpu_runners.kube import KubeClient
+from gpu_runners.progress import ProgressLog
+from tests.fakes.github_api import FakeGitHub
+from tests.fakes.kube_api import FakeKubernetes
+from tests.runtime.fake_wiring import (
+    IMAGE,
+    REPO_ROOT,
+    REPOSITORY,
+    bring_runners_online,
+    github_client_for,
+    kube_client_for,
+)
+
+
+@pytest.fixture
+def kube(fake_kube: FakeKubernetes) -> KubeClient:
+    """The product's Kubernetes client, talking to the default fake cluster."""
+    return kube_client_for(fake_kube)
+
+
+@pytest.fixture
+def github(fake_github: FakeGitHub) -> GitHubClient:
+    """The product's GitHub client for acme/models, talking to the fake GitHub."""
+    return github_client_for(fake_github)
+
+
+@pytest.fixture
+def runners_come_online(fake_kube: FakeKubernetes, fake_github: FakeGitHub) -> None:
+    """Connects the two fakes: a Running GPU pod makes its runner online."""
+    bring_runners_online(fake_kube, fake_github)
+
+
+@pytest.fixture
+def log() -> ProgressLog:
+    """A progress log kept in memory (`log.lines`)."""
+    return ProgressLog(None)
+
+
+@pytest.fixture
+def cli_env(fake_kube: FakeKubernetes, fake_github: FakeGitHub,
+            tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The environment of a base runner step talking to both fakes, for CLI subprocesses."""
+    assert fake_kube.kubeconfig_path is not None
+    output = tmp_path / "github_output"
+    summary = tmp_path / "step_summary"
+    output.touch()
+    summary.touch()
+    env = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(("GITHUB_", "GPU_RUNNERS_", "KUBERNETES_"))
+    }
+    env.update({
+        "KUBECONFIG": str(fake_kube.kubeconfig_path),
+        contract.ENV_API_URL: fake_github.url,
+        contract.ENV_PAT_SEED: fake_github.token,
+        contract.ENV_REPOSITORY: REPOSITORY,
+        contract.ENV_RUN_ID: "123",
+        contract.ENV_RUN_ATTEMPT: "1",
+        contract.ENV_IMAGE: IMAGE,
+        contract.ENV_NAMESPACE: contract.DEFAULT_NAMESPACE,
+        contract.ENV_GPU_POOLS: '[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]',
+        contract.ENV_GITHUB_OUTPUT: str(output),
+        contract.ENV_STEP_SUMMARY: str(summary),
+        "PYTHONPATH": str(REPO_ROOT),
+    })
+    yield env

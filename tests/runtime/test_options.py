@@ -1,0 +1,245 @@
+"""Checks of what users type and what the environment provides, before any API call."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from gpu_runners import contract
+from gpu_runners.environment import default_max_runtime_seconds, resolve_namespace
+from gpu_runners.errors import UsageError
+from gpu_runners.github_api import load_token, scope_from
+from gpu_runners.gpu_pools import GpuPool, check_gpu_request, parse_gpu_pools, parse_gpu_types
+from gpu_runners.quantities import parse_duration_seconds, parse_quantity
+from gpu_runners.run_identity import RunIdentity, parse_runner_name, resolve_run_identity
+
+POOLS = (GpuPool("nvidia-l4", 1), GpuPool("nvidia-tesla-t4", 4))
+ACTIONS_ENV = {
+    contract.ENV_RUN_ID: "987654321",
+    contract.ENV_RUN_ATTEMPT: "2",
+    contract.ENV_REPOSITORY: "acme/models",
+    contract.ENV_SERVER_URL: "https://github.example.com",
+}
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def test_run_identity_comes_from_the_actions_variables() -> None:
+    identity = resolve_run_identity(run_id=None, attempt=None, repository=None,
+                                    environ=ACTIONS_ENV)
+
+    assert identity == RunIdentity("acme/models", 987654321, 2, "https://github.example.com")
+    assert identity.runner_name == "gpu-987654321-2"
+    assert identity.secret_name == "gpu-987654321-2-jit"
+    assert identity.run_url == (
+        "https://github.example.com/acme/models/actions/runs/987654321/attempts/2"
+    )
+
+
+def test_options_win_over_the_actions_variables() -> None:
+    identity = resolve_run_identity(run_id="5", attempt="1", repository="acme/other",
+                                    environ=ACTIONS_ENV)
+
+    assert (identity.repository, identity.run_id, identity.attempt) == ("acme/other", 5, 1)
+
+
+def test_missing_run_id_outside_actions_names_the_option() -> None:
+    with pytest.raises(UsageError, match=r"--run-id is required outside GitHub Actions"):
+        resolve_run_identity(run_id=None, attempt=None, repository="acme/models", environ={})
+
+
+@pytest.mark.parametrize(
+    ("run_id", "attempt", "repository", "message"),
+    [
+        ("12a", "1", "acme/models", "--run-id"),
+        ("0", "1", "acme/models", "--run-id"),
+        ("12", "-1", "acme/models", "--run-attempt"),
+        ("12", "1", "acme", "--repository"),
+    ],
+)
+def test_malformed_run_values_are_refused_naming_the_option(
+    run_id: str, attempt: str, repository: str, message: str
+) -> None:
+    with pytest.raises(UsageError, match=f"^{message}"):
+        resolve_run_identity(run_id=run_id, attempt=attempt, repository=repository, environ={})
+
+
+def test_selector_matches_only_objects_of_the_same_run_and_attempt() -> None:
+    identity = RunIdentity("acme/models", 7, 1)
+    same = identity.selector_labels()
+
+    assert identity.label_selector == (
+        "app.kubernetes.io/managed-by=gpu-runners,gpu-runners/run-id=7,gpu-runners/run-attempt=1"
+    )
+    assert identity.owns({**same, "extra": "x"})
+    assert not identity.owns({**same, contract.LABEL_RUN_ATTEMPT: "2"})
+    assert not identity.owns({**same, contract.LABEL_RUN_ID: "77"})
+    assert not identity.owns({k: v for k, v in same.items() if k != contract.LABEL_MANAGED_BY})
+
+
+@pytest.mark.parametrize(
+    ("name", "parsed"),
+    [("gpu-123-1", (123, 1)), ("gpu-runner", None), ("gpu-12-x", None), ("base-runner", None)],
+)
+def test_runner_names_parse_back_to_their_run(name: str, parsed: tuple[int, int] | None) -> None:
+    assert parse_runner_name(name) == parsed
+
+
+# --- GPUs -----------------------------------------------------------------------------------
+
+
+def test_gpu_pools_parse_from_the_base_runner_environment() -> None:
+    text = '[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}, ' \
+           '{"accelerator": "nvidia-tesla-t4", "maxGpusPerPod": 4}]'
+
+    assert parse_gpu_pools(text) == POOLS
+    assert parse_gpu_pools(None) == ()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["not json", '{"accelerator": "nvidia-l4"}', '[{"accelerator": "nvidia-l4"}]',
+     '[{"accelerator": "NVIDIA L4", "maxGpusPerPod": 1}]',
+     '[{"accelerator": "nvidia-l4", "maxGpusPerPod": 0}]'],
+)
+def test_malformed_gpu_pools_are_refused_naming_the_variable(text: str) -> None:
+    with pytest.raises(UsageError, match=contract.ENV_GPU_POOLS):
+        parse_gpu_pools(text)
+
+
+def test_gpu_types_form_an_ordered_fallback_list_without_repeats() -> None:
+    assert parse_gpu_types(["nvidia-l4,nvidia-tesla-t4", "nvidia-l4", "nvidia-a100-80gb"]) == (
+        "nvidia-l4", "nvidia-tesla-t4", "nvidia-a100-80gb",
+    )
+
+
+@pytest.mark.parametrize(
+    ("count", "types", "message"),
+    [
+        (0, (), r"^--gpus: 0 is not allowed"),
+        (2, ("nvidia-l4",), r"^--gpus: 2 is more than a nvidia-l4 node has \(1\)"),
+        (8, (), r"^--gpus: 8 is more than any GPU pool has"),
+        (1, ("nvidia-h100-80gb",), r"^--gpu-type: 'nvidia-h100-80gb' is not a GPU pool"),
+        (2, ("nvidia-tesla-t4", "nvidia-l4"), r"^--gpus: 2 is more than a nvidia-l4"),
+    ],
+)
+def test_gpu_requests_no_pool_can_serve_are_refused(
+    count: int, types: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(UsageError, match=message):
+        check_gpu_request(count, types, POOLS)
+
+
+def test_gpu_requests_within_a_pool_are_accepted() -> None:
+    check_gpu_request(4, ("nvidia-tesla-t4",), POOLS)
+    check_gpu_request(3, (), POOLS)
+    check_gpu_request(16, ("anything-goes",), ())  # pools unknown: only the count is checked
+
+
+def test_gpu_type_names_must_be_accelerator_names() -> None:
+    with pytest.raises(UsageError, match=r"^--gpu-type: 'Nvidia L4'"):
+        parse_gpu_types(["Nvidia L4"])
+
+
+# --- sizes and durations ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("16Gi", Decimal(16 * 2**30)), ("500m", Decimal("0.5")), ("1.5", Decimal("1.5")),
+     ("2e3", Decimal(2000)), ("4G", Decimal(4 * 10**9))],
+)
+def test_kubernetes_quantities_parse_to_their_value(text: str, value: Decimal) -> None:
+    assert parse_quantity(text, "--memory") == value
+
+
+@pytest.mark.parametrize("text", ["16GB", "16 Gi", "-1", "0", "Gi", "1.2.3"])
+def test_malformed_quantities_are_refused_naming_the_option(text: str) -> None:
+    with pytest.raises(UsageError, match=r"^--memory: "):
+        parse_quantity(text, "--memory")
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("20m", 1200), ("6h", 21600),
+                                               ("15", 900)])
+def test_durations_parse_with_minutes_as_the_bare_unit(text: str, seconds: int) -> None:
+    assert parse_duration_seconds(text, "--timeout") == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "1d", "-5m", "ten"])
+def test_malformed_durations_are_refused_naming_the_option(text: str) -> None:
+    with pytest.raises(UsageError, match=r"^--timeout: "):
+        parse_duration_seconds(text, "--timeout")
+
+
+# --- environment defaults ---------------------------------------------------------------------
+
+
+def test_namespace_comes_from_option_then_environment_then_own_pod_then_default(
+    tmp_path: Path,
+) -> None:
+    own = tmp_path / "namespace"
+    env = {contract.ENV_NAMESPACE: "runners"}
+
+    assert resolve_namespace("ml", env, own_namespace_file=own) == "ml"
+    assert resolve_namespace(None, env, own_namespace_file=own) == "runners"
+    assert resolve_namespace(None, {}, own_namespace_file=own) == contract.DEFAULT_NAMESPACE
+    own.write_text("ci-gpu\n")
+    assert resolve_namespace(None, {}, own_namespace_file=own) == "ci-gpu"
+
+
+def test_max_runtime_default_comes_from_the_environment_in_minutes() -> None:
+    assert default_max_runtime_seconds({contract.ENV_MAX_RUNTIME_MINUTES: "90"}) == 5400
+    assert default_max_runtime_seconds({}) == 6 * 3600
+    with pytest.raises(UsageError, match=contract.ENV_MAX_RUNTIME_MINUTES):
+        default_max_runtime_seconds({contract.ENV_MAX_RUNTIME_MINUTES: "1.5"})
+
+
+def test_runner_scope_is_the_organisation_when_one_is_given() -> None:
+    assert scope_from(repository="acme/models", organization=None, environ={}).path == (
+        "/repos/acme/models"
+    )
+    assert scope_from(repository=None, organization=None,
+                      environ={contract.ENV_ORGANIZATION: "acme"}).path == "/orgs/acme"
+    with pytest.raises(UsageError, match="--repository"):
+        scope_from(repository=None, organization=None, environ={})
+
+
+# --- the token --------------------------------------------------------------------------------
+
+
+def test_token_file_wins_over_token_variables(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("ghp_from_file\n")
+    environ = {contract.ENV_PAT_FILE: str(token_file), contract.ENV_PAT_SEED: "ghp_seed",
+               contract.ENV_GITHUB_TOKEN: "ghp_env"}
+
+    token = load_token(environ)
+
+    assert token.value == "ghp_from_file"
+    assert str(token_file) in token.source
+    assert "ghp_from_file" not in repr(token)
+
+
+def test_seed_pat_variable_wins_over_github_token() -> None:
+    environ = {contract.ENV_PAT_SEED: "ghp_seed", contract.ENV_GITHUB_TOKEN: "ghp_env"}
+
+    assert load_token(environ).value == "ghp_seed"
+    assert load_token({contract.ENV_GITHUB_TOKEN: "ghp_env"}).value == "ghp_env"
+
+
+def test_unreadable_token_file_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+
+    with pytest.raises(UsageError, match=f"{contract.ENV_PAT_FILE} names {missing}"):
+        load_token({contract.ENV_PAT_FILE: str(missing), contract.ENV_PAT_SEED: "ghp_seed"})
+
+
+def test_no_token_anywhere_names_every_place_looked() -> None:
+    with pytest.raises(UsageError) as error:
+        load_token({})
+
+    for name in (contract.ENV_PAT_FILE, contract.ENV_PAT_SEED, contract.ENV_GITHUB_TOKEN):
+        assert name in str(error.value)
