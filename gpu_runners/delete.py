@@ -77,13 +77,13 @@ def delete_run(
         if kube.delete_pod(namespace, metadata.name):
             report.pods.append(metadata.name)
             log.line(f"deleted pod {metadata.name}")
-    for secret in list(kube.list_secrets(namespace, selector)):
-        metadata = secret.metadata
-        if metadata is None or not metadata.name or not identity.owns(metadata.labels):
-            continue
-        if kube.delete_secret(namespace, metadata.name):
-            report.secrets.append(metadata.name)
-            log.line(f"deleted secret {metadata.name}")
+    # The Secret goes with its pod (it is owned by it); one left behind by a spawn cut short
+    # before the owner reference was set is found by its name, and checked by its labels.
+    secret = kube.read_secret(namespace, identity.secret_name)
+    if secret is not None and secret.metadata is not None and identity.owns(
+            secret.metadata.labels) and kube.delete_secret(namespace, identity.secret_name):
+        report.secrets.append(identity.secret_name)
+        log.line(f"deleted secret {identity.secret_name}")
     if _delete_registration(identity, github, log, timeout_seconds, clock, sleep):
         report.registrations.append(identity.runner_name)
     if report.nothing_found:

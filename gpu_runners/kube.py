@@ -164,19 +164,6 @@ class KubeClient:
             namespace, grace_seconds,
         )
 
-    def delete_pods_in_phase(self, namespace: str, label_selector: str, phase: str) -> None:
-        """Deletes, in one request, every pod matching the selector that is in `phase`.
-
-        For reaping thousands of finished pods: one deletecollection instead of one request
-        per pod (and the API server does the work in one pass).
-        """
-        self._call(
-            f"deletecollection pods in namespace {namespace}",
-            self.core.delete_collection_namespaced_pod, namespace,
-            label_selector=label_selector, field_selector=f"status.phase={phase}",
-            body=V1DeleteOptions(propagation_policy="Background"),
-        )
-
     def list_pods(
         self, namespace: str, label_selector: str, *, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[V1Pod]:
@@ -207,19 +194,6 @@ class KubeClient:
         """Deletes a Secret; False if it did not exist."""
         return self._delete(f"delete secrets in namespace {namespace}",
                             self.core.delete_namespaced_secret, name, namespace, None)
-
-    def list_secrets(self, namespace: str, label_selector: str) -> Iterator[V1Secret]:
-        """Yields the Secrets matching a label selector, page by page."""
-        what = f"list secrets in namespace {namespace}"
-        token: str | None = None
-        while True:
-            page = self._call(what, self.core.list_namespaced_secret, namespace,
-                              label_selector=label_selector, limit=DEFAULT_PAGE_SIZE,
-                              _continue=token)
-            yield from page.items
-            token = page.metadata.var_continue if page.metadata else None
-            if not token:
-                return
 
     # --- waiting for a deletion ----------------------------------------------------------------
 

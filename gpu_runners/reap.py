@@ -14,7 +14,6 @@ runner, so a registration seen first whose pod is missing afterwards can only be
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -194,7 +193,7 @@ def reap(
         for name, (_pod, reason) in sorted(doomed.items()):
             _act(report, log, dry_run, ReapAction("pod", name, reason))
         if not dry_run:
-            _delete_pods(kube, namespace, selector, doomed, pool, report)
+            _delete_pods(kube, namespace, doomed, pool, report)
 
         orphans = _orphan_registrations(
             registrations, pod_runners, reaped_runners, github, report, pool
@@ -276,25 +275,17 @@ def _orphan_registrations(
 def _delete_pods(
     kube: KubeClient,
     namespace: str,
-    selector: str,
     doomed: dict[str, tuple[V1Pod, str]],
     pool: ThreadPoolExecutor,
     report: ReapReport,
 ) -> None:
-    """Deletes the doomed pods: finished ones by phase in one request each, others one by one.
+    """Deletes the doomed pods one by one, several at a time.
 
-    A pod that finishes between the listing and the deletecollection goes with it: finished
-    pods are removed anyway, so that only saves the next pass the work.
+    One request per pod keeps the reaper within the spawner Role (delete, not deletecollection)
+    and selects nothing but the pods it examined.
     """
-    phases = sorted({phase for pod, _ in doomed.values() if (phase := _finished_phase(pod))})
-    for phase in phases:
-        failure = _try(functools.partial(kube.delete_pods_in_phase, namespace, selector, phase),
-                       f"{phase} pods")
-        if failure:
-            report.failures.append(failure)
-    one_by_one = sorted(name for name, (pod, _) in doomed.items() if not _finished_phase(pod))
     failures = pool.map(
-        lambda name: _try(lambda: kube.delete_pod(namespace, name), f"pod {name}"), one_by_one
+        lambda name: _try(lambda: kube.delete_pod(namespace, name), f"pod {name}"), sorted(doomed)
     )
     report.failures += [failure for failure in failures if failure]
 

@@ -942,6 +942,7 @@ class FakeKubernetes:
         termination_delay: float = 0.02,
         deadline_scale: float = 1.0,
         token: str | None = None,
+        rbac_rules: Iterable[Mapping[str, Any]] | None = None,
     ) -> None:
         """Creates the fake; nothing listens until `start()`.
 
@@ -959,6 +960,9 @@ class FakeKubernetes:
             deadline_scale: Seconds of fake time per second of `activeDeadlineSeconds`, so a
                 test can let a one-hour deadline pass in 36 ms (0.00001).
             token: Bearer token the server requires; default: a random one.
+            rbac_rules: The caller's Role rules (`api_groups`/`apiGroups`, `resources`,
+                `verbs`): a request no rule allows is answered 403 Forbidden, as RBAC would,
+                and recorded in `forbidden`. None allows everything.
         """
         if gpu_quota is not None and gpu_quota < 0 or pod_quota is not None and pod_quota < 0:
             raise ValueError("FakeKubernetes: gpu_quota and pod_quota must be >= 0 or None")
@@ -968,6 +972,11 @@ class FakeKubernetes:
         self.validate = validate
         self.token = token or secrets.token_urlsafe(24)
         self.validation_errors: list[str] = []
+        self._rbac = None if rbac_rules is None else [
+            (set(rule.get("api_groups", rule.get("apiGroups", []))),
+             set(rule["resources"]), set(rule["verbs"])) for rule in rbac_rules]
+        #: Every request RBAC refused, as "<verb> <resource>"; tests assert it stays empty.
+        self.forbidden: list[str] = []
         #: Exceptions raised by simulation steps, callbacks or request handling: fake bugs or
         #: failing callbacks. The `fake_kube` fixture fails a test that leaves any.
         self.errors: list[str] = []
@@ -2287,6 +2296,31 @@ class FakeKubernetes:
             if not changes and disconnected():
                 return
 
+    def _authorize(self, method: str, path: str, query: Mapping[str, str]) -> None:
+        """Refuses, as RBAC would, a request the configured Role rules do not allow."""
+        if self._rbac is None:
+            return
+        log = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
+        route = _route(path)
+        if log is not None:
+            resource, namespace, verb = "pods/log", log.group(1), "get"
+        elif route is not None:
+            named = route[2] is not None
+            resource, namespace = route[0].plural, route[1]
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method) or (
+                ("get" if named else "watch" if query.get("watch") in ("true", "1") else "list")
+                if method == "GET" else ("delete" if named else "deletecollection"))
+        else:
+            return
+        if any("" in groups and resource in resources and verb in verbs
+               for groups, resources, verbs in self._rbac):
+            return
+        self.forbidden.append(f"{verb} {resource}")
+        where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+        raise ApiError(403, f'{resource} is forbidden: User "system:serviceaccount:'
+                            f'{self.namespace}:base-runner" cannot {verb} resource '
+                            f'"{resource}" in API group ""{where}')
+
     def _handle(
         self, method: str, path: str, query: Mapping[str, str], body: Any
     ) -> tuple[int, JSON]:
@@ -2693,6 +2727,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 if self.headers.get("Authorization") != f"Bearer {fake.token}":
                     raise ApiError(401, "Unauthorized")
+                fake._authorize(method, url.path, query)
                 if method == "GET" and query.get("watch") in ("true", "1"):
                     self._watch(url.path, query, headers)
                     return

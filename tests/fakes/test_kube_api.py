@@ -1154,3 +1154,22 @@ def test_inject_rejects_a_fault_that_does_nothing(fake_kube: FakeKubernetes) -> 
         fake_kube.inject("GET", "/api/v1/*", None)
     with pytest.raises(ValueError, match="times must be >= 1"):
         fake_kube.inject("GET", "/api/v1/*", 500, times=0)
+
+
+def test_rbac_rules_refuse_what_the_role_does_not_grant(
+    make_fake_kube: Callable[..., FakeKubernetes],
+) -> None:
+    fake = make_fake_kube(rbac_rules=[
+        {"api_groups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    ])
+    core = api_for(fake)
+    assert core.list_namespaced_pod(fake.namespace).items == []
+    with pytest.raises(client.ApiException) as refused:
+        core.list_namespaced_secret(fake.namespace)
+    assert refused.value.status == 403
+    message = json.loads(refused.value.body or "{}")["message"]
+    assert 'cannot list resource "secrets" in API group ""' in message
+    with pytest.raises(client.ApiException) as refused:
+        core.delete_collection_namespaced_pod(fake.namespace)
+    assert refused.value.status == 403
+    assert fake.forbidden == ["list secrets", "deletecollection pods"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from components.runner_plane import SPAWNER_RULES
 from gpu_runners import contract
 from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
@@ -22,6 +24,25 @@ from tests.runtime.fake_wiring import (
     github_client_for,
     kube_client_for,
 )
+
+
+@pytest.fixture
+def make_fake_kube(
+    make_fake_kube: Callable[..., FakeKubernetes],
+) -> Iterator[Callable[..., FakeKubernetes]]:
+    """Fake clusters that enforce the base runner's Role, exactly as the runner plane declares
+    it: a call the Role does not allow is refused with 403 and fails the test."""
+    started: list[FakeKubernetes] = []
+
+    def make(**options: Any) -> FakeKubernetes:
+        options.setdefault("rbac_rules", SPAWNER_RULES)
+        fake = make_fake_kube(**options)
+        started.append(fake)
+        return fake
+
+    yield make
+    forbidden = [request for fake in started for request in fake.forbidden]
+    assert forbidden == [], f"calls outside the spawner Role: {forbidden}"
 
 
 @pytest.fixture
