@@ -13,14 +13,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pulumi
 import pytest
 from pulumi.dynamic.dynamic import serialize_provider
-from pulumi.runtime import mocks as pulumi_mocks
 
 from components.fork_pr_workflows import (
     DEFAULT_API_URL,
@@ -28,9 +25,8 @@ from components.fork_pr_workflows import (
     ForkPrWorkflowsArgs,
     ForkPrWorkflowsProvider,
 )
-from tests.conftest import MOCKS as SUITE_MOCKS
 from tests.fakes.github_api import FakeGitHub
-from tests.harness.mock_stack import InfraMocks
+from tests.harness.mock_stack import run_under_mocks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENDPOINT = r"/actions/permissions/fork-pr-workflows-private-repos$"
@@ -346,49 +342,19 @@ def test_serialized_provider_works_in_a_separate_process(
     assert fake_github.fork_pr_settings == ALL_OFF
 
 
-class RecordingMonitor(pulumi_mocks.MockMonitor):
-    """The mock engine, also keeping each registration's additional secret outputs."""
-
-    def __init__(self, mocks: InfraMocks) -> None:
-        super().__init__(mocks)
-        self.additional_secret_outputs: dict[str, list[str]] = {}
-
-    def RegisterResource(self, request: Any) -> Any:
-        self.additional_secret_outputs[request.name] = list(request.additionalSecretOutputs)
-        return super().RegisterResource(request)
-
-
-@pytest.fixture
-def recording_mocks() -> Iterator[tuple[InfraMocks, RecordingMonitor]]:
-    """Fresh mocks of a non-preview run (no unknowns), then the suite's mocks again."""
-    mocks = InfraMocks()
-    monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project="gpu-runners", stack="test", preview=False,
-                             monitor=monitor)
-    yield mocks, monitor
-    pulumi.runtime.set_mocks(SUITE_MOCKS, project="gpu-runners", stack="test", preview=False)
-
-
-def test_resource_keeps_the_token_secret_and_out_of_the_serialized_provider(
-        recording_mocks: tuple[InfraMocks, RecordingMonitor]) -> None:
-    mocks, monitor = recording_mocks
+def test_resource_keeps_the_token_secret_and_out_of_the_serialized_provider() -> None:
     token = "ghp_token_that_must_stay_secret_0123456789"
+    # A plain string on purpose: the resource must make it secret itself.
+    run = run_under_mocks(lambda: {"id": ForkPrWorkflows("fork-prs", ForkPrWorkflowsArgs(
+        owner="acme", repository="models", token=token)).id})
 
-    @pulumi.runtime.test
-    def construct() -> pulumi.Output[str]:
-        # A plain string on purpose: the resource must make it secret itself.
-        return ForkPrWorkflows("fork-prs", ForkPrWorkflowsArgs(
-            owner="acme", repository="models", token=token)).id
-
-    construct()
-
-    [registered] = [r for r in mocks.resources if r.name == "fork-prs"]
+    [registered] = [r for r in run.resources if r.name == "fork-prs"]
     assert registered.typ == "pulumi-python:dynamic/gpu-runners:ForkPrWorkflows"
     assert registered.is_secret("token")
     assert registered.inputs["token"] == token
     assert {key: registered.inputs[key] for key in ("owner", "repository", "api_url")} == {
         "owner": "acme", "repository": "models", "api_url": DEFAULT_API_URL}
     assert settings_of(registered.inputs) == ALL_OFF
-    assert monitor.additional_secret_outputs["fork-prs"] == ["token"]
+    assert registered.additional_secret_outputs == ["token"]
     serialized_provider = base64.b64decode(registered.inputs["__provider"])
     assert token.encode() not in serialized_provider

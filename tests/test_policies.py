@@ -660,36 +660,10 @@ def test_service_account_key_without_seed_compatibility_is_rejected() -> None:
 # --- the program's own stacks against the pack ---------------------------------------------------
 
 
-@dataclass
-class StackUnderPolicy:
-    """What one stack registers, with the resource options the engine would see."""
-
-    run: ProgramRun
-    secret_outputs: dict[str, list[str]]  # URN -> additionalSecretOutputs
-
-
-def _run_recording_secret_outputs(stack: str,
-                                  overrides: Mapping[str, Any] | None = None) -> StackUnderPolicy:
-    # The harness records inputs, not resource options; the policies also read
-    # additionalSecretOutputs, so the mock engine's registrations are tapped for it.
-    captured: dict[str, list[str]] = {}
-    register = mock_stack.RecordingMonitor.RegisterResource
-
-    def tapped(monitor: mock_stack.RecordingMonitor, request: Any) -> Any:
-        response = register(monitor, request)
-        captured[response.urn] = list(request.additionalSecretOutputs)
-        return response
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mock_stack.RecordingMonitor, "RegisterResource", tapped)
-        run = mock_stack.run_program(stack, overrides)
-    return StackUnderPolicy(run, captured)
-
-
-def pack_report(stack: StackUnderPolicy) -> list[tuple[str, str]]:
+def pack_report(run: ProgramRun) -> list[tuple[str, str]]:
     """(policy, message) of every violation the pack reports for a stack, as preview would."""
     reported: list[tuple[str, str]] = []
-    resources = [r for r in stack.run.resources if r.custom]
+    resources = [r for r in run.resources if r.custom]
     for policy in policies.POLICIES:
         def report(message: str, _urn: str | None, name: str = policy.name) -> None:
             reported.append((name, message))
@@ -698,19 +672,19 @@ def pack_report(stack: StackUnderPolicy) -> list[tuple[str, str]]:
             for r in resources:
                 policy.validate(ResourceValidationArgs(
                     r.typ, analyzer_view(r.inputs), r.urn, r.name,
-                    options(stack.secret_outputs.get(r.urn, [])), None), report)
+                    options(r.additional_secret_outputs), None), report)
         else:
             policy.validate(StackValidationArgs([
                 PolicyResource(r.typ, analyzer_view(r.outputs), r.urn, r.name,
-                               options(stack.secret_outputs.get(r.urn, [])), None, None, [], {})
+                               options(r.additional_secret_outputs), None, None, [], {})
                 for r in resources]), report)
     return reported
 
 
 @pytest.mark.parametrize("stack", ["dev", "prod"])
 def test_the_programs_stacks_pass_every_policy(stack: str) -> None:
-    under_policy = _run_recording_secret_outputs(stack)
-    types = {r.typ for r in under_policy.run.resources}
+    under_policy = mock_stack.run_program(stack)
+    types = {r.typ for r in under_policy.resources}
     # The policies had something to check: every resource kind they guard is declared.
     assert {policies.GKE_CLUSTER, policies.GKE_NODE_POOL, policies.K8S_NAMESPACE,
             "kubernetes:apps/v1:Deployment", "kubernetes:batch/v1:CronJob",
@@ -719,15 +693,15 @@ def test_the_programs_stacks_pass_every_policy(stack: str) -> None:
 
 
 def test_prod_stack_turning_deletion_protection_off_is_stopped() -> None:
-    report = pack_report(_run_recording_secret_outputs("prod", {"deletionProtection": False}))
+    report = pack_report(mock_stack.run_program("prod", {"deletionProtection": False}))
     assert [name for name, _ in report] == ["production-deletion-protection"]
     assert "in production stack 'prod' has deletionProtection = False" in report[0][1]
 
 
 def test_seed_compatible_stack_passes_with_its_service_account_key() -> None:
-    under_policy = _run_recording_secret_outputs("dev", {"seedCompatibility": True})
-    assert under_policy.run.of_type(policies.SERVICE_ACCOUNT_KEY)
-    secrets = under_policy.run.of_type(policies.ACTIONS_SECRET)
+    under_policy = mock_stack.run_program("dev", {"seedCompatibility": True})
+    assert under_policy.of_type(policies.SERVICE_ACCOUNT_KEY)
+    secrets = under_policy.of_type(policies.ACTIONS_SECRET)
     assert {s.inputs["secretName"] for s in secrets} >= {
         contract.SEED_SECRET_SERVICE_ACCOUNT_KEY}
     assert pack_report(under_policy) == []
@@ -736,7 +710,7 @@ def test_seed_compatible_stack_passes_with_its_service_account_key() -> None:
 def test_warm_gpu_pool_of_a_stack_is_reported_as_advisory_only() -> None:
     pools = [{"name": "l4-warm", "machineType": "g2-standard-8", "acceleratorType": "nvidia-l4",
               "minNodes": 1, "maxNodes": 2}]
-    report = pack_report(_run_recording_secret_outputs("dev", {"gpuPools": pools}))
+    report = pack_report(mock_stack.run_program("dev", {"gpuPools": pools}))
     assert [name for name, _ in report] == ["gpu-node-pool-warm"]
     assert "is a warm pool (autoscaling.totalMinNodeCount = 1)" in report[0][1]
 

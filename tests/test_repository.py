@@ -8,9 +8,8 @@ warnings the engine received.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +31,12 @@ from components.repository import (
     workflow_variables,
 )
 from gpu_runners import contract
-from tests.conftest import MOCKS
-from tests.harness.mock_stack import TEST_SECRETS, InfraMocks, RecordingMonitor, RegisteredResource
+from tests.harness.mock_stack import (
+    TEST_SECRETS,
+    ProgramRun,
+    RegisteredResource,
+    run_under_mocks,
+)
 
 OWNER, REPOSITORY = "Acme-ML", "Vision-Models"
 TOKEN = TEST_SECRETS["githubToken"]
@@ -57,92 +60,14 @@ FORK_PR_WORKFLOWS = "pulumi-python:dynamic/gpu-runners:ForkPrWorkflows"
 
 # --- declaring components under fresh mocks ------------------------------------------------------
 
-
-@dataclass
-class Declared:
-    """What one `declare` run registered, resolved and logged."""
-
-    resources: list[RegisteredResource]
-    outputs: dict[str, Any]
-    secret_outputs: set[str]
-    ignore_changes: dict[str, list[str]]
-    warnings: list[str]
-
-    def of_type(self, typ: str) -> list[RegisteredResource]:
-        """Every registered resource of one type token."""
-        return [r for r in self.resources if r.typ == typ]
-
-    def one(self, typ: str, name: str | None = None) -> RegisteredResource:
-        """The single resource of a type (and logical name, when given)."""
-        found = [r for r in self.of_type(typ) if name is None or r.name == name]
-        assert len(found) == 1, f"expected one {typ} {name or ''}, found {found}"
-        return found[0]
-
-    def secrets(self) -> dict[str, RegisteredResource]:
-        """Actions secrets by secret name."""
-        return {r.inputs["secretName"]: r for r in self.of_type(ACTIONS_SECRET)}
+#: Each test's components run under fresh recording mocks: see `run_under_mocks`.
+Declared = ProgramRun
+declare = run_under_mocks
 
 
-class _OptionsMonitor(RecordingMonitor):
-    """The recording mock engine, also keeping each registration's `ignore_changes`."""
-
-    def __init__(self, mocks: InfraMocks) -> None:
-        super().__init__(mocks)
-        self.ignore_changes: dict[str, list[str]] = {}
-
-    def RegisterResource(self, request: Any) -> Any:
-        self.ignore_changes[request.name] = list(request.ignoreChanges)
-        return super().RegisterResource(request)
-
-
-class _Collected(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def declare(build: Callable[[], Mapping[str, Any]]) -> Declared:
-    """Run `build` as a Pulumi program under fresh mocks and resolve the outputs it returns.
-
-    The suite's shared mocks (tests/conftest.py) are reinstalled afterwards, so other tests are
-    unaffected.
-    """
-    mocks = InfraMocks()
-    monitor = _OptionsMonitor(mocks)
-    engine_log = logging.getLogger(f"{__name__}.engine")
-    engine_log.propagate = False
-    collected = _Collected()
-    engine_log.addHandler(collected)
-    pulumi.runtime.set_mocks(mocks, project="gpu-runners", stack="test", preview=False,
-                             logger=engine_log, monitor=monitor)
-    outputs: dict[str, Any] = {}
-    secret_outputs: set[str] = set()
-
-    @pulumi.runtime.test
-    def program() -> pulumi.Output[None]:
-        exported = dict(build())
-        names = list(exported)
-        resolved = [pulumi.Output.from_input(exported[n]) for n in names]
-        flags = [o.is_secret() for o in resolved]
-
-        def record(values: list[Any]) -> None:
-            for index, name in enumerate(names):
-                outputs[name] = values[index]
-                if values[len(names) + index]:
-                    secret_outputs.add(name)
-
-        return pulumi.Output.all(*resolved, *flags).apply(record)
-
-    try:
-        program()
-    finally:
-        engine_log.removeHandler(collected)
-        pulumi.runtime.set_mocks(MOCKS, project="gpu-runners", stack="test", preview=False)
-    return Declared(mocks.resources, outputs, secret_outputs, monitor.ignore_changes,
-                    collected.messages)
+def secrets_of(declared: Declared) -> dict[str, RegisteredResource]:
+    """Actions secrets by secret name."""
+    return {r.inputs["secretName"]: r for r in declared.of_type(ACTIONS_SECRET)}
 
 
 def github_provider() -> github.Provider:
@@ -249,7 +174,7 @@ def plaintext_leaves(value: Any, resource: RegisteredResource,
 
 
 def test_actions_secrets_are_set_through_value_as_pulumi_secrets(private_repo: Declared) -> None:
-    secrets = private_repo.secrets()
+    secrets = secrets_of(private_repo)
     assert set(secrets) == {"WANDB_API_KEY", "HF_TOKEN"}
     for secret_name, expected in (("WANDB_API_KEY", WANDB_KEY), ("HF_TOKEN", HF_TOKEN)):
         secret = secrets[secret_name]
@@ -357,7 +282,7 @@ def test_main_protection_defaults_to_one_approval_with_admins_included(
 
 
 def test_seed_compatibility_adds_exactly_the_seed_workflow_secrets(seed: Declared) -> None:
-    secrets = seed.secrets()
+    secrets = secrets_of(seed)
     assert set(secrets) == {"WANDB_API_KEY", "HF_TOKEN"} | SEED_SECRETS
     assert secrets["GCP_K8S_CLUSTER_NAME"].inputs["value"] == "gpu-runners-dev"
     assert secrets["GCP_K8S_CLUSTER_ZONE"].inputs["value"] == "us-central1-a"
@@ -365,12 +290,12 @@ def test_seed_compatibility_adds_exactly_the_seed_workflow_secrets(seed: Declare
 
 
 def test_without_seed_compatibility_no_seed_secret_and_no_key(wired: Declared) -> None:
-    assert set(wired.secrets()) == {"WANDB_API_KEY", "HF_TOKEN"}
+    assert set(secrets_of(wired)) == {"WANDB_API_KEY", "HF_TOKEN"}
     assert wired.of_type("gcp:serviceaccount/key:Key") == []
 
 
 def test_seed_key_secret_is_the_json_credentials_file(seed: Declared) -> None:
-    key = seed.secrets()["GOOGLE_SERVICE_ACCOUNT_KEY"]
+    key = secrets_of(seed)["GOOGLE_SERVICE_ACCOUNT_KEY"]
     # google-github-actions/auth credentials_json and `docker login -u _json_key` both take
     # the JSON document, not the base64 text the Key resource holds.
     assert json.loads(key.inputs["value"]) == {"type": "service_account"}
@@ -379,7 +304,7 @@ def test_seed_key_secret_is_the_json_credentials_file(seed: Declared) -> None:
 
 def test_seed_kubeconfig_targets_the_runner_namespace_through_the_exec_plugin(
         seed: Declared) -> None:
-    kubeconfig = yaml.safe_load(seed.secrets()["GCP_K8S_KUBECONFIG"].inputs["value"])
+    kubeconfig = yaml.safe_load(secrets_of(seed)["GCP_K8S_KUBECONFIG"].inputs["value"])
     context_name = "gke_acme-ml-ci_us-central1-a_gpu-runners-dev"
     assert kubeconfig["current-context"] == context_name
     (context,) = kubeconfig["contexts"]
@@ -451,7 +376,7 @@ def test_example_workflow_is_committed_once_before_main_is_protected(
     assert workflow.inputs["overwriteOnCreate"] is False
     # After the first commit the team owns the file (its training step): no revert, and no
     # push that branch protection would refuse.
-    assert committed.ignore_changes[workflow.name] == ["content"]
+    assert workflow.ignore_changes == ["content"]
     assert workflow.urn in committed.one(BRANCH_PROTECTION).dependencies
 
 

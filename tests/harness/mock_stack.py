@@ -10,9 +10,10 @@ program derives is silently `None`.
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,8 @@ class RegisteredResource:
     secret_paths: set[str] = field(default_factory=set)  # dotted input paths that were secret
     outputs: dict[str, Any] = field(default_factory=dict)
     dependencies: list[str] = field(default_factory=list)  # URNs of explicit dependencies
+    ignore_changes: list[str] = field(default_factory=list)
+    additional_secret_outputs: list[str] = field(default_factory=list)
 
     def is_secret(self, path: str) -> bool:
         """Whether the input at `path` (dotted, wire names) or one of its parents is secret."""
@@ -228,7 +231,7 @@ class InfraMocks(pulumi.runtime.Mocks):
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
-    """The mock engine, also keeping each registration's URN and parent."""
+    """The mock engine, also keeping each registration's URN, parent and resource options."""
 
     def __init__(self, mocks: InfraMocks) -> None:
         super().__init__(mocks)
@@ -243,6 +246,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 registered.urn = response.urn
                 registered.parent = request.parent
                 registered.dependencies = list(request.dependencies)
+                registered.ignore_changes = list(request.ignoreChanges)
+                registered.additional_secret_outputs = list(request.additionalSecretOutputs)
                 break
         return response
 
@@ -256,6 +261,8 @@ class ProgramRun:
     invokes: list[pulumi.runtime.MockCallArgs]
     outputs: dict[str, Any]
     secret_outputs: set[str]
+    #: Warnings the program logged (`pulumi.log.warn`), in order.
+    warnings: list[str] = field(default_factory=list)
 
     def of_type(self, typ: str) -> list[RegisteredResource]:
         """Every registered resource of one type token."""
@@ -275,30 +282,37 @@ class ProgramRun:
                 if r.typ.startswith("kubernetes:") and r.custom)
 
 
-def run_program(stack: str = "dev", overrides: Mapping[str, Any] | None = None, *,
-                fill_placeholders: bool = True, secrets: Mapping[str, Any] | None = None,
-                preview: bool = False) -> ProgramRun:
-    """Run `__main__.py` for a stack under mocks and return what it registered.
+class _CollectedLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run_under_mocks(build: Callable[[], Mapping[str, Any] | None], *, stack: str = "test",
+                    preview: bool = False) -> ProgramRun:
+    """Run `build` as a Pulumi program under fresh recording mocks.
 
     Args:
-        stack: The stack whose `Pulumi.<stack>.yaml` is read.
-        overrides: Project keys (without namespace) replacing the stack's values.
-        fill_placeholders: Replace CHANGE_ME values as an operator would.
-        secrets: Secret keys and values; the test PATs by default.
+        build: Declares resources; may return outputs to resolve besides `pulumi.export`s.
+        stack: The stack name the program sees.
         preview: Run as `pulumi preview` does (unknown computed outputs).
 
-    Raises:
-        Whatever the program raises, e.g. `StackConfigError` for a bad config.
+    Returns:
+        Everything registered, the resolved outputs (exports and returned ones), which of them
+        are secret, and the warnings logged.
     """
     project = yaml.safe_load(PROJECT_FILE.read_text())["name"]
-    config, secret_keys = effective_config(stack, overrides, fill_placeholders=fill_placeholders,
-                                           secrets=secrets)
     mocks = InfraMocks()
     monitor = RecordingMonitor(mocks)
+    engine_log = logging.getLogger(f"{__name__}.engine")
+    engine_log.propagate = False
+    collected = _CollectedLog()
+    engine_log.addHandler(collected)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=preview,
-                             monitor=monitor)
-    pulumi.runtime.set_all_config(config, secret_keys)
-
+                             logger=engine_log, monitor=monitor)
     outputs: dict[str, Any] = {}
     secret_outputs: set[str] = set()
 
@@ -307,14 +321,10 @@ def run_program(stack: str = "dev", overrides: Mapping[str, Any] | None = None, 
         root = get_root_resource()
         assert isinstance(root, pulumi_stack.Stack)
         root.outputs.clear()
-        sys.path.insert(0, str(REPO_ROOT))
-        try:
-            runpy.run_path(str(PROGRAM), run_name="__main__")
-        finally:
-            sys.path.remove(str(REPO_ROOT))
-        exported = dict(root.outputs)
+        returned = build() or {}
+        exported = {**root.outputs, **returned}
         root.outputs.clear()
-        # Resolve every export with its secret-ness, as the engine would store it in state.
+        # Resolve every output with its secret-ness, as the engine would store it in state.
         names = list(exported)
         resolved = [pulumi.Output.from_input(exported[n]) for n in names]
         flags = [o.is_secret() for o in resolved]
@@ -330,6 +340,39 @@ def run_program(stack: str = "dev", overrides: Mapping[str, Any] | None = None, 
     try:
         program()
     finally:
-        pulumi.runtime.set_all_config({}, [])
+        engine_log.removeHandler(collected)
     return ProgramRun(stack=stack, resources=mocks.resources, invokes=mocks.invokes,
-                      outputs=outputs, secret_outputs=secret_outputs)
+                      outputs=outputs, secret_outputs=secret_outputs,
+                      warnings=collected.messages)
+
+
+def run_program(stack: str = "dev", overrides: Mapping[str, Any] | None = None, *,
+                fill_placeholders: bool = True, secrets: Mapping[str, Any] | None = None,
+                preview: bool = False) -> ProgramRun:
+    """Run `__main__.py` for a stack under mocks and return what it registered.
+
+    Args:
+        stack: The stack whose `Pulumi.<stack>.yaml` is read.
+        overrides: Project keys (without namespace) replacing the stack's values.
+        fill_placeholders: Replace CHANGE_ME values as an operator would.
+        secrets: Secret keys and values; the test PATs by default.
+        preview: Run as `pulumi preview` does (unknown computed outputs).
+
+    Raises:
+        Whatever the program raises, e.g. `StackConfigError` for a bad config.
+    """
+    config, secret_keys = effective_config(stack, overrides, fill_placeholders=fill_placeholders,
+                                           secrets=secrets)
+    pulumi.runtime.set_all_config(config, secret_keys)
+
+    def main() -> None:
+        sys.path.insert(0, str(REPO_ROOT))
+        try:
+            runpy.run_path(str(PROGRAM), run_name="__main__")
+        finally:
+            sys.path.remove(str(REPO_ROOT))
+
+    try:
+        return run_under_mocks(main, stack=stack, preview=preview)
+    finally:
+        pulumi.runtime.set_all_config({}, [])
