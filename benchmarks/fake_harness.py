@@ -48,23 +48,18 @@ def fake_servers(**kube_options: Any) -> Iterator[tuple[FakeKubernetes, FakeGitH
 
 
 class RunnerClock:
-    """Turns a pod's runner online `lag` seconds after the pod runs; records when it did."""
+    """Turns a pod's runner online on GitHub when it connects, `lag` seconds after its
+    container starts (the fake prints "Listening for Jobs" at that moment); records when."""
 
     def __init__(self, kube: FakeKubernetes, github: FakeGitHub, lag: float = 0.0) -> None:
         self.online_at: dict[str, float] = {}
         self._github = github
-        self._lag = lag
         self._lock = threading.Lock()
-        kube.on_pod_running(self._running)
+        kube.runner_connect_delay = lag
+        kube.on_runner_listening(self._online)
 
-    def _running(self, pod: dict[str, Any]) -> None:
+    def _online(self, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["annotations"][contract.ANNOTATION_RUNNER_NAME]
-        if self._lag:
-            threading.Timer(self._lag, self._online, args=(name,)).start()
-        else:
-            self._online(name)
-
-    def _online(self, name: str) -> None:
         self._github.set_runner_status(name, "online")
         with self._lock:
             self.online_at[name] = time.monotonic()

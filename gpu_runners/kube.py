@@ -4,22 +4,25 @@
 the reaper CronJob) and a kubeconfig otherwise. `KubeClient` wraps the few CoreV1 calls the
 commands make: each has a request timeout, transient failures (5xx, 429, timeouts, dropped
 connections) are retried with backoff, and API errors become domain errors that name the
-verb, the resource and the namespace. `WatchFeed` runs Kubernetes watches in background
-threads and hands their events to the caller through one queue, so a single loop can wait on
-pods, events and its own deadlines at once.
+verb, the resource and the namespace. `WatchFeed` runs Kubernetes watches, and follows of a
+container's log, in background threads and hands what they see to the caller through one
+queue, so a single loop can wait on pods, events, log lines and its own deadlines at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import urllib3
 from kubernetes import config as kube_config
@@ -42,6 +45,18 @@ T = TypeVar("T")
 
 _RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504})
 DEFAULT_PAGE_SIZE = 500
+#: Longest log line matched, in bytes: a line is the job's own output too and can be huge
+#: (a minified file, a progress bar without newlines); longer ones are skipped unread.
+LOG_LINE_LIMIT = 4096
+#: Lines re-read when a log follow re-connects, so a line written while it was down is seen
+#: without reading the whole log again.
+LOG_TAIL_ON_RECONNECT = 200
+#: Seconds a followed log may stay silent before the follow re-connects: a real API server
+#: sends nothing between lines, and a silent connection may be a dead one.
+LOG_IDLE_SECONDS = 60.0
+#: A follow that ended sooner than this (the container ended, the server closed it at once)
+#: keeps its back-off growing instead of re-connecting in a tight loop.
+LOG_HEALTHY_SECONDS = 10.0
 
 
 def load_api_client(
@@ -366,13 +381,24 @@ def stream_watch(
                             f"in namespace {namespace}") from e
 
 
+class LogSignal(enum.Enum):
+    """What a followed log tells: never the lines themselves (they are the job's output)."""
+
+    FOLLOWING = "following"  # a follow request is open: new lines are being matched
+    MATCHED = "matched"  # a line matched; the follow has ended
+    UNREADABLE = "unreadable"  # the log cannot be read now; FeedItem.detail says why
+
+
 @dataclass(frozen=True)
 class FeedItem:
-    """What a WatchFeed delivers: a watch event from a named source, or that source's failure."""
+    """What a WatchFeed delivers: a watch event from a named source, that source's failure,
+    or news of a followed log."""
 
     source: str
     event: WatchEvent | None = None
     error: KubernetesError | None = None
+    log: LogSignal | None = None
+    detail: str = ""
 
 
 class WatchFeed:
@@ -381,6 +407,7 @@ class WatchFeed:
     Each watch re-connects when the server ends it, resumes from the last resource version,
     and re-syncs (watching without a version, which replays the current objects) after a 410.
     A watch the server refuses (401/403/404) is reported once as a FeedItem with an error.
+    A log follow (`follow_log`) reports LogSignal items instead: it never fails the feed.
 
     Args:
         kube: The client whose API the watches use.
@@ -396,6 +423,7 @@ class WatchFeed:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watchers: dict[str, kube_watch.Watch] = {}
+        self._log_responses: dict[str, urllib3.BaseHTTPResponse] = {}
         self._lock = threading.Lock()
 
     def watch_pods(self, source: str, *, field_selector: str | None = None,
@@ -406,6 +434,24 @@ class WatchFeed:
     def watch_events(self, source: str, *, field_selector: str) -> None:
         """Starts a watch on core/v1 Events; its events arrive tagged with `source`."""
         self._start(source, self._kube.core.list_namespaced_event, field_selector, None)
+
+    def follow_log(self, source: str, pod: str, *, container: str,
+                   matches: Callable[[str], bool]) -> None:
+        """Follows a container's log until a line satisfies `matches`.
+
+        Items tagged `source` say FOLLOWING each time a follow request is open, MATCHED once
+        (and the follow ends), or UNREADABLE with the reason when a request is refused or a
+        stream breaks. It re-connects after a break (re-reading the last
+        LOG_TAIL_ON_RECONNECT lines) and stops for good on 401/403/404. Lines are only
+        matched (`matches` sees each one, decoded, without its newline), never kept; lines
+        longer than LOG_LINE_LIMIT bytes are skipped.
+        """
+        thread = threading.Thread(
+            target=self._follow, name=f"log-{source}", daemon=True,
+            args=(source, pod, container, matches),
+        )
+        self._threads.append(thread)
+        thread.start()
 
     def get(self, timeout: float) -> FeedItem | None:
         """Returns the next item, or None if none arrives within `timeout` seconds."""
@@ -421,6 +467,10 @@ class WatchFeed:
             watchers = list(self._watchers.values())
         for watcher in watchers:
             watcher.stop()  # type: ignore[no-untyped-call]  # shuts the socket: unblocks a read
+        with self._lock:
+            responses = list(self._log_responses.values())
+        for response in responses:
+            _shut(response)
         for thread in self._threads:
             thread.join(timeout=2.0)
 
@@ -477,3 +527,84 @@ class WatchFeed:
                     return
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _follow(self, source: str, pod: str, container: str,
+                matches: Callable[[str], bool]) -> None:
+        timeouts = self._kube.timeouts
+        backoff = timeouts.backoff_base
+        tail: int | None = None  # the first request reads the log from its start
+        while not self._stop.is_set():
+            opened = time.monotonic()
+            try:
+                if self._follow_once(source, pod, container, matches, tail):
+                    self._queue.put(FeedItem(source, log=LogSignal.MATCHED))
+                    return
+            except ApiException as e:
+                self._queue.put(FeedItem(source, log=LogSignal.UNREADABLE,
+                                         detail=f"{e.status}: {_status_message(e)}"))
+                if e.status in (401, 403, 404):
+                    return  # not allowed, or the pod is gone: asking again will not help
+            except urllib3.exceptions.ReadTimeoutError:
+                pass  # silent for LOG_IDLE_SECONDS: re-connect, the lines missed are re-read
+            except Exception as e:  # a refused, dropped or garbled stream, of any kind
+                if self._stop.is_set():
+                    return
+                self._queue.put(FeedItem(source, log=LogSignal.UNREADABLE,
+                                         detail=f"{type(e).__name__}: {e}"))
+            tail = LOG_TAIL_ON_RECONNECT
+            if time.monotonic() - opened >= LOG_HEALTHY_SECONDS:
+                backoff = timeouts.backoff_base
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def _follow_once(self, source: str, pod: str, container: str,
+                     matches: Callable[[str], bool], tail: int | None) -> bool:
+        """One follow request; True if a line matched, False when the server ended it."""
+        kwargs: dict[str, Any] = {"tail_lines": tail} if tail is not None else {}
+        # Without preloading, the client returns the raw streaming response (its annotation
+        # says str).
+        response = cast(urllib3.BaseHTTPResponse, self._kube.core.read_namespaced_pod_log(
+            pod, self._namespace, container=container, follow=True, _preload_content=False,
+            _request_timeout=(self._kube.timeouts.connect, LOG_IDLE_SECONDS), **kwargs,
+        ))
+        with self._lock:
+            self._log_responses[source] = response
+        try:
+            if self._stop.is_set():
+                return False  # closed while the request was in flight
+            self._queue.put(FeedItem(source, log=LogSignal.FOLLOWING))
+            return any(matches(line) for line in bounded_lines(response, LOG_LINE_LIMIT))
+        finally:
+            with self._lock:
+                self._log_responses.pop(source, None)
+            # Closed, not returned to the pool: the rest of the stream is still unread.
+            response.close()
+            response.release_conn()
+
+
+def bounded_lines(response: urllib3.BaseHTTPResponse, limit: int) -> Iterator[str]:
+    """The lines of a streamed response as they arrive, without newlines; lines longer than
+    `limit` bytes are skipped without being buffered whole."""
+    buffer = bytearray()
+    skipping = False  # inside a line already known to be too long
+    for chunk in response.stream(amt=65536, decode_content=False):
+        buffer += chunk
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if skipping:
+                skipping = False
+            elif len(line) <= limit:
+                yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+        if len(buffer) > limit:
+            buffer.clear()
+            skipping = True
+
+
+def _shut(response: urllib3.BaseHTTPResponse) -> None:
+    """Shuts a streaming response's socket so that a thread blocked reading it returns."""
+    connection = getattr(response, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed: the reader is unblocked anyway
+            sock.shutdown(socket.SHUT_RDWR)

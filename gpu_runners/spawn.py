@@ -9,8 +9,11 @@ The order of the steps is deliberate:
 2. **Then the JIT runner config** (`gpu-<run_id>-<attempt>`, single use, one job), and the
    Secret holding it, owned by the Pod so that deleting the Pod removes it.
 3. **Then watch** the pod and its events (no polling of Kubernetes) and, once the container
-   runs, ask GitHub whether the runner is online (at once, then every 0.5 s, less often
-   after the first seconds: GitHub cannot push it).
+   runs, follow its log: the runner prints "Listening for Jobs" once it has connected, and
+   only then is GitHub asked, once, whether it is online (GitHub cannot push it, and polling
+   spends the token's rate limit). GitHub is polled slowly only as a fallback: while the
+   log cannot be read, or when the line has not come after a grace period. Log lines are
+   the job's output too: they are matched, never printed or kept.
 
 Any failure, and SIGINT/SIGTERM (raised as `Interrupted` by the CLI), removes what this spawn
 created or adopted: the pod (and with it the Secret), the Secret, the registration. A second
@@ -20,6 +23,7 @@ still usable, instead of failing on the name clash.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,9 +49,9 @@ from gpu_runners.github_api import (
     RetryPolicy,
     Runner,
 )
-from gpu_runners.kube import CLEANUP_TIMEOUTS, KubeClient, WatchFeed, stream_watch
+from gpu_runners.kube import CLEANUP_TIMEOUTS, KubeClient, LogSignal, WatchFeed, stream_watch
 from gpu_runners.pod_options import RunnerPodOptions
-from gpu_runners.pod_progress import Notice, PodProgress, Stage
+from gpu_runners.pod_progress import Notice, PodProgress
 from gpu_runners.pod_spec import ANY_GPU_TYPE, build_gpu_pod, build_jit_secret
 from gpu_runners.progress import ProgressLog
 from gpu_runners.run_identity import RunIdentity
@@ -57,13 +61,24 @@ DEFAULT_SCALE_UP_GRACE_SECONDS = 120.0
 #: Labels every GPU runner registers with besides its own `gpu-<run_id>-<attempt>`, so that
 #: both `runs-on: gpu-1-1` and `runs-on: [self-hosted, gpu-1-1]` find it.
 BASE_RUNNER_LABELS = ("self-hosted",)
-#: GitHub cannot push "runner online", so spawn asks: as soon as the container runs, then
-#: every 0.5 s for the first 10 s (when a runner usually connects: the GPU job should not
-#: wait on spawn), every 2 s until a minute, then every 5 s. Each entry: (seconds since the
-#: container started, interval until then). Faster would spend the rate limit (5,000
-#: requests an hour per token, shared by every concurrent run) for nothing.
-ONLINE_CHECK_SCHEDULE = ((10.0, 0.5), (60.0, 2.0))
-ONLINE_CHECK_LAST_INTERVAL = 5.0
+#: The line the Actions runner prints once its session with GitHub exists, i.e. once GitHub
+#: lists it online: `{DateTime.UtcNow:u}: Listening for Jobs` (actions/runner,
+#: src/Runner.Listener/Runner.cs, RunAsync, which `run.sh --jitconfig` reaches too). Matched
+#: loosely at the end of the line: a miss costs LOG_SILENCE_GRACE_SECONDS, a false match one
+#: GitHub request.
+RUNNER_LISTENING_LINE = re.compile(r"Listening for Jobs\s*$")
+#: GitHub poll interval when the log cannot tell: it cannot be read (RBAC, a broken stream)
+#: or stayed silent past the grace period. Slow, because the rate limit (5,000 requests an
+#: hour per token) is shared by every concurrent run.
+ONLINE_FALLBACK_INTERVAL = 5.0
+#: Seconds after the container starts that spawn waits for the line before polling GitHub:
+#: a runner connects within seconds, so a longer silence suggests an image that logs
+#: elsewhere.
+LOG_SILENCE_GRACE_SECONDS = 30.0
+#: After the line, GitHub is asked at once; should it not list the runner online yet (its
+#: view lags), again every LINE_CONFIRM_INTERVAL for LINE_CONFIRM_SECONDS.
+LINE_CONFIRM_INTERVAL = 0.5
+LINE_CONFIRM_SECONDS = 5.0
 #: Longest wait for a quota-blocked create before trying again even without a pod going away
 #: (the quota itself may be raised).
 QUOTA_RETRY_MAX_INTERVAL = 30.0
@@ -85,6 +100,9 @@ class SpawnRequest:
         scale_up_grace_seconds: How long an unschedulable pod may wait for the autoscaler to
             start a scale-up before the GPU type counts as unavailable.
         runner_group_id: Runner group of the registration (1, Default, for repositories).
+        online_poll_seconds: Interval of the fallback GitHub poll (see ONLINE_FALLBACK_INTERVAL).
+        log_silence_seconds: How long the log may stay without the runner's "Listening for
+            Jobs" line before the fallback poll starts (see LOG_SILENCE_GRACE_SECONDS).
     """
 
     identity: RunIdentity
@@ -93,6 +111,15 @@ class SpawnRequest:
     wait_timeout_seconds: float = DEFAULT_WAIT_TIMEOUT_SECONDS
     scale_up_grace_seconds: float = DEFAULT_SCALE_UP_GRACE_SECONDS
     runner_group_id: int = DEFAULT_RUNNER_GROUP_ID
+    online_poll_seconds: float = ONLINE_FALLBACK_INTERVAL
+    log_silence_seconds: float = LOG_SILENCE_GRACE_SECONDS
+
+    def __post_init__(self) -> None:
+        for name in ("online_poll_seconds", "log_silence_seconds"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"SpawnRequest.{name} must be a number of seconds > 0, got "
+                                 f"{value!r}")
 
     @property
     def runner_labels(self) -> list[str]:
@@ -145,6 +172,59 @@ class _Owned:
     secret: bool = False
     registration: bool = False
     runner_id: int | None = None
+
+
+@dataclass
+class _OnlineChecks:
+    """When to ask GitHub whether the runner is online (see the module docstring, step 3).
+
+    Attributes:
+        poll_interval: Interval of the fallback poll.
+        silence_grace: Seconds of running without the line before the fallback poll starts.
+        running_at: When the container was seen running; None before.
+        log_readable: False from a failed log read until a follow is open again.
+        line_seen_at: When the "Listening for Jobs" line was read.
+        next_at: When to ask next; None while there is nothing to ask yet.
+    """
+
+    poll_interval: float
+    silence_grace: float
+    running_at: float | None = None
+    log_readable: bool = True
+    line_seen_at: float | None = None
+    next_at: float | None = None
+
+    def container_running(self, now: float, *, adopted_running: bool) -> None:
+        """The container runs: wait for the line, or ask at once for a pod adopted running
+        (its runner may have connected long ago, its line beyond the log's re-read tail)."""
+        self.running_at = now
+        self.next_at = now if adopted_running else now + self.silence_grace
+
+    def line_seen(self, now: float) -> None:
+        """The runner says it is connected: ask now."""
+        self.line_seen_at = now
+        self.next_at = now
+
+    def log_failed(self, now: float) -> bool:
+        """The log cannot be read: ask now (the line may have come meanwhile), then poll.
+
+        Returns:
+            True if the log was readable until now (worth telling once).
+        """
+        was_readable, self.log_readable = self.log_readable, False
+        if was_readable and self.next_at is not None:
+            self.next_at = min(self.next_at, now)
+        return was_readable
+
+    def asked(self, now: float) -> None:
+        """GitHub did not list the runner online: decide when to ask again."""
+        assert self.running_at is not None  # only asked once the container runs
+        if self.line_seen_at is not None and now - self.line_seen_at < LINE_CONFIRM_SECONDS:
+            self.next_at = now + LINE_CONFIRM_INTERVAL
+        elif not self.log_readable or now >= self.running_at + self.silence_grace:
+            self.next_at = now + self.poll_interval
+        else:
+            self.next_at = self.running_at + self.silence_grace
 
 
 @dataclass(frozen=True)
@@ -411,17 +491,19 @@ class _Spawn:
             scale_up_grace=self.request.scale_up_grace_seconds,
             now=self.pod_created_at,
         )
+        checks = _OnlineChecks(self.request.online_poll_seconds, self.request.log_silence_seconds)
         runner_id = self.owned.runner_id
         assert runner_id is not None  # _register always leaves one
         with WatchFeed(self.kube, self.namespace) as feed:
             feed.watch_pods("pod", field_selector=f"metadata.name={name}")
             feed.watch_events("event", field_selector=f"involvedObject.name={name}")
             self._say(progress.observe_pod(pod, self.clock()))
-            next_check: float | None = self.clock() if progress.container_running else None
+            if progress.container_running:
+                self._follow_runner_log(feed, name, checks, adopted_running=True)
             while True:
                 now = self.clock()
                 progress.check_timers(now)
-                if next_check is not None and now >= next_check:
+                if checks.next_at is not None and now >= checks.next_at:
                     runner = self.github.get_runner(runner_id)
                     if runner is None:
                         raise PodFailedError(
@@ -431,19 +513,20 @@ class _Spawn:
                     if runner.online:
                         self._say(progress.mark_online(self.clock()))
                         return self._result(progress, gpu_type or ANY_GPU_TYPE)
-                    next_check = now + _online_check_interval(
-                        now - progress.reached[Stage.RUNNING]
-                    )
+                    checks.asked(self.clock())
                 if now >= self.deadline:
                     raise WaitTimeoutError(
                         f"runner {self.identity.runner_name} not online after "
                         f"{self.request.wait_timeout_seconds:.0f}s (last stage: "
                         f"{progress.last_stage.value})"
                     )
-                wake = min(t for t in (self.deadline, progress.next_deadline(), next_check)
+                wake = min(t for t in (self.deadline, progress.next_deadline(), checks.next_at)
                            if t is not None)
                 item = feed.get(wake - self.clock())
                 if item is None:
+                    continue
+                if item.log is not None:
+                    self._read_log_signal(item.log, item.detail, checks)
                     continue
                 if item.error is not None:
                     raise item.error
@@ -457,7 +540,24 @@ class _Spawn:
                         progress.observe_deleted()
                     self._say(progress.observe_pod(event.object, self.clock()))
                 if progress.container_running and not was_running:
-                    next_check = self.clock()  # the runner may connect any moment now
+                    self._follow_runner_log(feed, name, checks, adopted_running=False)
+
+    def _follow_runner_log(self, feed: WatchFeed, pod: str, checks: _OnlineChecks, *,
+                           adopted_running: bool) -> None:
+        checks.container_running(self.clock(), adopted_running=adopted_running)
+        feed.follow_log("log", pod, container=contract.GPU_RUNNER_CONTAINER,
+                        matches=lambda line: RUNNER_LISTENING_LINE.search(line) is not None)
+
+    def _read_log_signal(self, signal: LogSignal, detail: str, checks: _OnlineChecks) -> None:
+        if signal is LogSignal.MATCHED:
+            checks.line_seen(self.clock())
+        elif signal is LogSignal.FOLLOWING:
+            checks.log_readable = True
+        elif checks.log_failed(self.clock()):
+            self.log.line(
+                f"cannot read the runner's log ({detail}); asking GitHub every "
+                f"{self.request.online_poll_seconds:g}s whether it is online"
+            )
 
     def _result(self, progress: PodProgress, gpu_type: str) -> SpawnResult:
         return SpawnResult(
@@ -527,14 +627,6 @@ class _Spawn:
     def _say(self, notices: Iterable[Notice]) -> None:
         for notice in notices:
             self.log.line(notice.text)
-
-
-def _online_check_interval(running_for: float) -> float:
-    """Seconds until the next "is the runner online?" question (see ONLINE_CHECK_SCHEDULE)."""
-    for until, interval in ONLINE_CHECK_SCHEDULE:
-        if running_for < until:
-            return interval
-    return ONLINE_CHECK_LAST_INTERVAL
 
 
 def _name(pod: V1Pod) -> str:

@@ -21,13 +21,19 @@ What it emulates, for what `gpu_runners` uses:
   messages and sources, pod conditions and container states as they progress, node scale-up,
   `activeDeadlineSeconds`, graceful deletion, and the garbage collector that deletes Secrets
   whose owner Pod is gone.
+- Pod logs (`GET .../pods/{name}/log` with `container`, `follow`, `tailLines`,
+  `sinceSeconds`): plain text, a chunked stream with `follow=true` that ends when the container
+  terminates, and the kubelet's 400 while the container waits. A started runner container
+  prints what the Actions runner prints, then "Listening for Jobs" once it has connected
+  (`PodScript.connect_delay`); `on_runner_listening` and `append_log` drive it.
 - Faults injected per method and path: a status, a delay, or a dropped connection.
 
 Deliberately stricter than a real API server: unknown fields are rejected (422) instead of
 dropped with a warning, so a misspelt field fails the test; GKE's ExtendedResourceToleration
 admission (which adds the GPU toleration) is not emulated, so a pod must tolerate GPU taints
-itself. Not emulated: PUT/PATCH (405), RBAC, ServiceAccount existence, pod logs, a scheduler
-retry of pods left Pending (a pod that is unschedulable stays so).
+itself. Not emulated: PUT/PATCH (405), ServiceAccount existence, logs of a previous container
+(`previous`), `timestamps`, `limitBytes`, a scheduler retry of pods left Pending (a pod that is
+unschedulable stays so). RBAC is checked only when `rbac_rules` are given.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import heapq
 import http.server
 import itertools
 import json
+import math
 import random
 import re
 import secrets
@@ -64,6 +71,8 @@ from gpu_runners.contract import (
     GPU_RESOURCE,
     GPU_TAINT_KEY,
     GPU_TAINT_VALUE,
+    JIT_MOUNT_DIR,
+    JIT_SECRET_KEY,
     NODE_GPU_LABEL,
     PSA_ENFORCE_LABEL,
     PSA_LEVEL,
@@ -84,6 +93,14 @@ _DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadli
 # The characters the API server draws generateName suffixes from (no vowels: no words).
 _NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _WATCH_POLL_SECONDS = 0.2
+#: What the Actions runner (actions/runner, src/Runner.Listener) prints in a JIT pod: the image's
+#: entrypoint first, then, once its session with GitHub exists, these lines; the last is
+#: `{DateTime.UtcNow:u}: Listening for Jobs` (Runner.cs, RunAsync), the same in JIT mode.
+RUNNER_START_LINES = (
+    f"entrypoint: starting the single-use runner from {JIT_MOUNT_DIR}/{JIT_SECRET_KEY}",
+)
+RUNNER_CONNECTED_LINES = ("\u221a Connected to GitHub", "", "Current runner version: '2.328.0'")
+RUNNER_LISTENING_SUFFIX = ": Listening for Jobs"
 
 
 # --- What the cluster looks like and what happens to a pod ------------------------------------
@@ -186,6 +203,9 @@ class PodScript:
         message: Overrides the FailedScheduling message (UNSCHEDULABLE, SCALE_UP) or the image
             pull error (IMAGE_PULL_ERROR); by default they are computed as the real components
             would write them.
+        connect_delay: Seconds from the container starting to its runner being connected to
+            GitHub and printing "Listening for Jobs"; None for the fake's
+            `runner_connect_delay`; `math.inf` for a runner that never connects.
     """
 
     outcome: Outcome
@@ -195,11 +215,30 @@ class PodScript:
     run_duration: float = 0.05
     exit_code: int = 1
     message: str | None = None
+    connect_delay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.connect_delay is not None and not self.connect_delay >= 0:
+            raise ValueError(
+                f"PodScript.connect_delay must be >= 0 (math.inf: never) or None, "
+                f"got {self.connect_delay}"
+            )
 
     @classmethod
-    def run(cls, *, schedule_delay: float = 0.02, step_delay: float = 0.01) -> PodScript:
+    def run(
+        cls,
+        *,
+        schedule_delay: float = 0.02,
+        step_delay: float = 0.01,
+        connect_delay: float | None = None,
+    ) -> PodScript:
         """The pod is scheduled on an existing node and runs until deleted or finished."""
-        return cls(Outcome.RUN, schedule_delay=schedule_delay, step_delay=step_delay)
+        return cls(
+            Outcome.RUN,
+            schedule_delay=schedule_delay,
+            step_delay=step_delay,
+            connect_delay=connect_delay,
+        )
 
     @classmethod
     def scale_up(cls, *, scale_up_delay: float = 0.05) -> PodScript:
@@ -908,6 +947,12 @@ class _Change:
     previous: JSON | None
 
 
+@dataclass(frozen=True)
+class _LogLine:
+    at: float  # time.time() when written, for sinceSeconds
+    text: str
+
+
 @dataclass
 class _Fault:
     method: str
@@ -943,6 +988,7 @@ class FakeKubernetes:
         deadline_scale: float = 1.0,
         token: str | None = None,
         rbac_rules: Iterable[Mapping[str, Any]] | None = None,
+        runner_connect_delay: float = 0.0,
     ) -> None:
         """Creates the fake; nothing listens until `start()`.
 
@@ -963,12 +1009,20 @@ class FakeKubernetes:
             rbac_rules: The caller's Role rules (`api_groups`/`apiGroups`, `resources`,
                 `verbs`): a request no rule allows is answered 403 Forbidden, as RBAC would,
                 and recorded in `forbidden`. None allows everything.
+            runner_connect_delay: Seconds from a runner container starting to its "Listening
+                for Jobs" line, for scripts that do not say (`PodScript.connect_delay`);
+                `math.inf` for runners that never connect. Also settable later as an attribute.
         """
         if gpu_quota is not None and gpu_quota < 0 or pod_quota is not None and pod_quota < 0:
             raise ValueError("FakeKubernetes: gpu_quota and pod_quota must be >= 0 or None")
         if termination_delay < 0 or deadline_scale <= 0:
             raise ValueError("FakeKubernetes: termination_delay >= 0 and deadline_scale > 0")
+        if not runner_connect_delay >= 0:
+            raise ValueError(
+                f"FakeKubernetes: runner_connect_delay must be >= 0, got {runner_connect_delay}"
+            )
         self.namespace = namespace
+        self.runner_connect_delay = runner_connect_delay
         self.validate = validate
         self.token = token or secrets.token_urlsafe(24)
         self.validation_errors: list[str] = []
@@ -1003,6 +1057,10 @@ class FakeKubernetes:
         self._requests: list[RecordedRequest] = []
         self._faults: list[_Fault] = []
         self._running_callbacks: list[Callable[[JSON], None]] = []
+        self._listening_callbacks: list[Callable[[JSON], None]] = []
+        self._log_breaks = 0  # end_log_streams() calls so far: open follows end on a change
+        #: Container logs per pod: (namespace, name) -> (pod uid, container -> lines).
+        self._logs: dict[tuple[str, str], tuple[str, dict[str, list[_LogLine]]]] = {}
         self._stopping = threading.Event()
         self._timeline = _Timeline(self._report_error)
         self._server: _Server | None = None
@@ -1190,6 +1248,71 @@ class FakeKubernetes:
         """Calls `callback(pod)` (a copy) each time a pod becomes Running and Ready."""
         with self._lock:
             self._running_callbacks.append(callback)
+
+    def on_runner_listening(self, callback: Callable[[JSON], None]) -> None:
+        """Calls `callback(pod)` (a copy) when a pod's runner connects, just before its
+        "Listening for Jobs" line is written (a real runner is online on GitHub by then)."""
+        with self._lock:
+            self._listening_callbacks.append(callback)
+
+    def append_log(
+        self,
+        namespace: str,
+        pod: str,
+        line: str,
+        *,
+        container: str | None = None,
+        at: float | None = None,
+    ) -> None:
+        """Appends one line to a container's log, as the container writing it would.
+
+        Args:
+            namespace: The pod's namespace.
+            pod: Pod name.
+            line: The text, without its newline.
+            container: Container name; default: the pod's first container.
+            at: When it was written (`time.time()`), for `sinceSeconds`; default: now.
+
+        Raises:
+            LookupError: No such pod or container.
+            ValueError: `line` holds a newline.
+        """
+        if "\n" in line:
+            raise ValueError("FakeKubernetes.append_log: one line at a time, without newline")
+        with self._changed:
+            obj = self._objects["pods"].get((namespace, pod))
+            if obj is None:
+                raise LookupError(f"FakeKubernetes.append_log: no pod {namespace}/{pod}")
+            names = [c["name"] for c in obj["spec"]["containers"]]
+            name = container or names[0]
+            if name not in names:
+                raise LookupError(
+                    f"FakeKubernetes.append_log: pod {namespace}/{pod} has no container "
+                    f"{name!r} (it has {', '.join(names)})"
+                )
+            self._container_log((namespace, pod), obj["metadata"]["uid"], name).append(
+                _LogLine(time.time() if at is None else at, line)
+            )
+            self._changed.notify_all()
+
+    def end_log_streams(self) -> None:
+        """Ends every open log follow without an error, as a restarted API server or a lost
+        kubelet connection does; the containers keep running."""
+        with self._changed:
+            self._log_breaks += 1
+            self._changed.notify_all()
+
+    def log_text(self, pod: str, *, container: str | None = None,
+                 namespace: str | None = None) -> str:
+        """A container's log so far, one line per line (empty if it wrote nothing)."""
+        key = (namespace or self.namespace, pod)
+        with self._lock:
+            obj = self._objects["pods"].get(key)
+            if obj is None:
+                raise LookupError(f"FakeKubernetes.log_text: no pod {key[0]}/{key[1]}")
+            name = container or obj["spec"]["containers"][0]["name"]
+            lines = self._container_log(key, obj["metadata"]["uid"], name)
+            return "".join(f"{line.text}\n" for line in lines)
 
     def finish_pod(self, name: str, *, exit_code: int = 0, namespace: str | None = None) -> JSON:
         """Ends a running pod's containers as its process would (the runner's one job is done).
@@ -1920,12 +2043,58 @@ class FakeKubernetes:
                 callback(copy.deepcopy(snapshot))
             except Exception:
                 self._report_error(f"on_pod_running callback failed:\n{traceback.format_exc()}")
+        self._runner_output(key, uid, script)
         if script.outcome in (Outcome.CRASH, Outcome.SUCCEED):
 
             def exited() -> None:
                 self._terminate(key, uid, script.exit_code)
 
             self._timeline.call_later(script.run_duration, exited)
+
+    def _runner_output(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        """The started runner writes its first lines, and later connects (see PodScript)."""
+        for line in RUNNER_START_LINES:
+            self._write_log(key, uid, line)
+        delay = self.runner_connect_delay if script.connect_delay is None else script.connect_delay
+        if math.isfinite(delay):
+            self._timeline.call_later(delay, lambda: self._runner_connected(key, uid))
+
+    def _runner_connected(self, key: tuple[str, str], uid: str) -> None:
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None or pod["metadata"]["uid"] != uid or _is_terminal(pod):
+                return
+            snapshot = copy.deepcopy(pod)
+            callbacks = list(self._listening_callbacks)
+        for callback in callbacks:
+            try:
+                callback(copy.deepcopy(snapshot))
+            except Exception:
+                self._report_error(
+                    f"on_runner_listening callback failed:\n{traceback.format_exc()}"
+                )
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        for line in (*RUNNER_CONNECTED_LINES, f"{stamp}{RUNNER_LISTENING_SUFFIX}"):
+            self._write_log(key, uid, line)
+
+    def _write_log(self, key: tuple[str, str], uid: str, line: str) -> None:
+        """Appends to the first container's log if the pod still is the one with `uid`."""
+        with self._changed:
+            pod = self._objects["pods"].get(key)
+            if pod is None or pod["metadata"]["uid"] != uid:
+                return
+            container = pod["spec"]["containers"][0]["name"]
+            self._container_log(key, uid, container).append(_LogLine(time.time(), line))
+            self._changed.notify_all()
+
+    def _container_log(self, key: tuple[str, str], uid: str, container: str) -> list[_LogLine]:
+        """The log lines of a container of the pod with `uid` (caller holds the lock); a new
+        pod of an earlier pod's name starts with empty logs."""
+        stored = self._logs.get(key)
+        if stored is None or stored[0] != uid:
+            stored = (uid, {})
+            self._logs[key] = stored
+        return stored[1].setdefault(container, [])
 
     def _image_pull_failed(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
         with self._lock:
@@ -2296,6 +2465,92 @@ class FakeKubernetes:
             if not changes and disconnected():
                 return
 
+    def _open_log(
+        self, namespace: str, name: str, query: Mapping[str, str]
+    ) -> tuple[tuple[str, str], str, str, int | None]:
+        """Checks a log request as the API server and the kubelet do.
+
+        Returns:
+            (pod key, pod uid, container, index of the first line to send), the index None
+            for a pod not yet on a node (the API server then answers an empty log).
+        """
+        tail = _int_param(query, "tailLines") if "tailLines" in query else None
+        since = _int_param(query, "sinceSeconds") if "sinceSeconds" in query else None
+        if since == 0:
+            raise ApiError(400, "sinceSeconds: Invalid value: 0: must be greater than 0")
+        key = (namespace, name)
+        with self._lock:
+            self._check_namespace(namespace)
+            pod = self._objects["pods"].get(key)
+            if pod is None:
+                raise ApiError(
+                    404, f'pods "{name}" not found', details={"name": name, "kind": "pods"}
+                )
+            names = [c["name"] for c in pod["spec"]["containers"]]
+            container = query.get("container") or ""
+            if not container:
+                if len(names) != 1:
+                    raise ApiError(
+                        400,
+                        f"a container name must be specified for pod {name}, choose one of: "
+                        f"[{' '.join(names)}]",
+                    )
+                container = names[0]
+            elif container not in names:
+                raise ApiError(400, f"container {container} is not valid for pod {name}")
+            uid = pod["metadata"]["uid"]
+            if not pod["spec"].get("nodeName"):
+                return key, uid, container, None
+            statuses = pod["status"].get("containerStatuses") or []
+            status = next((s for s in statuses if s["name"] == container), None)
+            state = (status or {}).get("state") or {"waiting": {"reason": "ContainerCreating"}}
+            if "waiting" in state:
+                raise ApiError(400, _log_waiting_message(container, name, state["waiting"]))
+            lines = self._container_log(key, uid, container)
+            start = 0
+            if since is not None:
+                cutoff = time.time() - since
+                # From the line after the last older one (a real log is in time order).
+                start = max((i + 1 for i, line in enumerate(lines) if line.at < cutoff), default=0)
+            if tail is not None:
+                start = max(start, len(lines) - tail)
+            return key, uid, container, start
+
+    def _stream_log(
+        self,
+        key: tuple[str, str],
+        uid: str,
+        container: str,
+        start: int,
+        follow: bool,
+        write: Callable[[str], bool],
+        disconnected: Callable[[], bool],
+    ) -> None:
+        """Writes the log from line `start`; with `follow`, then each new line, until the
+        container terminates, the pod goes, the client leaves or `stop()`."""
+        cursor = start
+        with self._lock:
+            breaks = self._log_breaks
+        while True:
+            with self._changed:
+                pod = self._objects["pods"].get(key)
+                present = pod is not None and pod["metadata"]["uid"] == uid
+                lines = self._container_log(key, uid, container) if present else []
+                new = [line.text for line in lines[cursor:]]
+                cursor += len(new)
+                ended = (not present or _container_terminated(cast(JSON, pod), container)
+                         or self._log_breaks != breaks)
+                waiting = follow and not new and not ended and not self._stopping.is_set()
+                if waiting:
+                    self._changed.wait(_WATCH_POLL_SECONDS)
+            for text in new:
+                if not write(text):
+                    return
+            if not follow or ended or self._stopping.is_set():
+                return
+            if not new and disconnected():
+                return
+
     def _authorize(self, method: str, path: str, query: Mapping[str, str]) -> None:
         """Refuses, as RBAC would, a request the configured Role rules do not allow."""
         if self._rbac is None:
@@ -2434,6 +2689,7 @@ def _continue_as_run(script: PodScript) -> PodScript:
         scale_up_delay=script.scale_up_delay,
         run_duration=script.run_duration,
         exit_code=script.exit_code,
+        connect_delay=script.connect_delay,
     )
 
 
@@ -2509,6 +2765,23 @@ def _watch_event(
     return {"type": change.type, "object": change.obj} if now else None
 
 
+def _log_waiting_message(container: str, pod: str, waiting: JSON) -> str:
+    """The kubelet's refusal to read the log of a container that has not started."""
+    reason = waiting.get("reason", "")
+    if reason in ("ErrImagePull", "ImagePullBackOff"):
+        why = "trying and failing to pull image"
+    elif reason == "InvalidImageName":
+        why = "image can't be pulled"
+    else:
+        why = reason
+    return f'container "{container}" in pod "{pod}" is waiting to start: {why}'
+
+
+def _container_terminated(pod: JSON, container: str) -> bool:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return any(s["name"] == container and "terminated" in (s.get("state") or {}) for s in statuses)
+
+
 def _int_param(query: Mapping[str, str], name: str) -> int:
     """A non-negative integer query parameter (0 when absent)."""
     text = query.get(name) or "0"
@@ -2530,6 +2803,7 @@ def _decode_continue(token: str) -> tuple[str, int]:
         raise ApiError(400, f"continue key is not valid: {error}") from error
 
 
+_LOG_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
 _NAMESPACED_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?")
 _CLUSTER_PATH = re.compile(r"/api/v1/([a-z]+)(?:/([^/]+))?")
 
@@ -2728,6 +3002,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if self.headers.get("Authorization") != f"Bearer {fake.token}":
                     raise ApiError(401, "Unauthorized")
                 fake._authorize(method, url.path, query)
+                log = _LOG_PATH.fullmatch(url.path)
+                if log is not None:
+                    if method != "GET":
+                        raise ApiError(405, f"the server does not allow {method} on pods/log")
+                    self._pod_log(url.path, log.group(1), log.group(2), query, headers)
+                    return
                 if method == "GET" and query.get("watch") in ("true", "1"):
                     self._watch(url.path, query, headers)
                     return
@@ -2748,6 +3028,67 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(data)
+
+    def _pod_log(
+        self,
+        path: str,
+        namespace: str,
+        name: str,
+        query: Mapping[str, str],
+        headers: Mapping[str, str],
+    ) -> None:
+        """Answers a pod log request: text/plain; chunked and open with follow=true."""
+        fake = self.server.fake
+        key, uid, container, start = fake._open_log(namespace, name, query)
+        follow = query.get("follow") in ("true", "1")
+        fake._record_request(RecordedRequest("GET", path, query, headers, None, 200))
+        if start is None or not follow:
+            lines: list[str] = []
+
+            def collect(line: str) -> bool:
+                lines.append(line)
+                return True
+
+            if start is not None:
+                fake._stream_log(key, uid, container, start, False, collect, lambda: False)
+            self._send_text("".join(f"{line}\n" for line in lines))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True
+
+        def write(line: str) -> bool:
+            data = line.encode() + b"\n"
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            except OSError:
+                return False
+            return True
+
+        fake._stream_log(key, uid, container, start, True, write, self._disconnected)
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    def _send_text(self, text: str) -> None:
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(data)
+
+    def _disconnected(self) -> bool:
+        """Whether the client closed its end (a readable socket with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def _watch(self, path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> None:
         fake = self.server.fake

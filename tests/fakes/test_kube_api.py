@@ -10,12 +10,14 @@ optional in the models, and the dict keeps the assertions short.
 from __future__ import annotations
 
 import json
+import math
+import re
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pytest
 import urllib3
@@ -26,6 +28,8 @@ from gpu_runners.contract import (
     GKE_ACCELERATOR_LABEL,
     GPU_RESOURCE,
     GPU_TAINT_KEY,
+    JIT_MOUNT_DIR,
+    JIT_SECRET_KEY,
     LABEL_MANAGED_BY,
     MANAGED_BY,
     NODE_GPU_LABEL,
@@ -34,6 +38,7 @@ from gpu_runners.contract import (
     RUNNER_UID,
 )
 from tests.fakes.kube_api import (
+    RUNNER_START_LINES,
     FakeKubernetes,
     FakeNode,
     FakeNodePool,
@@ -1173,3 +1178,246 @@ def test_rbac_rules_refuse_what_the_role_does_not_grant(
         core.delete_collection_namespaced_pod(fake.namespace)
     assert refused.value.status == 403
     assert fake.forbidden == ["list secrets", "deletecollection pods"]
+
+
+# --- Pod logs ----------------------------------------------------------------------------------
+
+LISTENING = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: Listening for Jobs")
+
+
+def container_status_is(state: str) -> Callable[[Obj], bool]:
+    """The runner container has a status in `state` (waiting, running, terminated)."""
+
+    def check(pod: Obj) -> bool:
+        statuses = pod["status"]["container_statuses"] or []
+        return any(s["state"][state] is not None for s in statuses)
+
+    return check
+
+
+def read_log(core: client.CoreV1Api, pod: str, **query: Any) -> str:
+    text: str = core.read_namespaced_pod_log(pod, NS, container="runner", **query)
+    return text
+
+
+def follow_log(core: client.CoreV1Api, pod: str, lines: list[str], **query: Any) -> threading.Event:
+    """Follows the runner container's log in a thread; `lines` fills as they arrive. The
+    returned event is set when the server ends the stream."""
+    # Without preloading, the client returns the raw response (its annotation says str).
+    response = cast(urllib3.HTTPResponse, core.read_namespaced_pod_log(
+        pod, NS, container="runner", follow=True, _preload_content=False, **query
+    ))
+    assert response.headers["Content-Type"] == "text/plain"
+    ended = threading.Event()
+
+    def consume() -> None:
+        buffer = b""
+        for chunk in response.stream(amt=None, decode_content=False):
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            lines.extend(line.decode() for line in complete)
+        ended.set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    return ended
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_the_log_of_a_container_still_creating_is_400_with_the_kubelets_message(
+    core: client.CoreV1Api,
+) -> None:
+    # Its Secret volume never appears, so the container stays in ContainerCreating.
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", secret_volume="gpu-1-1-jit"))
+    watch_pod(core, "gpu-1-1", container_status_is("waiting"))
+
+    with pytest.raises(client.ApiException) as error:
+        read_log(core, "gpu-1-1", follow=True)
+
+    assert error.value.status == 400
+    assert status_of(error.value)["message"] == (
+        'container "runner" in pod "gpu-1-1" is waiting to start: ContainerCreating'
+    )
+    assert status_of(error.value)["reason"] == "BadRequest"
+
+
+def test_the_log_of_a_container_whose_image_fails_to_pull_is_400(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(scheduler=lambda pod: PodScript.image_pull_error())
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", lambda pod: any(
+        (s["state"]["waiting"] or {}).get("reason") == "ImagePullBackOff"
+        for s in pod["status"]["container_statuses"] or []))
+
+    with pytest.raises(client.ApiException) as error:
+        read_log(core, "gpu-1-1")
+
+    assert (error.value.status, status_of(error.value)["message"]) == (
+        400, 'container "runner" in pod "gpu-1-1" is waiting to start: trying and failing to '
+        "pull image")
+
+
+def test_the_log_of_an_unknown_pod_is_404_and_of_an_unknown_container_400(
+    core: client.CoreV1Api,
+) -> None:
+    with pytest.raises(client.ApiException) as missing:
+        read_log(core, "gpu-9-9")
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    with pytest.raises(client.ApiException) as wrong:
+        core.read_namespaced_pod_log("gpu-1-1", NS, container="sidecar")
+
+    assert (missing.value.status, status_of(missing.value)["message"]) == (
+        404, 'pods "gpu-9-9" not found')
+    assert (wrong.value.status, status_of(wrong.value)["message"]) == (
+        400, "container sidecar is not valid for pod gpu-1-1")
+
+
+def test_a_runner_logs_its_start_then_listening_for_jobs_once_connected(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(runner_connect_delay=0.3)
+    core = api_for(fake)
+    log_at_connect: list[str] = []
+    connected = threading.Event()
+
+    def on_listening(pod: Obj) -> None:
+        log_at_connect.append(fake.log_text(pod["metadata"]["name"]))
+        connected.set()
+
+    fake.on_runner_listening(on_listening)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    started = time.monotonic()
+    before = read_log(core, "gpu-1-1")
+    assert connected.wait(5)
+    connected_after = time.monotonic() - started
+    wait_for(lambda: bool(LISTENING.fullmatch(read_log(core, "gpu-1-1").splitlines()[-1])),
+             "the Listening for Jobs line")
+    after = read_log(core, "gpu-1-1").splitlines()
+
+    assert before == f"{RUNNER_START_LINES[0]}\n"
+    assert RUNNER_START_LINES[0].endswith(f"{JIT_MOUNT_DIR}/{JIT_SECRET_KEY}")
+    assert 0.2 <= connected_after < 2.0
+    # The callback (the runner going online on GitHub) comes before the line, as for real.
+    assert log_at_connect == [before]
+    assert after[1:4] == ["\u221a Connected to GitHub", "", "Current runner version: '2.328.0'"]
+    assert len(after) == 5
+
+
+def test_a_runner_scripted_never_to_connect_prints_no_listening_line(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(scheduler=lambda pod: PodScript.run(connect_delay=math.inf))
+    called: list[Obj] = []
+    fake.on_runner_listening(called.append)
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    fake.append_log(NS, "gpu-1-1", "marker: the log is read in order")
+
+    lines = read_log(core, "gpu-1-1").splitlines()
+
+    assert lines[-1] == "marker: the log is read in order"
+    assert not any("Listening for Jobs" in line for line in lines)
+    assert called == []
+
+
+def test_follow_streams_appended_lines_and_ends_when_the_container_terminates(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(runner_connect_delay=math.inf)
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    lines: list[str] = []
+
+    ended = follow_log(core, "gpu-1-1", lines)
+    wait_for(lambda: len(lines) == 1, "the line written at start")
+    fake.append_log(NS, "gpu-1-1", "first")
+    wait_for(lambda: lines[-1:] == ["first"], "an appended line")
+    fake.append_log(NS, "gpu-1-1", "second")
+    wait_for(lambda: lines[-1:] == ["second"], "a second appended line")
+    assert not ended.is_set()
+    fake.finish_pod("gpu-1-1", exit_code=0)
+
+    assert ended.wait(5), "the stream did not end when the container terminated"
+    assert lines[1:] == ["first", "second"]
+    follows = [r for r in fake.requests if r.path.endswith("/gpu-1-1/log")]
+    assert [(r.status, r.query["follow"], r.query["container"]) for r in follows] == [
+        (200, "true", "runner")]
+
+
+def test_follow_ends_when_the_server_stops(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(runner_connect_delay=math.inf)
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    lines: list[str] = []
+    ended = follow_log(core, "gpu-1-1", lines)
+    wait_for(lambda: len(lines) == 1, "the line written at start")
+
+    fake.stop()
+
+    assert ended.wait(5), "the stream did not end when the server stopped"
+
+
+def test_tail_lines_and_since_seconds_choose_where_the_log_starts(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(runner_connect_delay=math.inf)
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    fake.append_log(NS, "gpu-1-1", "an hour ago", at=time.time() - 3600)
+    fake.append_log(NS, "gpu-1-1", "just now")
+    fake.append_log(NS, "gpu-1-1", "now")
+
+    assert read_log(core, "gpu-1-1", tail_lines=2) == "just now\nnow\n"
+    assert read_log(core, "gpu-1-1", since_seconds=60) == "just now\nnow\n"
+    assert read_log(core, "gpu-1-1", since_seconds=7200).count("\n") == 4
+    lines: list[str] = []
+    follow_log(core, "gpu-1-1", lines, tail_lines=1)
+    wait_for(lambda: lines == ["now"], "the last line")
+    fake.append_log(NS, "gpu-1-1", "later")
+    wait_for(lambda: lines == ["now", "later"], "the line appended after")
+
+
+def test_the_log_needs_get_on_pods_log_under_rbac(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(rbac_rules=[{"api_groups": [""], "resources": ["pods"],
+                                       "verbs": ["create", "get"]}])
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+
+    with pytest.raises(client.ApiException) as error:
+        read_log(core, "gpu-1-1")
+
+    assert error.value.status == 403
+    assert fake.forbidden == ["get pods/log"]
+    fake.forbidden.clear()  # refused as intended; make_fake_kube checks nothing else was
+
+
+def test_end_log_streams_ends_open_follows_while_the_container_runs(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(runner_connect_delay=math.inf)
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
+    watch_pod(core, "gpu-1-1", running)
+    lines: list[str] = []
+    ended = follow_log(core, "gpu-1-1", lines)
+    wait_for(lambda: len(lines) == 1, "the line written at start")
+
+    fake.end_log_streams()
+
+    assert ended.wait(5), "the follow did not end"
+    assert fake.pod("gpu-1-1")["status"]["phase"] == "Running"  # type: ignore[index]
+    again: list[str] = []
+    follow_log(core, "gpu-1-1", again)  # a new follow is served as before
+    wait_for(lambda: again == lines, "the log from a new follow")

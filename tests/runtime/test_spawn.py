@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -149,6 +151,151 @@ def test_spawn_on_a_free_gpu_node_reports_an_existing_node(
 
     assert (result.node, result.node_added) == ("gke-gpu-l4-ready", False)
     assert "scheduled on node gke-gpu-l4-ready (an existing node)" in stage_texts(log)
+
+
+# --- noticing the runner online: its log first, GitHub as a fallback ----------------------------
+
+RUNNER_GET = r"/actions/runners/\d+$"
+LOG_PATH = "/api/v1/namespaces/*/pods/*/log"
+
+
+def runner_lookups(fake_github: FakeGitHub) -> int:
+    return len(fake_github.requests_to(RUNNER_GET, "GET"))
+
+
+def test_a_runner_connecting_seconds_after_start_is_noticed_from_its_log_with_one_lookup(
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub, kube: KubeClient, github: GitHubClient,
+    log: ProgressLog,
+) -> None:
+    online_at = bring_runners_online(fake_kube, fake_github, connect_delay=1.5)
+
+    result = spawn(spawn_request(), kube=kube, github=github, log=log)
+    returned = time.monotonic()
+
+    # The online flip and the "Listening for Jobs" line are one event of the fakes.
+    assert 0.0 <= returned - online_at["gpu-123-1"] <= 0.5
+    stages = result.stage_seconds
+    assert stages["runner online"] - stages["container running"] >= 1.5
+    runner = fake_github.runner_named("gpu-123-1")
+    assert runner is not None
+    # 4 requests besides streams (target <= 6): no polling while the runner connects.
+    assert api_requests(fake_kube) == [
+        ("POST", "/api/v1/namespaces/github-runners/pods"),
+        ("POST", "/api/v1/namespaces/github-runners/secrets"),
+    ]
+    assert [(r.method, r.path) for r in fake_github.requests] == [
+        ("POST", "/repos/acme/models/actions/runners/generate-jitconfig"),
+        ("GET", f"/repos/acme/models/actions/runners/{runner['id']}"),
+    ]
+    follows = [r for r in fake_kube.requests if r.path.endswith("/pods/gpu-123-1/log")]
+    assert [(r.status, r.query.get("container"), r.query.get("follow")) for r in follows] == [
+        (200, contract.GPU_RUNNER_CONTAINER, "true")]
+    # The log is the job's output too: matched, never printed.
+    assert not any("Listening for Jobs" in line or "entrypoint:" in line for line in log.lines)
+
+
+@pytest.mark.parametrize(("status", "drop", "told"), [
+    (403, False, 'cannot read the runner\'s log (403: injected fault: 403 on GET '
+                 '/api/v1/namespaces/github-runners/pods/gpu-123-1/log)'),
+    (500, False, "cannot read the runner's log (500: injected fault: 500 on GET "),
+    (None, True, "cannot read the runner's log (MaxRetryError: "),
+], ids=["forbidden", "server-error", "dropped-connections"])
+def test_a_log_that_cannot_be_read_falls_back_to_polling_github(
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub, kube: KubeClient, github: GitHubClient,
+    log: ProgressLog, status: int | None, drop: bool, told: str,
+) -> None:
+    online_at = bring_runners_online(fake_kube, fake_github, connect_delay=0.6)
+    # Every log request fails for the whole spawn (urllib3 itself retries a dropped one).
+    fake_kube.inject("GET", LOG_PATH, status, drop=drop, times=1000)
+
+    result = spawn(spawn_request(online_poll_seconds=0.2), kube=kube, github=github, log=log)
+
+    assert result.label == "gpu-123-1"
+    assert time.monotonic() - online_at["gpu-123-1"] <= 0.5
+    texts = stage_texts(log)
+    assert any(text.startswith(told) for text in texts), texts
+    assert any(text.endswith("asking GitHub every 0.2s whether it is online") for text in texts)
+    assert runner_lookups(fake_github) >= 1
+    assert fake_kube.validation_errors == []
+
+
+def test_a_log_stream_that_ends_early_is_followed_again_from_its_tail(
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub, kube: KubeClient, github: GitHubClient,
+    log: ProgressLog,
+) -> None:
+    online_at = bring_runners_online(fake_kube, fake_github, connect_delay=1.0)
+    results: list[SpawnResult] = []
+    spawning = threading.Thread(target=lambda: results.append(
+        spawn(spawn_request(), kube=kube, github=github, log=log)))
+    spawning.start()
+
+    def follows() -> list[dict[str, str]]:
+        return [dict(r.query) for r in fake_kube.requests if r.path.endswith("/log")]
+
+    wait_until(lambda: len(follows()) == 1, what="the log follow to open")
+    fake_kube.end_log_streams()  # before the runner connects
+    spawning.join(timeout=10)
+
+    assert [result.label for result in results] == ["gpu-123-1"]
+    assert time.monotonic() - online_at["gpu-123-1"] <= 1.0
+    # Followed again, from the tail (lines written between the two follows are not lost).
+    assert [query.get("tailLines") for query in follows()] == [None, "200"]
+    assert runner_lookups(fake_github) == 1
+    assert not any("cannot read" in line for line in log.lines)
+
+
+def test_the_refused_log_polls_github_at_the_fallback_interval(
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub, kube: KubeClient, github: GitHubClient,
+    log: ProgressLog,
+) -> None:
+    bring_runners_online(fake_kube, fake_github, connect_delay=1.0)
+    fake_kube.inject("GET", LOG_PATH, 403, times=1000)
+
+    result = spawn(spawn_request(online_poll_seconds=0.3), kube=kube, github=github, log=log)
+
+    lookups = [r for r in fake_github.requests if re.search(RUNNER_GET, r.path)]
+    # At once when the log is refused, then every 0.3 s until the runner connects at 1 s.
+    assert 3 <= len(lookups) <= 5
+    assert result.stage_seconds["runner online"] - result.stage_seconds["container running"] < 1.5
+
+
+def test_a_runner_online_whose_log_never_says_so_is_found_after_the_silence_grace(
+    make_fake_kube: Any, fake_github: FakeGitHub, github: GitHubClient, log: ProgressLog,
+) -> None:
+    # An image whose runner logs elsewhere: online at once, but no line in the pod log.
+    fake_kube: FakeKubernetes = make_fake_kube(
+        scheduler=lambda pod: PodScript.run(connect_delay=math.inf))
+
+    def online(pod: dict[str, Any]) -> None:
+        fake_github.set_runner_status(pod["metadata"]["name"], "online")
+
+    fake_kube.on_pod_running(online)
+    request = spawn_request(online_poll_seconds=0.2, log_silence_seconds=0.8)
+
+    result = spawn(request, kube=kube_client_for(fake_kube), github=github, log=log)
+
+    stages = result.stage_seconds
+    assert 0.8 <= stages["runner online"] - stages["container running"] < 1.5
+    assert runner_lookups(fake_github) == 1  # nothing asked during the grace
+    assert not any("cannot read" in line for line in log.lines)
+
+
+def test_a_runner_whose_line_never_comes_times_out_without_polling_and_is_removed(
+    make_fake_kube: Any, fake_github: FakeGitHub, github: GitHubClient, log: ProgressLog,
+) -> None:
+    fake_kube: FakeKubernetes = make_fake_kube(
+        scheduler=lambda pod: PodScript.run(connect_delay=math.inf))
+    bring_runners_online(fake_kube, fake_github)
+
+    with pytest.raises(WaitTimeoutError) as error:
+        spawn(spawn_request(timeout=1.0), kube=kube_client_for(fake_kube), github=github,
+              log=log)
+
+    assert str(error.value) == (
+        "runner gpu-123-1 not online after 1s (last stage: container running)"
+    )
+    assert runner_lookups(fake_github) == 0  # within the silence grace: GitHub never asked
+    assert_nothing_left(fake_kube, fake_github)
 
 
 # --- failing fast, and cleaning up ------------------------------------------------------------
