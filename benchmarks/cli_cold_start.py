@@ -10,12 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-# Run as a script, Python puts benchmarks/ on the path; the repository root is what we need.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.fake_harness import REPO_ROOT, fake_servers, summary, timed  # noqa: E402
+from benchmarks.fake_harness import REPO_ROOT, fake_servers, summary, timed
 
 RUNS = 10
 

@@ -8,21 +8,16 @@ own pod and holding its own runner's config, one online registration per run.
 from __future__ import annotations
 
 import base64
-import sys
 import threading
 import time
-from pathlib import Path
 
-# Run as a script, Python puts benchmarks/ on the path; the repository root is what we need.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.fake_harness import RunnerClock, fake_servers, summary  # noqa: E402
-from gpu_runners.github_api import GitHubClient, RunnerScope, Token  # noqa: E402
-from gpu_runners.kube import KubeClient, load_api_client  # noqa: E402
-from gpu_runners.pod_options import RunnerPodOptions  # noqa: E402
-from gpu_runners.progress import ProgressLog  # noqa: E402
-from gpu_runners.run_identity import RunIdentity  # noqa: E402
-from gpu_runners.spawn import SpawnRequest, SpawnResult, spawn  # noqa: E402
+from benchmarks.fake_harness import RunnerClock, fake_servers, summary
+from gpu_runners.github_api import GitHubClient, RunnerScope, Token
+from gpu_runners.kube import KubeClient, load_api_client
+from gpu_runners.pod_options import RunnerPodOptions
+from gpu_runners.progress import ProgressLog
+from gpu_runners.run_identity import RunIdentity
+from gpu_runners.spawn import SpawnRequest, SpawnResult, spawn
 
 SPAWNS = 100
 

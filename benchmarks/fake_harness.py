@@ -124,10 +124,10 @@ class ServedFakes:
 
 
 @contextmanager
-def fakes_in_subprocess(script: Path) -> Iterator[ServedFakes]:
-    """Runs `script --serve` (which calls serve_scenario) and yields where it serves."""
-    process = subprocess.Popen([sys.executable, str(script), "--serve"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+def fakes_in_subprocess(module: str) -> Iterator[ServedFakes]:
+    """Runs `python -m <module> --serve` (which calls serve_scenario); yields where it serves."""
+    process = subprocess.Popen([sys.executable, "-m", module, "--serve"], cwd=REPO_ROOT,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         info = json.loads(process.stdout.readline())

@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-# Run as a script, Python puts benchmarks/ on the path; the repository root is what we need.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.fake_harness import fakes_in_subprocess, serve_scenario  # noqa: E402
-from gpu_runners.github_api import GitHubClient, RunnerScope, Token  # noqa: E402
-from gpu_runners.kube import KubeClient, load_api_client  # noqa: E402
-from gpu_runners.pod_options import RunnerPodOptions  # noqa: E402
-from gpu_runners.pod_spec import build_gpu_pod  # noqa: E402
-from gpu_runners.progress import ProgressLog  # noqa: E402
-from gpu_runners.reap import reap  # noqa: E402
-from gpu_runners.run_identity import RunIdentity  # noqa: E402
-from tests.fakes.github_api import FakeGitHub  # noqa: E402
-from tests.fakes.kube_api import FakeKubernetes  # noqa: E402
+from benchmarks.fake_harness import fakes_in_subprocess, serve_scenario
+from gpu_runners.github_api import GitHubClient, RunnerScope, Token
+from gpu_runners.kube import KubeClient, load_api_client
+from gpu_runners.pod_options import RunnerPodOptions
+from gpu_runners.pod_spec import build_gpu_pod
+from gpu_runners.progress import ProgressLog
+from gpu_runners.reap import reap
+from gpu_runners.run_identity import RunIdentity
+from tests.fakes.github_api import FakeGitHub
+from tests.fakes.kube_api import FakeKubernetes
 
 OPTIONS = RunnerPodOptions(namespace="github-runners", image="ghcr.io/acme/runner:1")
 GROUPS = (("Succeeded", 2000), ("Failed", 1000), ("completed", 1000), ("in_progress", 1000))
@@ -57,7 +53,7 @@ def setup(kube: FakeKubernetes, github: FakeGitHub) -> None:
 
 
 def main() -> None:
-    with fakes_in_subprocess(Path(__file__)) as fakes:
+    with fakes_in_subprocess("benchmarks.reap_5000_pods") as fakes:
         client = KubeClient(load_api_client(kubeconfig=fakes.kubeconfig, environ={}))
         gh = GitHubClient(Token(fakes.token, "benchmark"), RunnerScope(repository="acme/models"),
                           api_url=fakes.github_url)
