@@ -1,6 +1,6 @@
 """The fake servers the benchmarks run against, wired to gpu_runners' real clients.
 
-Benchmarks are scripts (`python benchmarks/<name>.py`), not tests: they print figures, using
+Benchmarks are scripts (`python -m benchmarks.<name>`), not tests: they print figures, using
 the test suite's fakes.
 """
 
