@@ -419,7 +419,7 @@ class GitHubClient:
             last = attempt == self._policy.attempts
             try:
                 # S310: the URL is built from api_url, whose scheme __init__ checked.
-                request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
+                request = urllib.request.Request(url, data, headers, method=method)
                 response = self._send(request)
             except (OSError, http.client.HTTPException) as e:
                 # URLError, timeouts, refused and reset connections, truncated responses.
@@ -446,7 +446,7 @@ class GitHubClient:
 
     def _send(self, request: urllib.request.Request) -> _Response:
         try:
-            with urllib.request.urlopen(request, timeout=self._policy.timeout) as answer:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self._policy.timeout) as answer:
                 return _Response(answer.status, _lower(answer.headers), _json(answer.read()))
         except urllib.error.HTTPError as e:
             with e:
@@ -455,7 +455,7 @@ class GitHubClient:
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self._policy.backoff_max, self._policy.backoff_base * 2 ** (attempt - 1))
         # Full jitter: concurrent spawns hitting the same outage do not retry in lockstep.
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+        return random.uniform(ceiling / 2, ceiling)
 
     def _retry_wait(self, response: _Response, attempt: int) -> float | None:
         """Seconds to wait before retrying this response, or None if the answer is final."""

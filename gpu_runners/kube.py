@@ -79,10 +79,10 @@ def load_api_client(
     try:
         if kubeconfig is None and environ.get("KUBERNETES_SERVICE_HOST"):
             # The loaders of the official client carry no type annotations.
-            kube_config.load_incluster_config(configuration)  # type: ignore[no-untyped-call]
+            kube_config.load_incluster_config(configuration)
         else:
             path = kubeconfig or environ.get("KUBECONFIG") or str(Path.home() / ".kube/config")
-            kube_config.load_kube_config(  # type: ignore[no-untyped-call]
+            kube_config.load_kube_config(
                 config_file=path, context=context, client_configuration=configuration
             )
     except (ConfigException, OSError) as e:
@@ -271,7 +271,7 @@ class KubeClient:
         timeouts = self.timeouts
         for attempt in range(1, timeouts.attempts + 1):
             last = attempt == timeouts.attempts
-            backoff = timeouts.backoff_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)  # noqa: S311
+            backoff = timeouts.backoff_base * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
             try:
                 return method(*args, _request_timeout=(timeouts.connect, timeouts.read), **kwargs)
             except ApiException as e:
@@ -353,7 +353,7 @@ def stream_watch(
         KubernetesError: The server refused the watch; status 410 means the resource_version
             is too old and the caller should watch again without one.
     """
-    watcher = kube_watch.Watch()  # type: ignore[no-untyped-call]  # the client's watch is untyped
+    watcher = kube_watch.Watch()
     if on_open is not None:
         on_open(watcher)
     kwargs: dict[str, Any] = {
@@ -369,7 +369,7 @@ def stream_watch(
         # Bookmarks keep the resource_version fresh on quiet watches, sparing a 410 re-sync.
         kwargs["allow_watch_bookmarks"] = True
     try:
-        for raw in watcher.stream(list_method, namespace, **kwargs):  # type: ignore[no-untyped-call]
+        for raw in watcher.stream(list_method, namespace, **kwargs):
             obj = raw["object"]
             if raw["type"] == "BOOKMARK":  # not deserialized by the client: a plain dict
                 yield WatchEvent("BOOKMARK", None, obj["metadata"]["resourceVersion"])
@@ -466,7 +466,7 @@ class WatchFeed:
         with self._lock:
             watchers = list(self._watchers.values())
         for watcher in watchers:
-            watcher.stop()  # type: ignore[no-untyped-call]  # shuts the socket: unblocks a read
+            watcher.stop()
         with self._lock:
             responses = list(self._log_responses.values())
         for response in responses:

@@ -37,7 +37,7 @@ from gpu_runners.run_identity import RunIdentity
 ANY_GPU_TYPE = "any"
 JIT_VOLUME = "jit-config"
 SHM_VOLUME = "dshm"
-SHM_MOUNT_PATH = "/dev/shm"  # noqa: S108 - the shared-memory mount point, not a temp file
+SHM_MOUNT_PATH = "/dev/shm"
 # Read for the owner and the fsGroup: the runner runs as uid/gid RUNNER_UID, and the kubelet
 # gives Secret files the pod's fsGroup, so group-read is what lets it read its config.
 JIT_FILE_MODE = 0o440

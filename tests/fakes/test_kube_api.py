@@ -1417,7 +1417,8 @@ def test_end_log_streams_ends_open_follows_while_the_container_runs(
     fake.end_log_streams()
 
     assert ended.wait(5), "the follow did not end"
-    assert fake.pod("gpu-1-1")["status"]["phase"] == "Running"  # type: ignore[index]
+    pod = fake.pod("gpu-1-1")
+    assert pod is not None and pod["status"]["phase"] == "Running"
     again: list[str] = []
     follow_log(core, "gpu-1-1", again)  # a new follow is served as before
     wait_for(lambda: again == lines, "the log from a new follow")
