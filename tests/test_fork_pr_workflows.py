@@ -304,8 +304,9 @@ def test_a_public_repository_is_a_422_error_saying_the_setting_is_for_private_on
 
 
 def test_an_unanswered_call_fails_within_the_timeout(
-        provider: ForkPrWorkflowsProvider, fake_github: FakeGitHub) -> None:
-    provider.TIMEOUT_SECONDS = 0.3  # type: ignore[misc]  # this instance only
+        provider: ForkPrWorkflowsProvider, fake_github: FakeGitHub,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(provider, "TIMEOUT_SECONDS", 0.3)  # this instance only
     fake_github.inject("PUT", ENDPOINT, None, delay=5.0)
     started = time.monotonic()
     with pytest.raises(ConnectionError) as raised:
