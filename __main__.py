@@ -16,7 +16,8 @@ from components.repository import (
     workflow_variables,
 )
 from components.runner_image import RunnerImage, RunnerImageArgs
-from components.runner_plane import GpuPoolSummary, RunnerPlane, RunnerPlaneArgs
+from components.runner_plane import RunnerPlane, RunnerPlaneArgs
+from gpu_runners.gpu_pools import GpuPool
 
 config = load_stack_config()
 ci_identity: CiIdentity | None = None
@@ -89,8 +90,8 @@ runner_plane = RunnerPlane(
         repository=config.repository_full_name,
         image=image.ref,
         runner_pat=config.runner_pat,
-        gpu_pools=[GpuPoolSummary(accelerator=pool.accelerator_type,
-                                  max_gpus_per_pod=pool.accelerator_count)
+        gpu_pools=[GpuPool(accelerator=pool.accelerator_type,
+                           max_gpus_per_pod=pool.accelerator_count)
                    for pool in config.gpu_pools],
         gpu_quota=config.effective_gpu_quota,
         pod_quota=config.pod_quota,

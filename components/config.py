@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import pulumi
 from pulumi.runtime.config import is_config_secret
 
+from components.repository import ACTIONS_NAME_RULE, is_actions_name
+
 #: Marker used in the stack files for values each user must set before `pulumi up`.
 PLACEHOLDER = "CHANGE_ME"
 
@@ -91,7 +93,6 @@ _GKE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _GITHUB_OWNER = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 _GITHUB_REPOSITORY = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
-_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _CRON = re.compile(r"^(\S+\s+){4}\S+$")
 _IAM_ROLE = re.compile(r"^(roles|projects/[^/]+/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+$")
@@ -139,7 +140,6 @@ class GpuPool:
 class StackConfig:
     """Every setting of one stack, validated. Secrets stay `pulumi.Output` secrets."""
 
-    project_name: str
     stack_name: str
     cluster_mode: ClusterMode
     # GKE mode
@@ -216,6 +216,8 @@ class _Reader:
     def __init__(self, config: pulumi.Config) -> None:
         self.config = config
         self.problems: list[str] = []
+        #: Keys left at the CHANGE_ME placeholder: already reported, so not "not set" too.
+        self.placeholders: set[str] = set()
 
     def problem(self, key: str, value: object, allowed: str) -> None:
         # Secret config values never reach an error message.
@@ -225,6 +227,7 @@ class _Reader:
     def raw(self, key: str) -> str | None:
         value = self.config.get(key)
         if value is not None and PLACEHOLDER in value:
+            self.placeholders.add(key)
             self.problems.append(
                 f"{key} = {PLACEHOLDER!r} is a placeholder: set it with "
                 f"`pulumi config set {key} <value>`"
@@ -236,7 +239,7 @@ class _Reader:
                *, required: bool = True) -> str:
         value = self.raw(key)
         if value is None or value == "":
-            if required and value is None and not self._has_placeholder_problem(key):
+            if required and value is None and key not in self.placeholders:
                 self.problems.append(f"{key} is not set: {allowed or 'a value is required'}")
             elif required and value == "":
                 self.problems.append(f"{key} is empty: {allowed or 'a value is required'}")
@@ -252,7 +255,7 @@ class _Reader:
     def integer(self, key: str, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.raw(key)
         if value is None:
-            if not self._has_placeholder_problem(key):
+            if key not in self.placeholders:
                 self.problems.append(f"{key} is not set: an integer >= {minimum} is required")
             return minimum
         try:
@@ -304,9 +307,6 @@ class _Reader:
                 f"{key} is not set: {purpose}; set it with `pulumi config set --secret {key}`"
             )
         return value if value is not None else pulumi.Output.secret("")
-
-    def _has_placeholder_problem(self, key: str) -> bool:
-        return any(p.startswith(f"{key} = ") and "placeholder" in p for p in self.problems)
 
 
 def _check_gpu_pool(reader: _Reader, index: int, entry: Any, zonal_location: str) -> GpuPool | None:
@@ -424,9 +424,9 @@ def _check_actions_secrets(reader: _Reader) -> Mapping[str, pulumi.Output[str]]:
         return {}
     secrets: dict[str, pulumi.Output[str]] = {}
     for name, value in values.items():
-        if not _SECRET_NAME.match(name) or name.upper().startswith("GITHUB_"):
+        if not is_actions_name(name):
             reader.problem(f"actionsSecrets.{name}", "<secret>",
-                           "secret names are letters, digits and '_', not starting with GITHUB_")
+                           f"secret names are {ACTIONS_NAME_RULE}")
         elif not isinstance(value, str) or not value:
             reader.problem(f"actionsSecrets.{name}", "<secret>", "a non-empty string")
         else:
@@ -517,7 +517,6 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         reader.problem("workloadIdentityPoolId", pool_id, "the prefix gcp- is reserved by Google")
 
     stack_config = StackConfig(
-        project_name=pulumi.get_project(),
         stack_name=pulumi.get_stack(),
         cluster_mode=mode,
         gcp_project=gcp_project,

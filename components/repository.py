@@ -22,7 +22,12 @@ EXAMPLE_WORKFLOW_TARGET = ".github/workflows/gpu-training.yaml"
 
 # GitHub's naming rules for Actions secrets and variables (names are case-insensitive there).
 _ACTIONS_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_ACTIONS_NAME_RULE = "letters, digits and '_', not starting with a digit or GITHUB_"
+ACTIONS_NAME_RULE = "letters, digits and '_', not starting with a digit or GITHUB_"
+
+
+def is_actions_name(name: str) -> bool:
+    """Whether GitHub accepts `name` for an Actions secret or variable."""
+    return bool(_ACTIONS_NAME.match(name)) and not name.upper().startswith("GITHUB_")
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,9 @@ def _check_names(kind: str, names: Sequence[str], reserved: Sequence[str] = ()) 
     reserved_upper = {name.upper() for name in reserved}
     taken: dict[str, str] = {}
     for name in names:
-        if not _ACTIONS_NAME.match(name) or name.upper().startswith("GITHUB_"):
+        if not is_actions_name(name):
             raise ValueError(f"RepositorySettingsArgs.{kind}: {name!r} is not a valid Actions "
-                             f"name: {_ACTIONS_NAME_RULE}")
+                             f"name: {ACTIONS_NAME_RULE}")
         if name.upper() in reserved_upper:
             raise ValueError(f"RepositorySettingsArgs.{kind}: {name!r} is one of the secrets "
                              f"seed compatibility creates ({', '.join(reserved)}); rename it "

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -19,6 +18,7 @@ from pulumi_kubernetes.core.v1 import (
 )
 
 from gpu_runners import contract
+from gpu_runners.gpu_pools import GpuPool, format_gpu_pools
 
 #: Time a base runner pod gets after SIGTERM: the runner deregisters from GitHub (a fresh
 #: remove-token and `config.sh remove`), and a spawn in flight removes what it created.
@@ -56,14 +56,6 @@ SPAWNER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
 
 
 @dataclass(frozen=True)
-class GpuPoolSummary:
-    """What the runtime needs to know of a GPU pool to reject impossible requests early."""
-
-    accelerator: str
-    max_gpus_per_pod: int
-
-
-@dataclass(frozen=True)
 class RunnerPlaneArgs:
     """The runner plane's settings; built from the stack config by `__main__.py`."""
 
@@ -71,7 +63,7 @@ class RunnerPlaneArgs:
     repository: str  # owner/name
     image: pulumi.Input[str]  # digest-pinned
     runner_pat: pulumi.Input[str]
-    gpu_pools: Sequence[GpuPoolSummary]
+    gpu_pools: Sequence[GpuPool]
     gpu_quota: int
     pod_quota: int
     base_runner_replicas: int = 1
@@ -87,7 +79,6 @@ class RunnerPlaneArgs:
     #: enforces `baseline` (warning and auditing `restricted`), because the guide's own pod
     #: manifest sets no seccomp profile and drops no capabilities. None keeps `restricted`.
     seed_compatibility_user: pulumi.Input[str] | None = None
-    extra_labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def restricted_pod_security() -> PodSecurityContextArgsDict:
@@ -135,7 +126,7 @@ class RunnerPlane(pulumi.ComponentResource):
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("gpu-runners:index:RunnerPlane", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        labels = {contract.LABEL_PART_OF: contract.PART_OF, **args.extra_labels}
+        labels = {contract.LABEL_PART_OF: contract.PART_OF}
 
         seed = args.seed_compatibility_user is not None
         namespace = k8s.core.v1.Namespace(
@@ -258,9 +249,7 @@ class RunnerPlane(pulumi.ComponentResource):
             {"name": contract.ENV_IMAGE, "value": args.image},
             {"name": contract.ENV_PAT_FILE,
              "value": f"{contract.PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"},
-            {"name": contract.ENV_GPU_POOLS, "value": json.dumps(
-                [{"accelerator": p.accelerator, "maxGpusPerPod": p.max_gpus_per_pod}
-                 for p in args.gpu_pools])},
+            {"name": contract.ENV_GPU_POOLS, "value": format_gpu_pools(args.gpu_pools)},
             {"name": contract.ENV_MAX_RUNTIME_MINUTES, "value": str(args.max_runtime_minutes)},
         ]
         if pull_secrets:

@@ -30,6 +30,12 @@ class GpuPool:
     max_gpus_per_pod: int
 
 
+def format_gpu_pools(pools: Sequence[GpuPool]) -> str:
+    """The `GPU_RUNNERS_GPU_POOLS` value describing `pools`; `parse_gpu_pools` reads it back."""
+    return json.dumps([{"accelerator": pool.accelerator, "maxGpusPerPod": pool.max_gpus_per_pod}
+                       for pool in pools])
+
+
 def parse_gpu_pools(text: str | None) -> tuple[GpuPool, ...]:
     """Parses the `GPU_RUNNERS_GPU_POOLS` JSON; an unset or empty value means "not known".
 
