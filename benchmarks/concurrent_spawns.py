@@ -12,12 +12,13 @@ import threading
 import time
 
 from benchmarks.fake_harness import RunnerClock, fake_servers, summary
+from gpu_runners.broker_api import SpawnResult
 from gpu_runners.github_api import GitHubClient, RunnerScope, Token
 from gpu_runners.kube import KubeClient, load_api_client
 from gpu_runners.pod_options import RunnerPodOptions
 from gpu_runners.progress import ProgressLog
 from gpu_runners.run_identity import RunIdentity
-from gpu_runners.spawn import SpawnRequest, SpawnResult, spawn
+from gpu_runners.spawn import SpawnRequest, spawn
 
 SPAWNS = 100
 

@@ -90,6 +90,63 @@ ENV_GPU_POOLS = "GPU_RUNNERS_GPU_POOLS"
 ENV_IMAGE_PULL_SECRET = "GPU_RUNNERS_IMAGE_PULL_SECRET"
 ENV_MAX_RUNTIME_MINUTES = "GPU_RUNNERS_MAX_RUNTIME_MINUTES"
 
+# --- The runner broker (gpu_runners/broker): the only holder of the GitHub credential and of
+# --- the Kubernetes rights over GPU runner pods ------------------------------------------------
+
+#: Namespace of the broker when the stack does not name another; nothing but the broker runs in it.
+DEFAULT_BROKER_NAMESPACE = "gpu-runners-broker"
+#: The broker's Deployment, Service and ServiceAccount share this name.
+BROKER_NAME = "gpu-runners-broker"
+#: Port of the broker's Service and container (plain HTTP inside the cluster; only runner pods
+#: may reach it, by NetworkPolicy).
+BROKER_PORT = 8080
+#: Secret holding the GitHub credential in the broker's namespace (key PAT_SECRET_KEY), and
+#: where the broker mounts it.
+BROKER_PAT_SECRET_NAME = "github-credential"
+BROKER_PAT_MOUNT_DIR = "/var/run/secrets/github-credential"
+#: Audience the jobs' OIDC tokens are requested for unless the stack names another. Never
+#: GitHub's default (https://github.com/<owner>) nor one the workload identity provider accepts.
+DEFAULT_BROKER_AUDIENCE = "gpu-runners-broker"
+#: GitHub's OIDC issuer for github.com; GHEC/GHES issuers come from the stack config.
+GITHUB_OIDC_ISSUER = "https://token.actions.githubusercontent.com"
+#: Events whose runs may ask for a GPU runner unless the stack narrows the list. Never
+#: pull_request_target or workflow_run: they run with the base repository's rights on behalf of
+#: code the repository did not review.
+DEFAULT_ALLOWED_EVENTS = ("push", "pull_request", "workflow_dispatch", "schedule", "merge_group")
+FORBIDDEN_EVENTS = ("pull_request_target", "workflow_run")
+#: Label on every object the broker creates: the numeric id of the repository whose run asked.
+LABEL_REPOSITORY_ID = "gpu-runners/repository-id"
+
+# Environment of the broker (set by the broker component, read by gpu_runners.broker.settings).
+# It also reads ENV_NAMESPACE, ENV_IMAGE, ENV_GPU_POOLS, ENV_IMAGE_PULL_SECRET,
+# ENV_MAX_RUNTIME_MINUTES, ENV_REPOSITORY, ENV_PAT_FILE, ENV_API_URL and ENV_SERVER_URL.
+ENV_REPOSITORY_ID = "GPU_RUNNERS_REPOSITORY_ID"
+ENV_REPOSITORY_OWNER_ID = "GPU_RUNNERS_REPOSITORY_OWNER_ID"
+ENV_OIDC_ISSUER = "GPU_RUNNERS_OIDC_ISSUER"
+#: Comma-separated event names.
+ENV_ALLOWED_EVENTS = "GPU_RUNNERS_ALLOWED_EVENTS"
+#: JSON lists of fnmatch patterns; an empty list allows any value.
+ENV_ALLOWED_REFS = "GPU_RUNNERS_ALLOWED_REFS"
+ENV_ALLOWED_WORKFLOW_REFS = "GPU_RUNNERS_ALLOWED_WORKFLOW_REFS"
+#: JSON list of image patterns a run may ask for besides ENV_IMAGE (empty: only ENV_IMAGE).
+ENV_ALLOWED_IMAGES = "GPU_RUNNERS_ALLOWED_IMAGES"
+#: Most GPUs one repository's runners may hold at once.
+ENV_GPU_CAP_PER_REPOSITORY = "GPU_RUNNERS_GPU_CAP_PER_REPOSITORY"
+ENV_REAPER_INTERVAL_SECONDS = "GPU_RUNNERS_REAPER_INTERVAL_SECONDS"
+ENV_BROKER_PORT = "GPU_RUNNERS_BROKER_PORT"
+
+# Environment of the base runner's client (`python3 -m gpu_runners spawn|delete|list`).
+#: The broker's in-cluster URL, e.g. http://gpu-runners-broker.gpu-runners-broker.svc:8080.
+ENV_BROKER_URL = "GPU_RUNNERS_BROKER_URL"
+#: Both the client (requests its OIDC token for it) and the broker (accepts only it) read it.
+ENV_BROKER_AUDIENCE = "GPU_RUNNERS_BROKER_AUDIENCE"
+#: Set by the runner for steps of a job with `permissions: id-token: write`.
+ENV_ID_TOKEN_REQUEST_URL = "ACTIONS_ID_TOKEN_REQUEST_URL"
+ENV_ID_TOKEN_REQUEST_TOKEN = "ACTIONS_ID_TOKEN_REQUEST_TOKEN"
+#: The Actions runner reads its JIT config from this variable when no --jitconfig is given,
+#: so the config never appears in a process's arguments.
+ENV_RUNNER_JITCONFIG = "ACTIONS_RUNNER_INPUT_JITCONFIG"
+
 # --- Environment of the runner image's entrypoint (docker/entrypoint.sh) ------------------------
 
 ENV_RUNNER_MODE = "RUNNER_MODE"  # "registration" (base runner) or "jit" (GPU pods)

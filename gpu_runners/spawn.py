@@ -26,12 +26,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import urllib3
 from kubernetes.client import V1Pod
 
 from gpu_runners import contract
+from gpu_runners.broker_api import SpawnResult
 from gpu_runners.errors import (
     AlreadyExistsError,
     GitHubConflictError,
@@ -125,37 +126,6 @@ class SpawnRequest:
     def runner_labels(self) -> list[str]:
         """The labels the runner registers with; the last one is unique to this run attempt."""
         return [*BASE_RUNNER_LABELS, self.identity.runner_name]
-
-
-@dataclass(frozen=True)
-class SpawnResult:
-    """What `spawn` started, for the step outputs and the summary.
-
-    Attributes:
-        label: The label to put in `runs-on` (also the runner and pod name).
-        namespace: Namespace of the pod.
-        pod_name: The GPU pod.
-        node: Node the pod runs on.
-        gpu_type: Accelerator of the pod's pool ("any" when none was asked for).
-        gpu_count: GPUs reserved.
-        node_added: Whether the autoscaler had to add a node for the pod.
-        reused: Whether an earlier spawn's pod and registration were adopted.
-        seconds: Seconds from start to runner online.
-        stage_seconds: Seconds from start at which each stage was reached.
-        run_url: The workflow run attempt the runner serves.
-    """
-
-    label: str
-    namespace: str
-    pod_name: str
-    node: str | None
-    gpu_type: str
-    gpu_count: int
-    node_added: bool
-    reused: bool
-    seconds: float
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    run_url: str = ""
 
 
 @dataclass

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from gpu_runners import contract
-
-if TYPE_CHECKING:  # spawn imports the Kubernetes client; a failure summary should not need it
-    from gpu_runners.spawn import SpawnResult
+from gpu_runners.broker_api import SpawnResult
 
 
 def _append(path: str, text: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from gpu_runners import contract
+from gpu_runners.broker_api import SpawnResult
 from gpu_runners.delete import delete_run
 from gpu_runners.errors import (
     GitHubAuthError,
@@ -28,7 +29,7 @@ from gpu_runners.errors import (
 from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient, KubeTimeouts
 from gpu_runners.progress import ProgressLog
-from gpu_runners.spawn import SpawnResult, spawn
+from gpu_runners.spawn import spawn
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes, FakeNode, PodScript, Taint
 from tests.runtime.fake_wiring import (
