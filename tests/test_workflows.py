@@ -414,9 +414,10 @@ def test_training_has_no_job_for_pull_requests_from_forks() -> None:
 
 def test_training_tokens_are_least_privilege() -> None:
     jobs = training_jobs()
-    # The base runner jobs need no GITHUB_TOKEN: spawn and delete use the runner's own PAT.
-    assert "permissions" not in jobs["setup"]
-    assert "permissions" not in jobs["cleanup"]
+    # The base runner jobs need only their OIDC token, which proves their run to the broker;
+    # no GITHUB_TOKEN scope at all.
+    assert jobs["setup"]["permissions"] == {"id-token": "write"}
+    assert jobs["cleanup"]["permissions"] == {"id-token": "write"}
     assert jobs["train"]["permissions"] == {"contents": "read", "id-token": "write"}
 
 
