@@ -433,8 +433,14 @@ class _KeySet:
 class _IssuerKeys:
     """The issuer's signing keys: fetched through discovery, cached, refetched under a cooldown.
 
+    A fetch happens when no fresh key set is held (at startup, or `max_age` after the last
+    fetch) or when a token names a `kid` the set lacks (the issuer rotated its keys). After a
+    fetch for an unknown `kid`, and after any failed fetch, no other starts for `cooldown`
+    seconds: a flood of made-up `kid`s costs the issuer one request per cooldown, and an issuer
+    in an outage is not hammered either.
+
     Readers take the current `_KeySet` without a lock (one attribute read); fetches run one at
-    a time under `_fetch_lock`, and at most one starts per `cooldown` seconds whatever asks.
+    a time under `_fetch_lock`.
     """
 
     def __init__(self, issuer: str, *, cooldown: float, timeout: float, max_age: float) -> None:
@@ -443,7 +449,7 @@ class _IssuerKeys:
         self._timeout = timeout
         self._max_age = max_age
         self._keyset: _KeySet | None = None
-        self._last_attempt: float | None = None
+        self._cooling_until = 0.0  # time.monotonic()
         self._last_error: str | None = None
         self._fetch_lock = threading.Lock()
         self._opener = urllib.request.build_opener(_NoRedirects())
@@ -456,41 +462,53 @@ class _IssuerKeys:
         """The key for `kid`, refetching the set (under the cooldown) if it is unknown.
 
         Raises:
-            VerificationUnavailableError: No usable key set (never fetched, stale, issuer failing),
-                or the kid is unknown and the last refetch failed.
+            VerificationUnavailableError: No usable key set (never fetched, stale, issuer
+                failing), or the kid is unknown and the last fetch failed.
             TokenRejectedError: The issuer does not publish `kid`.
         """
         keyset = self._keyset
-        if not (self._fresh(keyset) and keyset is not None and kid in keyset.keys):
-            keyset = self.refresh()
+        if keyset is None or not self._fresh(keyset) or kid not in keyset.keys:
+            keyset = self.refresh(kid)
         if keyset is None or not self._fresh(keyset):
             raise VerificationUnavailableError(self.unavailable_reason())
         found = keyset.keys.get(kid)
         if found is None:
             if self._last_error is not None:
+                # The issuer may have rotated to this kid while we cannot reach it: retry later.
                 raise VerificationUnavailableError(self.unavailable_reason())
             raise TokenRejectedError("token is signed with a key the issuer does not publish (kid)")
         return found
 
-    def refresh(self) -> _KeySet | None:
-        """Fetches the key set unless a fetch started less than `cooldown` seconds ago.
+    def refresh(self, kid: str | None = None) -> _KeySet | None:
+        """Fetches the key set if it is missing or stale, or lacks `kid`, unless cooling down.
 
-        A failed fetch counts: an issuer in an outage is not asked more often either.
+        Args:
+            kid: The key id a token names; None only makes sure a fresh set is held.
 
         Returns:
             The key set held afterwards (None if none was ever fetched).
         """
         with self._fetch_lock:
+            # Another thread may have fetched while this one waited for the lock.
+            keyset = self._keyset
+            if self._fresh(keyset) and keyset is not None and (kid is None or kid in keyset.keys):
+                return keyset
             now = time.monotonic()
-            if self._last_attempt is not None and now - self._last_attempt < self._cooldown:
-                return self._keyset
-            self._last_attempt = now
+            if now < self._cooling_until:
+                return keyset
+            # A fresh set that lacks the kid: this fetch is for an unknown kid.
+            for_unknown_kid = self._fresh(keyset)
             try:
-                self._keyset = _KeySet(self._fetch(), fetched_at=time.monotonic())
-                self._last_error = None
+                keyset = _KeySet(self._fetch(), fetched_at=time.monotonic())
             except VerificationUnavailableError as e:
                 self._last_error = e.reason
-            return self._keyset
+                self._cooling_until = now + self._cooldown
+                return self._keyset
+            self._keyset = keyset
+            self._last_error = None
+            if for_unknown_kid:
+                self._cooling_until = now + self._cooldown
+            return keyset
 
     def _fresh(self, keyset: _KeySet | None) -> bool:
         return keyset is not None and time.monotonic() - keyset.fetched_at <= self._max_age
