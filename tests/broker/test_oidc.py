@@ -244,9 +244,9 @@ def test_times_must_be_json_integers(
     fake_oidc: FakeOidcIssuer, verifier: OidcVerifier, claim: str
 ) -> None:
     # PyJWT itself would take int("...") of a string.
-    value = str(payload_of(fake_oidc.mint())[claim])
+    as_string: dict[str, Any] = {claim: str(payload_of(fake_oidc.mint())[claim])}
 
-    error = refused(verifier, fake_oidc.mint(**{claim: value}))
+    error = refused(verifier, fake_oidc.mint(**as_string))
 
     assert error.reason == f"token claim {claim} must be an integer (seconds)"
 
@@ -592,7 +592,9 @@ def test_job_workflow_refs_are_checked_against_the_patterns(
 def test_a_token_missing_a_required_claim_is_refused(
     fake_oidc: FakeOidcIssuer, verifier: OidcVerifier, claim: str
 ) -> None:
-    error = refused(verifier, fake_oidc.mint(**{claim: None}))
+    removed: dict[str, Any] = {claim: None}
+
+    error = refused(verifier, fake_oidc.mint(**removed))
 
     assert error.reason == f"token lacks the {claim} claim"
 
@@ -602,7 +604,9 @@ def test_a_token_missing_a_required_claim_is_refused(
 def test_numeric_claims_must_be_positive_decimal_strings(
     fake_oidc: FakeOidcIssuer, verifier: OidcVerifier, claim: str, value: object
 ) -> None:
-    error = refused(verifier, fake_oidc.mint(**{claim: value}))
+    malformed: dict[str, Any] = {claim: value}
+
+    error = refused(verifier, fake_oidc.mint(**malformed))
 
     assert error.reason == f"token claim {claim} must be a positive decimal string"
 
