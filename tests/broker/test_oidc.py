@@ -298,6 +298,7 @@ def test_an_oversize_token_is_refused_unread(
         ("", "no token given"),
         ("not-a-jwt", "token is not a well-formed JWT"),
         ("a.b.c", "token is not a well-formed JWT"),
+        ("é" * 5000, "token is not a well-formed JWT"),
         ("e30.e30.e30", "token algorithm None is not RS256"),  # header {}
     ],
 )
@@ -537,6 +538,21 @@ def test_a_policy_allowing_a_forbidden_event_cannot_be_built(
             repository_owner_id="65",
             allowed_events=frozenset({"push", event}),
         )
+
+
+@pytest.mark.parametrize("event", ["pull_request_target", "workflow_run"])
+def test_forbidden_events_are_refused_even_if_the_allow_list_names_them(
+    fake_oidc: FakeOidcIssuer, verifier: OidcVerifier, event: str
+) -> None:
+    # A policy altered after its checks ran (construction refuses these events) still cannot
+    # let such a run in: the verifier refuses them on its own.
+    events = frozenset({"push", event})
+    object.__setattr__(verifier.policy, "allowed_events", events)
+
+    error = refused(verifier, fake_oidc.mint(event_name=event))
+
+    assert isinstance(error, TokenForbiddenError)
+    assert verifier.verify(fake_oidc.mint(event_name="push")).event_name == "push"
 
 
 @pytest.mark.parametrize(
