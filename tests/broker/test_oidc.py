@@ -75,6 +75,9 @@ def refused(verifier: OidcVerifier, token: str) -> TokenRejectedError:
         if len(segment) >= 8:
             assert segment not in shown
     assert "\n" not in caught.value.reason
+    # No chained library exception carries token material into a logged traceback either.
+    assert caught.value.__cause__ is None
+    assert caught.value.__context__ is None or caught.value.__suppress_context__
     return caught.value
 
 

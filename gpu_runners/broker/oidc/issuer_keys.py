@@ -37,6 +37,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 @dataclass(frozen=True)
 class KeySet:
+    """One fetch of the issuer's JWKS: its usable keys and when it was fetched."""
+
     keys: Mapping[str, jwt.PyJWK]  # kid -> RS256 public key
     fetched_at: float  # time.monotonic()
 
@@ -52,6 +54,12 @@ class IssuerKeys:
 
     Readers take the current `KeySet` without a lock (one attribute read); fetches run one at
     a time under `_fetch_lock`.
+
+    Args:
+        issuer: The issuer URL (validated by OidcPolicy), without a trailing slash.
+        cooldown: Seconds without fetches after a fetch for an unknown `kid` or a failed one.
+        timeout: Seconds allowed for each HTTP request.
+        max_age: Seconds a fetched set is used; past that it is refetched before use.
     """
 
     def __init__(self, issuer: str, *, cooldown: float, timeout: float, max_age: float) -> None:

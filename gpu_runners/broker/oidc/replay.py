@@ -23,6 +23,11 @@ class ReplayGuard:
     refused (503) rather than an entry evicted, since evicting one would let that token be
     replayed; only tokens that passed every other check get here, so filling it takes that
     many genuine tokens within their lifetime.
+
+    Args:
+        capacity: Most entries held.
+        keep_after_exp: Seconds an entry outlives its token's `exp` (the leeway and a margin).
+        clock: Wall-clock seconds, compared with `exp`.
     """
 
     def __init__(self, *, capacity: int, keep_after_exp: int, clock: Callable[[], float]) -> None:
