@@ -395,7 +395,4 @@ class FakeOidcIssuer:
         audience = audiences[-1] if audiences else None
         with self._lock:
             self.token_audiences.append(audience)
-        return 200, {
-            "count": 1,
-            "value": self.mint(aud=audience or f"https://github.com/{self.owner}"),
-        }
+        return 200, {"value": self.mint(aud=audience or f"https://github.com/{self.owner}")}
