@@ -29,7 +29,7 @@ from gpu_runners.broker.oidc import (
     VerificationUnavailableError,
 )
 from gpu_runners.contract import DEFAULT_ALLOWED_EVENTS, GITHUB_OIDC_ISSUER
-from tests.fakes.oidc_issuer import FakeOidcIssuer, new_signing_key
+from tests.fakes.oidc_issuer import MOVED_JWKS_PATH, FakeOidcIssuer, new_signing_key
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
@@ -482,6 +482,18 @@ def test_a_plain_http_jwks_uri_elsewhere_is_refused(
 
     assert isinstance(error, VerificationUnavailableError)
     assert "jwks_uri 'http://jwks.example.com/keys' is not an https URL" in error.reason
+
+
+def test_a_redirect_from_the_jwks_uri_is_not_followed(
+    fake_oidc: FakeOidcIssuer, verifier: OidcVerifier
+) -> None:
+    fake_oidc.jwks_uri = fake_oidc.url + MOVED_JWKS_PATH
+
+    error = refused(verifier, fake_oidc.mint())
+
+    assert isinstance(error, VerificationUnavailableError)
+    assert "(JWKS answered HTTP 302)" in error.reason
+    assert fake_oidc.jwks_fetches == 0
 
 
 # --- claims and the stack's policy ---------------------------------------------------------------

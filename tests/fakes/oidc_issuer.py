@@ -45,6 +45,8 @@ from tests.fakes.github_api import RecordedRequest
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/.well-known/jwks"
+#: Answers a redirect to JWKS_PATH (see `FakeOidcIssuer.jwks_uri`).
+MOVED_JWKS_PATH = "/.well-known/jwks-moved"
 TOKEN_PATH = "/_actions/token"
 #: The runner's token URL already carries this query; `core.getIDToken` appends `&audience=`.
 TOKEN_API_VERSION = "2.0"
@@ -148,7 +150,8 @@ class FakeOidcIssuer:
         self.request_token = secrets.token_urlsafe(32)
         #: `issuer` the discovery document names; None names this fake's own URL.
         self.discovery_issuer: str | None = None
-        #: `jwks_uri` the discovery document names; None names this fake's JWKS.
+        #: `jwks_uri` the discovery document names; None names this fake's JWKS. Naming
+        #: `url + MOVED_JWKS_PATH` serves a redirect to the JWKS instead.
         self.jwks_uri: str | None = None
         #: While True every route answers 503, as an issuer in an outage.
         self.down = False
@@ -341,6 +344,8 @@ class FakeOidcIssuer:
                 status, body = fake._answer(request)
                 payload = json.dumps(body).encode()
                 self.send_response(status)
+                if status == 302:
+                    self.send_header("Location", fake.url + JWKS_PATH)
                 self.send_header("Content-Type", "application/json; charset=utf-8")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -364,6 +369,8 @@ class FakeOidcIssuer:
             with self._lock:
                 self._jwks_fetches += 1
                 return 200, {"keys": [key.jwk() for key in self._published]}
+        if request.path == MOVED_JWKS_PATH:
+            return 302, {"message": "Found"}
         if request.path == TOKEN_PATH:
             return self._token(request)
         return 404, {"message": "Not Found"}
