@@ -782,6 +782,27 @@ def test_many_threads_verify_distinct_tokens(
     assert fake_oidc.jwks_fetches == 1
 
 
+def test_no_refusal_quotes_the_token(fake_oidc: FakeOidcIssuer, verifier: OidcVerifier) -> None:
+    reused = fake_oidc.mint()
+    verifier.verify(reused)
+    attacks = [
+        fake_oidc.mint(aud="other"),
+        fake_oidc.mint(algorithm="HS256"),
+        fake_oidc.mint(signing_key=new_signing_key()),
+        fake_oidc.mint(repository_id="75"),
+        fake_oidc.mint(run_id="x"),
+        fake_oidc.mint(exp=now() - 3600, iat=now() - 3900),
+        reused,
+    ]
+
+    for token in attacks:
+        with pytest.raises(TokenRejectedError) as caught:
+            verifier.verify(token)
+        for text in (caught.value.reason, str(caught.value), repr(caught.value)):
+            assert token not in text
+            assert token.split(".")[2] not in text  # not even the signature
+
+
 # --- the policy's own checks ---------------------------------------------------------------------
 
 
