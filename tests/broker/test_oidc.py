@@ -826,6 +826,11 @@ def policy_fields(**changes: Any) -> dict[str, Any]:
         ({"issuer": "token.actions.githubusercontent.com"}, "issuer"),
         ({"audience": ""}, "audience"),
         ({"audience": "https://github.com/acme"}, "audience"),
+        (
+            {"audience": "https://iam.googleapis.com/projects/1/locations/global/x"},
+            "audience",
+        ),
+        ({"audience": "//iam.googleapis.com/projects/1/locations/global/x"}, "audience"),
         ({"repository_id": "acme/models"}, "repository_id"),
         ({"repository_owner_id": "0"}, "repository_owner_id"),
         ({"allowed_events": frozenset()}, "allowed_events"),

@@ -17,6 +17,9 @@ MAX_LEEWAY_SECONDS = 60
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 #: GitHub's default audience is the owner's URL; any GitHub-aware service accepts it.
 GITHUB_DEFAULT_AUDIENCE_PREFIX = "https://github.com/"
+#: Google's workload identity providers accept, unless told otherwise, an audience naming the
+#: provider (`https://iam.googleapis.com/projects/...` or `//iam.googleapis.com/...`).
+WORKLOAD_IDENTITY_AUDIENCE_HOST = "iam.googleapis.com/"
 #: GitHub's numeric ids as its claims carry them: ASCII digits, no sign or leading zero.
 DECIMAL_ID = re.compile(r"[1-9][0-9]{0,18}")
 
@@ -113,6 +116,12 @@ class OidcPolicy:
             raise ValueError(
                 "OidcPolicy.audience must not be GitHub's default audience "
                 f"(https://github.com/<owner>), which any job's token carries; got "
+                f"{self.audience!r}"
+            )
+        if WORKLOAD_IDENTITY_AUDIENCE_HOST in self.audience:
+            raise ValueError(
+                "OidcPolicy.audience must not be a workload identity provider's audience: a "
+                "token for the broker must not also open the cloud project; got "
                 f"{self.audience!r}"
             )
 
