@@ -37,11 +37,11 @@ class RecordedSleep:
 def test_jit_config_registers_a_named_single_use_runner(
     fake_github: FakeGitHub, github: GitHubClient
 ) -> None:
-    jit = github.generate_jit_config("gpu-1-1", ["self-hosted", "gpu-1-1"])
+    jit = github.generate_jit_config("gpu-1-1", ["gpu-1-1"])
 
     (request,) = fake_github.requests_to(JIT, "POST")
     assert request.body == {"name": "gpu-1-1", "runner_group_id": 1,
-                            "labels": ["self-hosted", "gpu-1-1"]}
+                            "labels": ["gpu-1-1"]}
     assert request.headers["authorization"] == "Bearer ghp_fake"
     assert request.headers["x-github-api-version"] == "2022-11-28"
     assert jit.runner.name == "gpu-1-1"
