@@ -45,6 +45,12 @@ from tests.fakes.kube_api import (
     PodScript,
     parse_label_selector,
 )
+from tests.harness.kubernetes_labels import (
+    INVALID_KEYS,
+    INVALID_VALUES,
+    VALID_KEYS,
+    VALID_VALUES,
+)
 
 NS = DEFAULT_NAMESPACE
 IMAGE = "ghcr.io/acme/runner:1.0"
@@ -1070,6 +1076,45 @@ def test_invalid_pods_are_422_with_the_api_server_message(
     assert invalid.value.status == 422
     assert status_of(invalid.value)["reason"] == "Invalid"
     assert message in status_of(invalid.value)["message"]
+
+
+def label_outcomes(fake: FakeKubernetes, labels: list[tuple[str, str]]) -> dict[str, int]:
+    """Creates one Secret per (key, value) and returns the status code of each, by case."""
+    outcomes: dict[str, int] = {}
+    for index, (key, value) in enumerate(labels):
+        code, _ = post_raw(fake, f"/api/v1/namespaces/{NS}/secrets",
+                           secret_json(f"label-{index}", {key: value}))
+        outcomes[f"{key!r}={value!r}"] = code
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ([(key, "v") for key in VALID_KEYS], 201),
+        ([(key, "v") for key in INVALID_KEYS], 422),
+        ([("team", value) for value in VALID_VALUES], 201),
+        ([("team", value) for value in INVALID_VALUES], 422),
+    ],
+    ids=["valid-keys", "invalid-keys", "valid-values", "invalid-values"],
+)
+def test_label_keys_and_values_are_checked_by_kubernetes_rules(
+    fake_kube: FakeKubernetes, labels: list[tuple[str, str]], expected: int
+) -> None:
+    outcomes = label_outcomes(fake_kube, labels)
+
+    assert {case: code for case, code in outcomes.items() if code != expected} == {}
+
+
+def test_a_label_prefix_with_an_empty_part_is_422_naming_the_prefix(
+    core: client.CoreV1Api,
+) -> None:
+    with pytest.raises(client.ApiException) as invalid:
+        core.create_namespaced_pod(NS, runner_pod("gpu-1-1", labels={"example..com/team": "ml"}))
+
+    assert invalid.value.status == 422
+    assert 'metadata.labels: Invalid value: "example..com/team": prefix part a lowercase RFC ' \
+        "1123 subdomain" in status_of(invalid.value)["message"]
 
 
 def test_pod_security_restricted_forbids_a_pod_without_a_security_context(
