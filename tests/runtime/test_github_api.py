@@ -83,6 +83,41 @@ def test_listing_follows_every_page(fake_github: FakeGitHub) -> None:
         ]
 
 
+MALFORMED_PAGE = {
+    "total_count": 3,
+    "runners": [
+        {"id": 1, "name": "gpu-1-1", "status": "offline", "busy": False, "labels": []},
+        {"id": "two", "name": "gpu-2-1"},
+        {"id": 3, "name": "gpu-3-1", "labels": "gpu-3-1"},
+    ],
+}
+
+
+def test_a_malformed_runner_entry_is_a_github_error_not_a_crash(
+    fake_github: FakeGitHub, github: GitHubClient
+) -> None:
+    fake_github.inject("GET", RUNNERS, 200, body=MALFORMED_PAGE)
+
+    with pytest.raises(GitHubError, match="holds a malformed runner: the entry named 'gpu-2-1' "
+                                          "has no integer id"):
+        list(github.list_runners())
+
+
+def test_a_caller_may_skip_malformed_runner_entries_and_keep_the_others(
+    fake_github: FakeGitHub, github: GitHubClient
+) -> None:
+    fake_github.inject("GET", RUNNERS, 200, body=MALFORMED_PAGE)
+    problems: list[str] = []
+
+    names = [runner.name for runner in github.list_runners(on_malformed=problems.append)]
+
+    assert names == ["gpu-1-1"]
+    reasons = [problem.split("malformed runner: ")[1] for problem in problems]
+    assert reasons[0] == "the entry named 'gpu-2-1' has no integer id"
+    assert reasons[1].startswith("runner gpu-3-1 (id 3): TypeError")  # labels not a list
+    assert len(reasons) == 2
+
+
 def test_deleting_a_busy_runner_says_it_is_busy_and_a_gone_one_is_no_error(
     fake_github: FakeGitHub, github: GitHubClient
 ) -> None:
