@@ -1420,6 +1420,8 @@ def test_tail_lines_and_since_seconds_choose_where_the_log_starts(
     core = api_for(fake)
     core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
     watch_pod(core, "gpu-1-1", running)
+    # The runner's start line follows the Running status; the lines below must come after it.
+    wait_for(lambda: read_log(core, "gpu-1-1") != "", "the line written at start")
     fake.append_log(NS, "gpu-1-1", "an hour ago", at=time.time() - 3600)
     fake.append_log(NS, "gpu-1-1", "just now")
     fake.append_log(NS, "gpu-1-1", "now")
