@@ -1365,6 +1365,7 @@ def test_a_runner_scripted_never_to_connect_prints_no_listening_line(
     core = api_for(fake)
     core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
     watch_pod(core, "gpu-1-1", running)
+    wait_for(lambda: read_log(core, "gpu-1-1") != "", "the line written at start")
     fake.append_log(NS, "gpu-1-1", "marker: the log is read in order")
 
     lines = read_log(core, "gpu-1-1").splitlines()
