@@ -76,5 +76,5 @@ def label_value_problem(value: str) -> str | None:
         One line saying what is wrong, or None.
     """
     if value and (len(value) > MAX_NAME_LENGTH or not _NAME.fullmatch(value)):
-        return f"the value {value!r} is not empty nor {_NAME_RULE}"
+        return f"the value {value!r} is neither empty nor {_NAME_RULE}"
     return None
