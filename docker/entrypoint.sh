@@ -8,8 +8,9 @@
 #       hostname (unique per pod; an offline registration under that name, left by the pod's
 #       earlier container, is replaced, an online one never), runs it, and on INT / TERM stops
 #       it, removes it from GitHub with a fresh remove token and exits 130 / 143.
-#   jit  A per-run GPU runner. Runs the single-use JIT config that gpu_runners minted; there is
-#       no token in its environment and it makes no API call.
+#   jit  A per-run GPU runner. Runs the single-use JIT config that gpu_runners minted, handed
+#       to the runner in ACTIONS_RUNNER_INPUT_JITCONFIG, never on a command line; there is no
+#       token in its environment and it makes no API call.
 #
 # Environment (the names are defined in gpu_runners/contract.py):
 #   GITHUB_REPOSITORY      owner/name the runner serves; the image defaults it to the repository
@@ -445,8 +446,12 @@ run_jit() {
   [[ -n $config ]] || die 2 "RUNNER_JITCONFIG_FILE names $file, which is empty"
   scrub_credentials
   log "starting the single-use runner from $file"
+  # The runner reads any `run` argument from ACTIONS_RUNNER_INPUT_<ARG> and removes the variable
+  # from its listener's environment, so job steps do not inherit it. Passed as --jitconfig, the
+  # config would sit in /proc/<pid>/cmdline of run.sh and the listener for all to read.
+  export ACTIONS_RUNNER_INPUT_JITCONFIG=$config
   # exec: run.sh becomes this process and gets the pod's signals itself.
-  exec ./run.sh --jitconfig "$config"
+  exec ./run.sh
 }
 
 main() {

@@ -176,6 +176,21 @@ class Runner:
         )
 
 
+def _runner_entry(item: object) -> Runner:
+    """A Runner from one entry of a runner list; ValueError naming what is wrong with it."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"an entry is a JSON {type(item).__name__}, not an object")
+    runner_id, name = item.get("id"), item.get("name")
+    if isinstance(runner_id, bool) or not isinstance(runner_id, int):
+        raise ValueError(f"the entry named {name!r} has no integer id")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"the entry with id {runner_id} has no name")
+    try:
+        return Runner.from_json(item)
+    except (KeyError, TypeError) as e:  # e.g. a label without a name
+        raise ValueError(f"runner {name} (id {runner_id}): {type(e).__name__} {e}") from e
+
+
 @dataclass(frozen=True)
 class JitRunner:
     """A freshly registered JIT runner and its single-use config."""
@@ -308,9 +323,21 @@ class GitHubClient:
                 return runner
         return None
 
-    def list_runners(self) -> Iterator[Runner]:
-        """Yields every runner of the scope, page by page."""
-        yield from self._runner_pages({})
+    def list_runners(
+        self, *, on_malformed: Callable[[str], None] | None = None
+    ) -> Iterator[Runner]:
+        """Yields every runner of the scope, page by page.
+
+        Args:
+            on_malformed: Called with a one-line description of each entry of GitHub's answer
+                that is not a runner (no integer id, no name), which is then skipped: one bad
+                entry need not hide every other runner. Without it, such an entry raises.
+
+        Raises:
+            GitHubError: A request failed, an answer holds no runner list, or (without
+                `on_malformed`) an entry is not a runner.
+        """
+        yield from self._runner_pages({}, on_malformed)
 
     def delete_runner(self, runner_id: int) -> bool:
         """Removes a runner registration.
@@ -363,20 +390,38 @@ class GitHubClient:
             response = self._request("GET", f"/repos/{repository}/actions/runs/{run_id}")
         except GitHubNotFoundError:
             return None
-        return RunStatus(
-            status=str(response.body.get("status")),
-            conclusion=response.body.get("conclusion"),
-        )
+        body = response.body
+        status = body.get("status") if isinstance(body, Mapping) else None
+        conclusion = body.get("conclusion") if isinstance(body, Mapping) else None
+        if not isinstance(status, str) or not (conclusion is None or isinstance(conclusion, str)):
+            raise GitHubError(
+                f"GitHub's answer about run {run_id} of {repository} has no status string"
+            )
+        return RunStatus(status=status, conclusion=conclusion)
 
     # --- transport -----------------------------------------------------------------------------
 
-    def _runner_pages(self, filters: Mapping[str, str]) -> Iterator[Runner]:
+    def _runner_pages(
+        self, filters: Mapping[str, str], on_malformed: Callable[[str], None] | None = None
+    ) -> Iterator[Runner]:
         path: str | None = f"{self.scope.path}/actions/runners"
         query = {**filters, "per_page": str(PAGE_SIZE)}
         while path is not None:
             response = self._request("GET", path, query=query)
-            for item in response.body.get("runners", ()):
-                yield Runner.from_json(item)
+            body = response.body
+            items = body.get("runners") if isinstance(body, Mapping) else None
+            if not isinstance(items, list):
+                raise GitHubError(f"GitHub's answer to GET {path} holds no list of runners")
+            for item in items:
+                try:
+                    runner = _runner_entry(item)
+                except ValueError as e:
+                    problem = f"GitHub's answer to GET {path} holds a malformed runner: {e}"
+                    if on_malformed is None:
+                        raise GitHubError(problem) from e
+                    on_malformed(problem)
+                    continue
+                yield runner
             path, query = self._next_page(response, path)
 
     def _next_page(self, response: _Response, path: str) -> tuple[str | None, dict[str, str]]:

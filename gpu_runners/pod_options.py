@@ -6,13 +6,13 @@ bad size or label without importing the Kubernetes client: a typo fails in milli
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from gpu_runners import contract
 from gpu_runners.errors import UsageError
+from gpu_runners.label_syntax import label_key_problem, label_value_problem
 from gpu_runners.quantities import parse_quantity
 
 # Defaults that fit the smallest GPU machines (n1-standard-4 with a T4, g2-standard-4 with an
@@ -33,23 +33,14 @@ RESERVED_LABELS = frozenset({
     contract.LABEL_RUN_ID,
     contract.LABEL_RUN_ATTEMPT,
     contract.LABEL_GPU_TYPE,
+    contract.LABEL_REPOSITORY_ID,
 })
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 def _check_label(key: str, value: str) -> None:
-    prefix, _, name = key.rpartition("/")
-    if (prefix and not _LABEL_PREFIX.match(prefix)) or not _LABEL_NAME.match(name):
-        raise UsageError(
-            f"--label: {key!r} is not a Kubernetes label key ([prefix/]name, name up to 63 "
-            "letters, digits, '-', '_', '.')"
-        )
-    if value and not _LABEL_NAME.match(value):
-        raise UsageError(
-            f"--label: value {value!r} of {key!r} is not a Kubernetes label value (up to 63 "
-            "letters, digits, '-', '_', '.', starting and ending alphanumeric)"
-        )
+    problem = label_key_problem(key) or label_value_problem(value)
+    if problem is not None:
+        raise UsageError(f"--label: {problem} (Kubernetes' label syntax)")
     if key in RESERVED_LABELS:
         raise UsageError(f"--label: {key!r} is set by gpu_runners and cannot be overridden")
 

@@ -43,9 +43,23 @@ SHM_MOUNT_PATH = "/dev/shm"
 JIT_FILE_MODE = 0o440
 COMPONENT = "runner"
 
+# GKE installs the NVIDIA driver on the node and mounts it into every container that requests
+# nvidia.com/gpu at /usr/local/nvidia (bin/ with nvidia-smi, lib64/ with libcuda); nothing puts
+# it on the search paths. The CUDA base images expect exactly these variables (their own
+# Dockerfiles set them), so they are set here for whatever image the pod runs.
+NVIDIA_DRIVER_DIR = "/usr/local/nvidia"
+LD_LIBRARY_PATH = f"{NVIDIA_DRIVER_DIR}/lib64:{NVIDIA_DRIVER_DIR}/lib"
+#: The runner image's own virtualenv (docker/Dockerfile puts it first on PATH); a pod's env
+#: replaces the image's PATH rather than extending it, so it is named again here.
+RUNNER_IMAGE_VENV_BIN = "/opt/gpu-runners/venv/bin"
+CUDA_TOOLKIT_BIN = "/usr/local/cuda/bin"
+STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH = f"{RUNNER_IMAGE_VENV_BIN}:{NVIDIA_DRIVER_DIR}/bin:{CUDA_TOOLKIT_BIN}:{STANDARD_PATH}"
+
 
 def object_labels(identity: RunIdentity, gpu_type: str | None) -> dict[str, str]:
-    """The labels of every object of one run: app.kubernetes.io/* plus run id and attempt."""
+    """The labels of every object of one run: app.kubernetes.io/* plus run id and attempt
+    (and the repository id when the identity has one)."""
     return {
         contract.LABEL_NAME: contract.GPU_RUNNER_APP,
         contract.LABEL_COMPONENT: COMPONENT,
@@ -77,8 +91,9 @@ def build_gpu_pod(
     The pod runs the runner image in JIT mode with the config read from the run's Secret (which
     `spawn` creates after the pod, owned by it); it holds no GitHub token and no
     ServiceAccount token. It reserves its GPUs through the `nvidia.com/gpu` resource, tolerates
-    the GPU taint, is kept off CPU nodes by `gpu=true`, is killed after the max runtime, and
-    meets the `restricted` Pod Security Standard.
+    the GPU taint, is kept off CPU nodes by `gpu=true`, is killed after the max runtime,
+    finds the NVIDIA driver GKE mounts (PATH, LD_LIBRARY_PATH), and meets the `restricted` Pod
+    Security Standard.
 
     Args:
         identity: The run attempt; names the pod and labels it.
@@ -99,6 +114,8 @@ def build_gpu_pod(
         env=[
             V1EnvVar(name=contract.ENV_RUNNER_MODE, value="jit"),
             V1EnvVar(name=contract.ENV_JIT_CONFIG_FILE, value=jit_config_path()),
+            V1EnvVar(name="PATH", value=PATH),
+            V1EnvVar(name="LD_LIBRARY_PATH", value=LD_LIBRARY_PATH),
         ],
         # Requests equal to limits: the pod is Guaranteed, so neither CPU nor memory is taken
         # back from a training job by a noisy neighbour, and the GPU request must equal its

@@ -1,9 +1,9 @@
 """Which workflow run a GPU runner belongs to, and every name derived from it.
 
 The runner name doubles as its only routing label (`gpu-<run_id>-<attempt>`), the pod name and
-the prefix of the Secret name, and the run id and attempt become label values that `delete`
-and `reap` select on. Keeping the derivations here means a pod, its Secret and its GitHub
-registration can always be found from the run alone.
+the prefix of the Secret name, and the run id and attempt (and, for runs the broker serves, the
+repository id) become label values that `delete` and `reap` select on. Keeping the derivations
+here means a pod, its Secret and its GitHub registration can always be found from the run alone.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from gpu_runners import contract
 from gpu_runners.errors import UsageError
@@ -19,6 +20,21 @@ DEFAULT_SERVER_URL = "https://github.com"
 
 _REPOSITORY = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
 _RUNNER_NAME = re.compile(rf"^{re.escape(contract.GPU_RUNNER_PREFIX)}(\d+)-(\d+)$")
+
+
+class RunKey(NamedTuple):
+    """What makes spawn and delete idempotent: one attempt of one run of one repository.
+
+    Attributes:
+        repository_id: GitHub's numeric repository id (names can be recycled, ids cannot);
+            None for a run whose identity did not come from a verified token.
+        run_id: The workflow run id.
+        attempt: The run attempt.
+    """
+
+    repository_id: int | None
+    run_id: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -30,12 +46,17 @@ class RunIdentity:
         run_id: `GITHUB_RUN_ID`.
         attempt: `GITHUB_RUN_ATTEMPT` (1 for the first attempt, +1 per re-run).
         server_url: `GITHUB_SERVER_URL`, used to link the run from the pod's annotation.
+        repository_id: GitHub's numeric id of `repository`, from the verified OIDC token's
+            `repository_id` claim. When set, every object of the run carries it as a label and
+            `delete` selects on it too, so a run of a re-created repository of the same name
+            can never touch this one's objects.
     """
 
     repository: str
     run_id: int
     attempt: int
     server_url: str = DEFAULT_SERVER_URL
+    repository_id: int | None = None
 
     def __post_init__(self) -> None:
         if not _REPOSITORY.match(self.repository):
@@ -47,6 +68,15 @@ class RunIdentity:
             raise UsageError(f"--run-id: {self.run_id} is not a positive workflow run id")
         if self.attempt < 1:
             raise UsageError(f"--run-attempt: {self.attempt} is not a positive attempt number")
+        if self.repository_id is not None and self.repository_id < 1:
+            raise UsageError(
+                f"repository_id: {self.repository_id} is not a positive GitHub repository id"
+            )
+
+    @property
+    def run_key(self) -> RunKey:
+        """(repository id, run id, attempt): the key spawn and delete are idempotent on."""
+        return RunKey(self.repository_id, self.run_id, self.attempt)
 
     @property
     def runner_name(self) -> str:
@@ -76,11 +106,14 @@ class RunIdentity:
 
     def selector_labels(self) -> dict[str, str]:
         """The labels every object of this run attempt carries and `delete` selects on."""
-        return {
+        labels = {
             contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
             contract.LABEL_RUN_ID: str(self.run_id),
             contract.LABEL_RUN_ATTEMPT: str(self.attempt),
         }
+        if self.repository_id is not None:
+            labels[contract.LABEL_REPOSITORY_ID] = str(self.repository_id)
+        return labels
 
     def owns(self, labels: Mapping[str, str] | None) -> bool:
         """Whether an object with these labels belongs to this run attempt.
@@ -90,6 +123,31 @@ class RunIdentity:
         """
         actual = labels or {}
         return all(actual.get(key) == value for key, value in self.selector_labels().items())
+
+
+def run_key_from_labels(labels: Mapping[str, str] | None) -> RunKey | None:
+    """The run key of an object gpu_runners created, read back from its labels, else None.
+
+    Lets a restarted broker find, in the cluster alone, which run each pod and Secret serves.
+    """
+    actual = labels or {}
+    if actual.get(contract.LABEL_MANAGED_BY) != contract.MANAGED_BY:
+        return None
+    run_id = actual.get(contract.LABEL_RUN_ID, "")
+    attempt = actual.get(contract.LABEL_RUN_ATTEMPT, "")
+    repository_id = actual.get(contract.LABEL_REPOSITORY_ID)
+    if not (_is_positive(run_id) and _is_positive(attempt)):
+        return None
+    if repository_id is not None and not _is_positive(repository_id):
+        return None
+    return RunKey(
+        int(repository_id) if repository_id is not None else None, int(run_id), int(attempt)
+    )
+
+
+def _is_positive(text: str) -> bool:
+    # isascii: str.isdigit accepts other scripts' digits, which no label value written here has.
+    return text.isascii() and text.isdigit() and int(text) > 0
 
 
 def parse_runner_name(name: str) -> tuple[int, int] | None:

@@ -59,12 +59,9 @@ from gpu_runners.run_identity import RunIdentity
 
 DEFAULT_WAIT_TIMEOUT_SECONDS = 20 * 60
 DEFAULT_SCALE_UP_GRACE_SECONDS = 120.0
-#: Labels every GPU runner registers with besides its own `gpu-<run_id>-<attempt>`, so that
-#: both `runs-on: gpu-1-1` and `runs-on: [self-hosted, gpu-1-1]` find it.
-BASE_RUNNER_LABELS = ("self-hosted",)
 #: The line the Actions runner prints once its session with GitHub exists, i.e. once GitHub
 #: lists it online: `{DateTime.UtcNow:u}: Listening for Jobs` (actions/runner,
-#: src/Runner.Listener/Runner.cs, RunAsync, which `run.sh --jitconfig` reaches too). Matched
+#: src/Runner.Listener/Runner.cs, RunAsync, which a JIT runner reaches too). Matched
 #: loosely at the end of the line: a miss costs LOG_SILENCE_GRACE_SECONDS, a false match one
 #: GitHub request.
 RUNNER_LISTENING_LINE = re.compile(r"Listening for Jobs\s*$")
@@ -124,8 +121,14 @@ class SpawnRequest:
 
     @property
     def runner_labels(self) -> list[str]:
-        """The labels the runner registers with; the last one is unique to this run attempt."""
-        return [*BASE_RUNNER_LABELS, self.identity.runner_name]
+        """The labels the runner registers with: only the one unique to this run attempt.
+
+        With a shared label such as `self-hosted`, a job asking only for that label could take
+        another run's idle runner, and that run would hang. A JIT registration carries exactly
+        the labels it is given: the runner's default labels come from config.sh, which a JIT
+        runner never runs.
+        """
+        return [self.identity.runner_name]
 
 
 @dataclass

@@ -43,7 +43,7 @@ def jit_env(tmp_path: Path, fake_github: FakeGitHub, jit_config_file: Path) -> d
     }
 
 
-def test_jit_mode_replaces_itself_with_run_sh_and_the_config_without_any_api_call(
+def test_jit_mode_replaces_itself_with_run_sh_given_the_config_in_its_environment(
     fake_github: FakeGitHub, jit_env: dict[str, str], runner_folder: RunnerFolder,
     start_entrypoint: StartEntrypoint,
 ) -> None:
@@ -54,11 +54,28 @@ def test_jit_mode_replaces_itself_with_run_sh_and_the_config_without_any_api_cal
 
     assert result.returncode == 0, result.stderr
     (run,) = runner_folder.starts("run.sh")
-    assert run["argv"] == ["--jitconfig", JIT_CONFIG]
+    # The runner reads ACTIONS_RUNNER_INPUT_JITCONFIG and drops it from its listener's
+    # environment; on the command line it would be in /proc/<pid>/cmdline for any job to read.
+    assert run["argv"] == []
+    assert run["env"][contract.ENV_RUNNER_JITCONFIG] == JIT_CONFIG
     # exec: run.sh is the process the pod started, so it gets the pod's signals itself.
     assert run["pid"] == process.pid
     assert fake_github.requests == []
     assert runner_folder.starts("config.sh") == []
+
+
+def test_jit_mode_puts_the_config_in_no_process_arguments(
+    jit_env: dict[str, str], start_entrypoint: StartEntrypoint,
+) -> None:
+    # run.sh keeps listening, so the live process's command line can be read as `ps` would.
+    process = start_entrypoint(jit_env)
+    process.wait_until_runner_listens()
+
+    cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{process.pid}/environ").read_bytes().split(b"\0")
+
+    assert JIT_CONFIG.encode() not in cmdline
+    assert f"{contract.ENV_RUNNER_JITCONFIG}={JIT_CONFIG}".encode() in environ
 
 
 def test_jit_mode_leaves_no_credential_in_the_runners_environment(

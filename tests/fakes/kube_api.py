@@ -602,23 +602,55 @@ def _validate_name(name: str, path: str, *, label: bool = False) -> list[str]:
     return []
 
 
+_QUALIFIED_NAME_MESSAGE = (
+    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an "
+    "alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for "
+    "validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')"
+)
+
+
+def _qualified_name_errors(key: str) -> list[str]:
+    """apimachinery's IsQualifiedName: `[prefix/]name`, as the API server checks label keys."""
+    parts = key.split("/")
+    if len(parts) == 1:
+        name = parts[0]
+        errors: list[str] = []
+    elif len(parts) == 2:
+        prefix, name = parts
+        if not prefix:
+            errors = ["prefix part must be non-empty"]
+        elif len(prefix) > 253:
+            errors = ["prefix part must be no more than 253 characters"]
+        elif not _DNS_SUBDOMAIN.fullmatch(prefix):
+            errors = [f"prefix part {_SUBDOMAIN_MESSAGE}"]
+        else:
+            errors = []
+    else:
+        return [
+            f"a qualified name {_QUALIFIED_NAME_MESSAGE} with an optional DNS subdomain prefix "
+            "and '/' (e.g. 'example.com/MyName')"
+        ]
+    if not name:
+        errors.append("name part must be non-empty")
+    elif len(name) > 63:
+        errors.append("name part must be no more than 63 characters")
+    if name and not _LABEL_NAME.fullmatch(name):
+        errors.append(f"name part {_QUALIFIED_NAME_MESSAGE}")
+    return errors
+
+
 def _validate_labels(labels: Mapping[str, Any], path: str) -> list[str]:
-    errors: list[str] = []
-    for key, value in labels.items():
-        prefix, _, name = key.rpartition("/")
-        if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
-            errors.append(f'{path}: Invalid value: "{key}": prefix part {_SUBDOMAIN_MESSAGE}')
-        if len(name) > 63 or not _LABEL_NAME.fullmatch(name):
-            errors.append(
-                f'{path}: Invalid value: "{key}": name part must consist of alphanumeric '
-                "characters, '-', '_' or '.', and must start and end with an alphanumeric "
-                "character, and be no more than 63 characters"
-            )
+    errors = [
+        f'{path}: Invalid value: "{key}": {message}'
+        for key in labels
+        for message in _qualified_name_errors(key)
+    ]
+    for value in labels.values():
         if not isinstance(value, str):
             continue  # the schema check reports the type
         if len(value) > 63:
             errors.append(f'{path}: Invalid value: "{value}": must be no more than 63 characters')
-        elif value and not _LABEL_NAME.fullmatch(value):
+        if value and not _LABEL_NAME.fullmatch(value):
             errors.append(f'{path}: Invalid value: "{value}": {_LABEL_VALUE_MESSAGE}')
     return errors
 

@@ -130,6 +130,22 @@ def test_jitconfig_registers_an_offline_ephemeral_runner_and_encodes_its_config(
     assert fake_github.jit_configs[runner["id"]] == answer.body["encoded_jit_config"]
 
 
+def test_jitconfig_registers_exactly_the_labels_given_and_adds_no_default(
+    fake_github: FakeGitHub,
+) -> None:
+    # GitHub adds no `self-hosted`/OS/architecture label to a JIT registration (config.sh adds
+    # those, and a JIT runner never runs it): a fake that added them would hide a runner that
+    # other jobs could take.
+    answer = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig",
+                  jit_body("gpu-8-2", labels=["gpu-8-2"]))
+
+    assert answer.status == 201
+    stored = fake_github.runner_named("gpu-8-2")
+    assert stored is not None
+    assert [label["name"] for label in answer.body["runner"]["labels"]] == ["gpu-8-2"]
+    assert [label["name"] for label in stored["labels"]] == ["gpu-8-2"]
+
+
 def test_jitconfig_for_a_name_in_use_is_a_409_conflict(fake_github: FakeGitHub) -> None:
     fake_github.add_runner("gpu-7-1", ["gpu-7-1"])
 

@@ -45,6 +45,12 @@ from tests.fakes.kube_api import (
     PodScript,
     parse_label_selector,
 )
+from tests.harness.kubernetes_labels import (
+    INVALID_KEYS,
+    INVALID_VALUES,
+    VALID_KEYS,
+    VALID_VALUES,
+)
 
 NS = DEFAULT_NAMESPACE
 IMAGE = "ghcr.io/acme/runner:1.0"
@@ -1072,6 +1078,45 @@ def test_invalid_pods_are_422_with_the_api_server_message(
     assert message in status_of(invalid.value)["message"]
 
 
+def label_outcomes(fake: FakeKubernetes, labels: list[tuple[str, str]]) -> dict[str, int]:
+    """Creates one Secret per (key, value) and returns the status code of each, by case."""
+    outcomes: dict[str, int] = {}
+    for index, (key, value) in enumerate(labels):
+        code, _ = post_raw(fake, f"/api/v1/namespaces/{NS}/secrets",
+                           secret_json(f"label-{index}", {key: value}))
+        outcomes[f"{key!r}={value!r}"] = code
+    return outcomes
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ([(key, "v") for key in VALID_KEYS], 201),
+        ([(key, "v") for key in INVALID_KEYS], 422),
+        ([("team", value) for value in VALID_VALUES], 201),
+        ([("team", value) for value in INVALID_VALUES], 422),
+    ],
+    ids=["valid-keys", "invalid-keys", "valid-values", "invalid-values"],
+)
+def test_label_keys_and_values_are_checked_by_kubernetes_rules(
+    fake_kube: FakeKubernetes, labels: list[tuple[str, str]], expected: int
+) -> None:
+    outcomes = label_outcomes(fake_kube, labels)
+
+    assert {case: code for case, code in outcomes.items() if code != expected} == {}
+
+
+def test_a_label_prefix_with_an_empty_part_is_422_naming_the_prefix(
+    core: client.CoreV1Api,
+) -> None:
+    with pytest.raises(client.ApiException) as invalid:
+        core.create_namespaced_pod(NS, runner_pod("gpu-1-1", labels={"example..com/team": "ml"}))
+
+    assert invalid.value.status == 422
+    assert 'metadata.labels: Invalid value: "example..com/team": prefix part a lowercase RFC ' \
+        "1123 subdomain" in status_of(invalid.value)["message"]
+
+
 def test_pod_security_restricted_forbids_a_pod_without_a_security_context(
     core: client.CoreV1Api,
 ) -> None:
@@ -1320,6 +1365,7 @@ def test_a_runner_scripted_never_to_connect_prints_no_listening_line(
     core = api_for(fake)
     core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
     watch_pod(core, "gpu-1-1", running)
+    wait_for(lambda: read_log(core, "gpu-1-1") != "", "the line written at start")
     fake.append_log(NS, "gpu-1-1", "marker: the log is read in order")
 
     lines = read_log(core, "gpu-1-1").splitlines()
@@ -1375,6 +1421,8 @@ def test_tail_lines_and_since_seconds_choose_where_the_log_starts(
     core = api_for(fake)
     core.create_namespaced_pod(NS, runner_pod("gpu-1-1"))
     watch_pod(core, "gpu-1-1", running)
+    # The runner's start line follows the Running status; the lines below must come after it.
+    wait_for(lambda: read_log(core, "gpu-1-1") != "", "the line written at start")
     fake.append_log(NS, "gpu-1-1", "an hour ago", at=time.time() - 3600)
     fake.append_log(NS, "gpu-1-1", "just now")
     fake.append_log(NS, "gpu-1-1", "now")

@@ -38,8 +38,7 @@ def seed_run_objects(fake_kube: FakeKubernetes, fake_github: FakeGitHub, run_id:
         },
         "data": {"jitconfig": "ZW5jb2RlZA=="},
     })
-    fake_github.add_runner(identity.runner_name, ["self-hosted", identity.runner_name],
-                           status="offline")
+    fake_github.add_runner(identity.runner_name, [identity.runner_name], status="offline")
 
 
 def names(objects: list[dict[str, Any]]) -> list[str]:

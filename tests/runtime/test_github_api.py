@@ -37,11 +37,11 @@ class RecordedSleep:
 def test_jit_config_registers_a_named_single_use_runner(
     fake_github: FakeGitHub, github: GitHubClient
 ) -> None:
-    jit = github.generate_jit_config("gpu-1-1", ["self-hosted", "gpu-1-1"])
+    jit = github.generate_jit_config("gpu-1-1", ["gpu-1-1"])
 
     (request,) = fake_github.requests_to(JIT, "POST")
     assert request.body == {"name": "gpu-1-1", "runner_group_id": 1,
-                            "labels": ["self-hosted", "gpu-1-1"]}
+                            "labels": ["gpu-1-1"]}
     assert request.headers["authorization"] == "Bearer ghp_fake"
     assert request.headers["x-github-api-version"] == "2022-11-28"
     assert jit.runner.name == "gpu-1-1"
@@ -81,6 +81,41 @@ def test_listing_follows_every_page(fake_github: FakeGitHub) -> None:
         assert [r.query.get("page") for r in small_pages.requests_to(RUNNERS)] == [
             None, ["2"], ["3"],
         ]
+
+
+MALFORMED_PAGE = {
+    "total_count": 3,
+    "runners": [
+        {"id": 1, "name": "gpu-1-1", "status": "offline", "busy": False, "labels": []},
+        {"id": "two", "name": "gpu-2-1"},
+        {"id": 3, "name": "gpu-3-1", "labels": "gpu-3-1"},
+    ],
+}
+
+
+def test_a_malformed_runner_entry_is_a_github_error_not_a_crash(
+    fake_github: FakeGitHub, github: GitHubClient
+) -> None:
+    fake_github.inject("GET", RUNNERS, 200, body=MALFORMED_PAGE)
+
+    with pytest.raises(GitHubError, match="holds a malformed runner: the entry named 'gpu-2-1' "
+                                          "has no integer id"):
+        list(github.list_runners())
+
+
+def test_a_caller_may_skip_malformed_runner_entries_and_keep_the_others(
+    fake_github: FakeGitHub, github: GitHubClient
+) -> None:
+    fake_github.inject("GET", RUNNERS, 200, body=MALFORMED_PAGE)
+    problems: list[str] = []
+
+    names = [runner.name for runner in github.list_runners(on_malformed=problems.append)]
+
+    assert names == ["gpu-1-1"]
+    reasons = [problem.split("malformed runner: ")[1] for problem in problems]
+    assert reasons[0] == "the entry named 'gpu-2-1' has no integer id"
+    assert reasons[1].startswith("runner gpu-3-1 (id 3): TypeError")  # labels not a list
+    assert len(reasons) == 2
 
 
 def test_deleting_a_busy_runner_says_it_is_busy_and_a_gone_one_is_no_error(

@@ -12,8 +12,22 @@ from gpu_runners.environment import default_max_runtime_seconds, resolve_namespa
 from gpu_runners.errors import UsageError
 from gpu_runners.github_api import load_token, scope_from
 from gpu_runners.gpu_pools import GpuPool, check_gpu_request, parse_gpu_pools, parse_gpu_types
+from gpu_runners.label_syntax import label_key_problem, label_value_problem
+from gpu_runners.pod_options import RunnerPodOptions
 from gpu_runners.quantities import parse_duration_seconds, parse_quantity
-from gpu_runners.run_identity import RunIdentity, parse_runner_name, resolve_run_identity
+from gpu_runners.run_identity import (
+    RunIdentity,
+    RunKey,
+    parse_runner_name,
+    resolve_run_identity,
+    run_key_from_labels,
+)
+from tests.harness.kubernetes_labels import (
+    INVALID_KEYS,
+    INVALID_VALUES,
+    VALID_KEYS,
+    VALID_VALUES,
+)
 
 POOLS = (GpuPool("nvidia-l4", 1), GpuPool("nvidia-tesla-t4", 4))
 ACTIONS_ENV = {
@@ -78,6 +92,59 @@ def test_selector_matches_only_objects_of_the_same_run_and_attempt() -> None:
     assert not identity.owns({**same, contract.LABEL_RUN_ATTEMPT: "2"})
     assert not identity.owns({**same, contract.LABEL_RUN_ID: "77"})
     assert not identity.owns({k: v for k, v in same.items() if k != contract.LABEL_MANAGED_BY})
+
+
+def test_a_run_with_a_repository_id_labels_and_selects_its_objects_by_it_too() -> None:
+    identity = RunIdentity("acme/models", 7, 1, repository_id=74)
+
+    assert identity.selector_labels() == {
+        contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
+        contract.LABEL_RUN_ID: "7",
+        contract.LABEL_RUN_ATTEMPT: "1",
+        contract.LABEL_REPOSITORY_ID: "74",
+    }
+    assert identity.label_selector.endswith(",gpu-runners/repository-id=74")
+    same = identity.selector_labels()
+    assert identity.owns(same)
+    # A re-created repository of the same name has another id: its run 7 is not this one.
+    assert not identity.owns({**same, contract.LABEL_REPOSITORY_ID: "75"})
+    assert not identity.owns({k: v for k, v in same.items() if k != contract.LABEL_REPOSITORY_ID})
+
+
+def test_the_run_key_is_repository_id_run_id_and_attempt_and_reads_back_from_labels() -> None:
+    identity = RunIdentity("acme/models", 7, 2, repository_id=74)
+
+    assert identity.run_key == RunKey(74, 7, 2)
+    assert run_key_from_labels(identity.selector_labels()) == RunKey(74, 7, 2)
+    assert RunIdentity("acme/models", 7, 2).run_key == RunKey(None, 7, 2)
+    assert run_key_from_labels(RunIdentity("acme/models", 7, 2).selector_labels()) == RunKey(
+        None, 7, 2
+    )
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        None,
+        {contract.LABEL_RUN_ID: "7", contract.LABEL_RUN_ATTEMPT: "1"},  # not managed by us
+        {contract.LABEL_MANAGED_BY: contract.MANAGED_BY, contract.LABEL_RUN_ID: "7"},
+        {contract.LABEL_MANAGED_BY: contract.MANAGED_BY, contract.LABEL_RUN_ID: "0",
+         contract.LABEL_RUN_ATTEMPT: "1"},
+        {contract.LABEL_MANAGED_BY: contract.MANAGED_BY, contract.LABEL_RUN_ID: "7",
+         contract.LABEL_RUN_ATTEMPT: "1", contract.LABEL_REPOSITORY_ID: "x"},
+        {contract.LABEL_MANAGED_BY: contract.MANAGED_BY, contract.LABEL_RUN_ID: "\u0667",
+         contract.LABEL_RUN_ATTEMPT: "1"},
+    ],
+)
+def test_objects_without_a_whole_run_key_in_their_labels_have_none(
+    labels: dict[str, str] | None,
+) -> None:
+    assert run_key_from_labels(labels) is None
+
+
+def test_a_repository_id_below_one_is_refused() -> None:
+    with pytest.raises(UsageError, match=r"^repository_id: 0 is not a positive"):
+        RunIdentity("acme/models", 7, 1, repository_id=0)
 
 
 @pytest.mark.parametrize(
@@ -243,3 +310,45 @@ def test_no_token_anywhere_names_every_place_looked() -> None:
 
     for name in (contract.ENV_PAT_FILE, contract.ENV_PAT_SEED, contract.ENV_GITHUB_TOKEN):
         assert name in str(error.value)
+
+
+# --- labels: Kubernetes' own rules ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", VALID_KEYS)
+def test_label_keys_the_api_server_accepts_are_accepted(key: str) -> None:
+    assert label_key_problem(key) is None
+
+
+@pytest.mark.parametrize("key", INVALID_KEYS)
+def test_label_keys_the_api_server_refuses_are_refused(key: str) -> None:
+    assert label_key_problem(key) is not None
+
+
+@pytest.mark.parametrize("value", VALID_VALUES)
+def test_label_values_the_api_server_accepts_are_accepted(value: str) -> None:
+    assert label_value_problem(value) is None
+
+
+@pytest.mark.parametrize("value", INVALID_VALUES)
+def test_label_values_the_api_server_refuses_are_refused(value: str) -> None:
+    assert label_value_problem(value) is not None
+
+
+def test_a_label_prefix_with_an_empty_part_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(UsageError) as refused:
+        RunnerPodOptions(namespace="github-runners", image="ghcr.io/acme/runner:1",
+                         extra_labels={"example..com/team": "ml"})
+
+    assert str(refused.value) == (
+        "--label: the prefix 'example..com' of 'example..com/team' is not a DNS subdomain: at "
+        "most 253 characters, dot-separated parts of lowercase letters, digits and '-', each "
+        "starting and ending with a letter or digit (Kubernetes' label syntax)"
+    )
+
+
+@pytest.mark.parametrize("key", [contract.LABEL_REPOSITORY_ID, contract.LABEL_RUN_ID])
+def test_labels_gpu_runners_sets_cannot_be_overridden(key: str) -> None:
+    with pytest.raises(UsageError, match=f"^--label: '{key}' is set by gpu_runners"):
+        RunnerPodOptions(namespace="github-runners", image="ghcr.io/acme/runner:1",
+                         extra_labels={key: "1"})

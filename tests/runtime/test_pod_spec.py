@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from tests.harness.kubernetes_schema import strict_errors
 from tests.runtime.fake_wiring import IMAGE
 
 IDENTITY = RunIdentity("acme/models", 4242, 3)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def wire(obj: object) -> dict[str, Any]:
@@ -113,10 +116,9 @@ def test_runner_reads_its_jit_config_from_the_run_secret_in_jit_mode() -> None:
     volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
     jit_mount = next(m for m in mounts.values() if m["mountPath"] == contract.JIT_MOUNT_DIR)
 
-    assert env == {
-        "RUNNER_MODE": "jit",
-        "RUNNER_JITCONFIG_FILE": f"{contract.JIT_MOUNT_DIR}/{contract.JIT_SECRET_KEY}",
-    }
+    assert env["RUNNER_MODE"] == "jit"
+    assert env["RUNNER_JITCONFIG_FILE"] == f"{contract.JIT_MOUNT_DIR}/{contract.JIT_SECRET_KEY}"
+    assert contract.ENV_RUNNER_JITCONFIG not in env  # the entrypoint reads the file instead
     assert jit_mount["readOnly"] is True
     assert volumes[jit_mount["name"]]["secret"] == {
         "secretName": "gpu-4242-3-jit",
@@ -124,6 +126,35 @@ def test_runner_reads_its_jit_config_from_the_run_secret_in_jit_mode() -> None:
         "defaultMode": 0o440,
         "optional": False,
     }
+
+
+def container_env(pod: dict[str, Any]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in runner_container(pod)["env"]}
+
+
+@pytest.mark.parametrize("image", [IMAGE, "nvcr.io/nvidia/pytorch:25.01-py3"])
+def test_every_gpu_pod_finds_the_nvidia_driver_gke_mounts(image: str) -> None:
+    env = container_env(pod_json(image=image))
+
+    assert env["LD_LIBRARY_PATH"].split(":") == ["/usr/local/nvidia/lib64", "/usr/local/nvidia/lib"]
+    path = env["PATH"].split(":")
+    assert "/usr/local/nvidia/bin" in path
+    assert "/usr/local/cuda/bin" in path
+    # The standard directories stay, in their order, after the driver's and the toolkit's.
+    standard = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    assert path[-len(standard):] == standard
+    assert path.index("/usr/local/nvidia/bin") < path.index("/usr/bin")
+
+
+def test_the_pods_path_keeps_every_directory_the_runner_image_puts_on_path() -> None:
+    # A pod's PATH replaces the image's; what docker/Dockerfile prepends must be named again.
+    dockerfile = (REPO_ROOT / "docker" / "Dockerfile").read_text()
+    (image_path,) = re.findall(r"^\s*PATH=(\S+)", dockerfile, flags=re.MULTILINE)
+    prepended = [entry for entry in image_path.split(":") if entry != "${PATH}"]
+    path = container_env(pod_json())["PATH"].split(":")
+
+    assert prepended
+    assert path[: len(prepended)] == prepended
 
 
 def test_pod_carries_no_github_token_in_env_volumes_or_anywhere() -> None:
@@ -156,6 +187,25 @@ def test_pod_is_named_and_labelled_for_its_run_and_annotated_with_the_run_url() 
         contract.ANNOTATION_REPOSITORY: "acme/models",
         contract.ANNOTATION_RUNNER_NAME: "gpu-4242-3",
     }
+
+
+def test_the_pod_and_its_secret_of_a_brokered_run_carry_the_repository_id() -> None:
+    identity = RunIdentity("acme/models", 4242, 3, repository_id=74)
+    pod = build_gpu_pod(identity, options(), "nvidia-l4")
+    assert pod.metadata is not None
+    pod.metadata.uid = "0b5e3c1a-3f0c-4a5e-9d59-5f1b1d1e2a77"
+    secret = wire(build_jit_secret(identity, namespace="github-runners", owner=pod,
+                                   jit_config="ZW5jb2RlZA=="))
+
+    assert wire(pod)["metadata"]["labels"][contract.LABEL_REPOSITORY_ID] == "74"
+    assert secret["metadata"]["labels"][contract.LABEL_REPOSITORY_ID] == "74"
+    assert identity.owns(wire(pod)["metadata"]["labels"])
+    assert identity.owns(secret["metadata"]["labels"])
+    assert strict_errors(wire(pod)) == []
+
+
+def test_a_run_without_a_repository_id_has_no_repository_id_label() -> None:
+    assert contract.LABEL_REPOSITORY_ID not in pod_json()["metadata"]["labels"]
 
 
 def test_image_pull_secret_is_referenced_only_when_one_is_configured() -> None:

@@ -77,13 +77,13 @@ def test_spawn_scales_up_a_gpu_node_and_returns_once_the_runner_is_online(
     assert node.startswith("gke-fake-gpu-nvidia-l4-")
     runner = fake_github.runner_named("gpu-123-1")
     assert runner is not None and runner["status"] == "online"
-    assert [label["name"] for label in runner["labels"]] == ["self-hosted", "gpu-123-1"]
+    assert [label["name"] for label in runner["labels"]] == ["gpu-123-1"]
     texts = stage_texts(log)
     assert texts[:3] == [
         "spawning GPU runner gpu-123-1 for "
         "https://github.com/acme/models/actions/runs/123/attempts/1",
         "created pod gpu-123-1 in namespace github-runners (1 x nvidia-l4)",
-        f"registered JIT runner gpu-123-1 (id {runner['id']}, labels self-hosted, gpu-123-1)",
+        f"registered JIT runner gpu-123-1 (id {runner['id']}, labels gpu-123-1)",
     ]
     assert texts[3].startswith("waiting for nvidia-l4 GPU capacity: 0/3 nodes are available")
     assert texts[4].startswith("autoscaler is adding a GPU node: pod triggered scale-up: [{")
@@ -118,6 +118,21 @@ def test_pod_owns_the_secret_holding_the_config_github_issued_and_no_token(
     assert fake_github.token not in json.dumps(pod)
     assert fake_github.token not in json.dumps(secret)
     assert fake_kube.validation_errors == []
+
+
+@pytest.mark.usefixtures("runners_come_online")
+def test_the_registration_carries_only_the_runs_own_label_so_no_other_job_can_take_it(
+    fake_github: FakeGitHub, kube: KubeClient, github: GitHubClient, log: ProgressLog,
+) -> None:
+    spawn(spawn_request(), kube=kube, github=github, log=log)
+
+    (request,) = fake_github.requests_to(JIT, "POST")
+    assert isinstance(request.body, dict)
+    assert request.body["labels"] == ["gpu-123-1"]
+    runner = fake_github.runner_named("gpu-123-1")
+    assert runner is not None
+    # What GitHub registered, as a job's `runs-on` is matched against: no `self-hosted`.
+    assert [label["name"] for label in runner["labels"]] == ["gpu-123-1"]
 
 
 @pytest.mark.usefixtures("runners_come_online")
