@@ -376,7 +376,7 @@ class BrokerClient:
                     raise error
         except TimeoutError:
             raise _TransientError(
-                f"no word from the broker for {self._timings.read_seconds:.0f}s",
+                f"no word from the broker for {self._timings.read_seconds:g}s",
                 progressed=progressed) from None
         except (OSError, http.client.HTTPException) as e:
             raise _TransientError(f"the connection to the broker failed ({_describe(e)})",
@@ -435,7 +435,7 @@ class BrokerClient:
             connection.connect()
         except TimeoutError:
             raise _TransientError(f"could not connect to the broker at {self.endpoint} "
-                                  f"within {timeout:.0f}s") from None
+                                  f"within {timeout:g}s") from None
         except OSError as e:
             raise _TransientError(f"could not connect to the broker at {self.endpoint} "
                                   f"({_describe(e)})") from None

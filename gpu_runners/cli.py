@@ -170,7 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
         "reap", **formatting,
         help="removed: the broker removes finished, expired and orphaned runners itself",
     )
-    reap.add_argument("ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     reap.set_defaults(run=_reap)
     return parser
 
@@ -361,7 +360,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         The process exit code.
     """
     env = os.environ if environ is None else environ
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "reap":  # reap's old options only get its notice
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     command: Command = args.run
     try:
         with interrupt_on_signals():
