@@ -20,7 +20,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from gpu_runners import contract
-from gpu_runners.broker_api import SpawnAsk
 from gpu_runners.errors import GpuRunnersError, Interrupted, UsageError
 from gpu_runners.gpu_pools import check_gpu_request, parse_gpu_pools, parse_gpu_types
 from gpu_runners.pod_options import (
@@ -33,8 +32,9 @@ from gpu_runners.pod_options import (
 from gpu_runners.progress import ProgressLog, unstamped
 from gpu_runners.quantities import parse_duration_seconds
 
-if TYPE_CHECKING:  # http.client and urllib cost milliseconds; only commands that send pay them
-    from gpu_runners.broker_api import DeleteOutcome
+if TYPE_CHECKING:  # http.client, urllib and the API's dataclasses cost milliseconds: only
+    # commands that send pay them, not --help or a refused argument
+    from gpu_runners.broker_api import DeleteOutcome, SpawnAsk
     from gpu_runners.broker_client import BrokerClient
 
 EXIT_CODES = """\
@@ -209,6 +209,8 @@ def _spawn_ask(args: argparse.Namespace, environ: Mapping[str, str]) -> SpawnAsk
     )
     if args.runner_group is not None and not args.runner_group.strip():
         raise UsageError("--runner-group is empty; give a runner group name or id")
+    from gpu_runners.broker_api import SpawnAsk
+
     return SpawnAsk(
         gpus=args.gpus,
         gpu_types=gpu_types,
