@@ -26,7 +26,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from email.message import Message
+from typing import IO, Any, NoReturn
 
 from gpu_runners import broker_api, contract
 from gpu_runners.broker_api import (
@@ -134,6 +135,14 @@ class _TransientError(Exception):
 # --- the job's OIDC token ----------------------------------------------------------------------
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuses redirects: urllib would resend the Authorization header wherever they point."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: Message, newurl: str) -> urllib.request.Request | None:
+        return None
+
+
 @dataclass(frozen=True)
 class JobTokenSource:
     """Fetches the job's OIDC token for one audience, as `core.getIDToken(audience)` does.
@@ -186,7 +195,8 @@ class JobTokenSource:
         )
         where = f"the job's OIDC token endpoint ({contract.ENV_ID_TOKEN_REQUEST_URL})"
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - as above
+            opener = urllib.request.build_opener(_NoRedirects)
+            with opener.open(request, timeout=timeout) as response:
                 body = json.loads(response.read())
         except urllib.error.HTTPError as e:
             e.close()

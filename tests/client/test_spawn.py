@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -336,3 +338,45 @@ def test_an_unreachable_broker_exits_10_within_the_timeout(
                                      f"http://127.0.0.1:{port} within --timeout (2s): could not "
                                      "connect to the broker")
 
+
+
+class RedirectToIssuer(http.server.BaseHTTPRequestHandler):
+    """A token endpoint that redirects elsewhere, as a hijacked one would."""
+
+    def do_GET(self) -> None:
+        assert isinstance(self.server, RedirectingServer)
+        self.send_response(302)
+        self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class RedirectingServer(http.server.ThreadingHTTPServer):
+    """Serves RedirectToIssuer on an ephemeral 127.0.0.1 port, pointing at `location`."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(("127.0.0.1", 0), RedirectToIssuer)
+        self.location = location
+
+
+def test_a_redirected_token_request_is_not_followed_with_the_bearer(
+    broker: BrokerStub, fake_oidc: FakeOidcIssuer, job_env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = RedirectingServer(fake_oidc.request_url)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        env = {**job_env, contract.ENV_ID_TOKEN_REQUEST_URL: f"http://{host!s}:{port}/t?v=1"}
+
+        assert main(["spawn"], env) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert "answered HTTP 302" in capsys.readouterr().err
+    assert fake_oidc.requests == [] and broker.requests == []
