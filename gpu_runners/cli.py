@@ -56,12 +56,12 @@ exit codes:
 """
 
 BROKER_NOTE = f"""\
-Every command asks the runner broker ({contract.ENV_BROKER_URL}, or --broker) with this job's
-GitHub Actions OIDC token, requested for the audience ${contract.ENV_BROKER_AUDIENCE} (default
-{contract.DEFAULT_BROKER_AUDIENCE}); the job needs `permissions: id-token: write`. The broker
-takes the run id and attempt from that token and the cluster is its own, so the former run,
-repository, organisation and cluster options (run id, run attempt, repository, org, namespace,
-kubeconfig, context) are gone, and `reap` is done by the broker itself.
+Every command asks the runner broker (${contract.ENV_BROKER_URL}, or --broker) with
+this job's GitHub Actions OIDC token for the audience ${contract.ENV_BROKER_AUDIENCE}
+(default {contract.DEFAULT_BROKER_AUDIENCE}); the job needs `permissions: id-token: write`. The
+broker takes the run id and attempt from the token, and the cluster is its own: the options
+that named them (run id, run attempt, repository, org, namespace, kubeconfig, context) are
+gone, and the broker reaps by itself.
 """
 
 #: Seconds a signalled spawn spends asking the broker to remove its runner: GitHub sends SIGINT,
@@ -124,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     spawn = commands.add_parser(
         "spawn", parents=[client], **formatting,
         help="start this run's GPU runner and wait until it is online",
-        description="Ask the broker to start this run's GPU runner and print its progress until "
-        "the runner is online; writes label=gpu-<run_id>-<attempt> to $GITHUB_OUTPUT. Durations "
-        "are whole numbers with s, m or h (a bare number means minutes). The broker applies the "
-        "stack's policy to what is asked: runtime cap, GPU pools, allowed images, GPU cap.",
+        description="Ask the broker to start this run's GPU runner and print its progress until\n"
+        "the runner is online; writes label=gpu-<run_id>-<attempt> to $GITHUB_OUTPUT.\n"
+        "Durations are whole numbers with s, m or h (a bare number means minutes). The\n"
+        "broker applies the stack's policy to what is asked: runtime cap, GPU pools,\n"
+        "allowed images, GPU cap.",
     )
     spawn.add_argument("--gpus", type=int, default=1, help="GPUs for the runner (default: 1)")
     spawn.add_argument("--gpu-type", action="append", metavar="TYPE[,TYPE...]",
@@ -144,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give up if the runner is not online by then (default: 20m)")
     spawn.add_argument("--scale-up-grace", metavar="DURATION",
                        help="how long an unschedulable pod may wait for the autoscaler to "
-                       "start a scale-up (default: 120s)")
+                       "start a scale-up (default: the broker's)")
     spawn.add_argument("--image", help="runner image, if the stack allows others (default: the "
                        "stack's runner image)")
     spawn.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
