@@ -27,7 +27,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 
 from gpu_runners import broker_api, contract
 from gpu_runners.broker_api import (
@@ -53,6 +53,7 @@ MAX_EVENT_BYTES = 64 * 1024
 #: Spawn's own wait for the runner when the ask names none (the CLI's --timeout default).
 DEFAULT_SPAWN_TIMEOUT_SECONDS = 20 * 60.0
 _USER_AGENT = f"gpu-runners-client/{broker_api.API_VERSION}"
+_T = TypeVar("_T")
 
 # One-line lead of the messages of refusals a user acts on differently from a spawn failure.
 _REFUSAL_LEADS = {
@@ -304,20 +305,10 @@ class BrokerClient:
         retry_until = start + timeout
         verdict_until = retry_until + self._timings.verdict_grace_seconds
         body = json.dumps(ask.to_json(), separators=(",", ":")).encode()
-        failures = 0
-        while True:
-            try:
-                return self._spawn_once(body, on_progress, verdict_until, timeout)
-            except _TransientError as e:
-                failures = 1 if e.progressed else failures + 1
-                wait = self._backoff(failures)
-                if self._clock() + wait >= retry_until:
-                    raise e.final or BrokerUnreachableError(
-                        f"no answer from the broker at {self.endpoint} within --timeout "
-                        f"({timeout:.0f}s): {e.reason}"
-                    ) from None
-                on_progress(f"{e.reason}; asking the broker again in {wait:.1f}s")
-                self._sleep(wait)
+        return self._retrying(
+            lambda: self._spawn_once(body, on_progress, verdict_until, timeout),
+            until=retry_until, budget=f"--timeout ({timeout:.0f}s)", on_retry=on_progress,
+        )
 
     def delete(self, *, timeout_seconds: float) -> DeleteOutcome:
         """Removes this run's pod, Secret and registration; already gone is success.
@@ -398,19 +389,8 @@ class BrokerClient:
 
     def _call_json(self, method: str, path: str, timeout_seconds: float) -> Any:
         deadline = self._clock() + timeout_seconds
-        failures = 0
-        while True:
-            try:
-                return self._call_json_once(method, path, deadline)
-            except _TransientError as e:
-                failures += 1
-                wait = self._backoff(failures)
-                if self._clock() + wait >= deadline:
-                    raise e.final or BrokerUnreachableError(
-                        f"no answer from the broker at {self.endpoint} within "
-                        f"{timeout_seconds:.0f}s: {e.reason}"
-                    ) from None
-                self._sleep(wait)
+        return self._retrying(lambda: self._call_json_once(method, path, deadline),
+                              until=deadline, budget=f"{timeout_seconds:g}s")
 
     def _call_json_once(self, method: str, path: str, deadline: float) -> Any:
         connection = self._connect(min(self._timings.connect_seconds, self._left(deadline)))
@@ -487,6 +467,32 @@ class BrokerClient:
             f"{self.endpoint} answered HTTP {status} without the broker's error body; is "
             f"--broker (or {contract.ENV_BROKER_URL}) the broker's URL?"
         )
+
+    # --- retries ------------------------------------------------------------------------------
+
+    def _retrying(self, attempt: Callable[[], _T], *, until: float, budget: str,
+                  on_retry: Callable[[str], None] | None = None) -> _T:
+        """`attempt()` until it succeeds, raises a verdict, or no retry fits before `until`.
+
+        Every request is idempotent at the broker (keyed by the token's run), so repeating one
+        whose answer was lost never makes a second runner.
+        """
+        failures = 0
+        while True:
+            try:
+                return attempt()
+            except _TransientError as e:
+                # An attempt that got as far as the stream starts the backoff over.
+                failures = 1 if e.progressed else failures + 1
+                wait = self._backoff(failures)
+                if self._clock() + wait >= until:
+                    raise e.final or BrokerUnreachableError(
+                        f"no answer from the broker at {self.endpoint} within {budget}: "
+                        f"{e.reason}"
+                    ) from None
+                if on_retry is not None:
+                    on_retry(f"{e.reason}; asking the broker again in {wait:.1f}s")
+                self._sleep(wait)
 
     def _backoff(self, failures: int) -> float:
         first = self._timings.backoff_first_seconds
