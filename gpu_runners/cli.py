@@ -346,8 +346,10 @@ def interrupt_on_signals() -> Iterator[None]:
 def _report(command: str, error: BaseException, environ: Mapping[str, str]) -> None:
     reason = " ".join(str(error).split()) or type(error).__name__
     if environ.get("GITHUB_ACTIONS") == "true":
-        # A workflow command: Actions shows it as an error annotation on the run.
-        print(f"::error title=gpu_runners {command}::{reason}", file=sys.stderr, flush=True)
+        # A workflow command: Actions shows it as an error annotation on the run. Its data
+        # escapes `%` (as @actions/core does), or "100%0A" would show as a line break.
+        print(f"::error title=gpu_runners {command}::{reason.replace('%', '%25')}",
+              file=sys.stderr, flush=True)
     else:
         print(f"error: {command}: {reason}", file=sys.stderr, flush=True)
 

@@ -380,3 +380,13 @@ def test_a_redirected_token_request_is_not_followed_with_the_bearer(
 
     assert "answered HTTP 302" in capsys.readouterr().err
     assert fake_oidc.requests == [] and broker.requests == []
+
+
+def test_an_annotation_escapes_percent_signs_as_workflow_commands_require(
+    broker: BrokerStub, job_env: dict[str, str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    broker.answer_spawn(Stream([failed(broker_api.NO_CAPACITY, "GPU quota at 100%0A used")]))
+
+    assert main(["spawn"], {**job_env, "GITHUB_ACTIONS": "true"}) == 5
+    assert capsys.readouterr().err == ("::error title=gpu_runners spawn::GPU quota at 100%250A "
+                                       "used\n")

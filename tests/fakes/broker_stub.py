@@ -300,9 +300,9 @@ class BrokerStub:
                                 _json_or_none(raw), arrived)
         with self._lock:
             self.requests.append(request)
-        if not self._authorized(request):
-            code = broker_api.UNAUTHORIZED if request.claims is None else broker_api.FORBIDDEN
-            _send_error(handler, code, request.refusal or "refused")
+        refused = self._refusal_code(request)
+        if refused is not None:
+            _send_error(handler, refused, request.refusal or "refused")
             return
         assert request.claims is not None
         route = (method, request.path)
@@ -322,11 +322,12 @@ class BrokerStub:
         else:
             _send_error(handler, broker_api.NOT_FOUND, f"no route {method} {request.path}")
 
-    def _authorized(self, request: BrokerRequest) -> bool:
+    def _refusal_code(self, request: BrokerRequest) -> str | None:
+        """Verifies the bearer token as the broker does; the error code if it is refused."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             request.refusal = "no bearer token"
-            return False
+            return broker_api.UNAUTHORIZED
         try:
             unverified = jwt.decode(token.strip(), options={"verify_signature": False})
         except jwt.PyJWTError:
@@ -337,8 +338,8 @@ class BrokerStub:
             request.claims = self._verifier.verify(token.strip())
         except TokenRejectedError as e:
             request.refusal = e.reason
-            return False
-        return True
+            return e.code
+        return None
 
     def _spawn(self, handler: http.server.BaseHTTPRequestHandler, claims: RunClaims,
                raw: bytes) -> None:
