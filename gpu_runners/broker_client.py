@@ -7,10 +7,12 @@ audience; the broker takes the run from it, and accepts each token once, so none
 
 The spawn answer is an NDJSON stream of `broker_api.StreamEvent`s, read line by line: progress
 lines are handed on as they arrive, heartbeats only prove the stream alive (a read times out
-after three missed ones). A stream that drops, a 502/503/504 that is not the broker's verdict,
-or a connection error is answered by POSTing the same ask again with a fresh token: the broker
-attaches to the run's spawn in progress or adopts its pod, so a retry never makes a second
-runner. Retries back off, capped, until the spawn's --timeout has passed.
+after three missed ones). A stream that drops or ends without a verdict, the broker's
+`unavailable` (503, or a stream's last event), a 502/503/504 without the broker's error body (a
+proxy's), a connection error or a token endpoint outage is answered by POSTing the same ask
+again with a fresh token: the broker attaches to the run's spawn in progress or adopts its pod,
+so a retry never makes a second runner. Retries back off, capped, until the spawn's --timeout
+has passed; `delete` and `list` retry the same way within their own budget.
 
 The token goes into the Authorization header and nowhere else: errors name the environment
 variable and the HTTP status, never a token or the token endpoint's URL.
