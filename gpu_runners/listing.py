@@ -1,39 +1,14 @@
-"""`list`: a table of the GPU runner pods in the namespace."""
+"""`list`: the rows of the GPU runner pods in the namespace (printed by `runner_table`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 
 from kubernetes.client import V1Pod
 
 from gpu_runners import contract
 from gpu_runners.kube import KubeClient
-
-COLUMNS = ("NAME", "RUN", "ATTEMPT", "PHASE", "NODE", "GPU TYPE", "AGE")
-
-
-@dataclass(frozen=True)
-class RunnerPodRow:
-    """One GPU runner pod as `list` shows it."""
-
-    name: str
-    run_id: str
-    attempt: str
-    phase: str
-    node: str
-    gpu_type: str
-    age: str
-
-
-def format_age(seconds: float) -> str:
-    """Age the way kubectl prints it: 45s, 12m, 3h, 2d."""
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+from gpu_runners.runner_table import RunnerPodRow, format_age
 
 
 def _phase(pod: V1Pod) -> str:
@@ -76,15 +51,3 @@ def list_runner_pods(kube: KubeClient, namespace: str, now: datetime) -> list[Ru
                          if pod.metadata and pod.metadata.creation_timestamp else 0.0),
     )
     return [pod_row(pod, now) for pod in pods]
-
-
-def format_table(rows: Sequence[RunnerPodRow]) -> str:
-    """The rows as an aligned plain-text table with a header, like `kubectl get`."""
-    cells = [COLUMNS] + [
-        (r.name, r.run_id, r.attempt, r.phase, r.node, r.gpu_type, r.age) for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "   ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
-        for row in cells
-    )

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
+
+# The stamp `ProgressLog.line` puts before each line: `[  12.3s] `.
+_STAMP = re.compile(r"^\[\s*\d+(?:\.\d+)?s\]\s+")
+
+
+def unstamped(text: str) -> str:
+    """`text` without the leading elapsed-time stamp of a `ProgressLog` line, if it has one.
+
+    For lines relayed from another log (the broker's spawn stream): that log's clock started
+    when the broker began the spawn, perhaps for an earlier request, so the relaying log puts
+    its own stamp instead of showing two.
+    """
+    return _STAMP.sub("", text, count=1)
 
 
 class ProgressLog:

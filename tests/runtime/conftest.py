@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from components.runner_plane import SPAWNER_RULES
-from gpu_runners import contract
 from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
 from gpu_runners.progress import ProgressLog
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.runtime.fake_wiring import (
-    IMAGE,
-    REPO_ROOT,
-    REPOSITORY,
     bring_runners_online,
     github_client_for,
     kube_client_for,
@@ -68,32 +62,3 @@ def log() -> ProgressLog:
     """A progress log kept in memory (`log.lines`)."""
     return ProgressLog(None)
 
-
-@pytest.fixture
-def cli_env(fake_kube: FakeKubernetes, fake_github: FakeGitHub,
-            tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The environment of a base runner step talking to both fakes, for CLI subprocesses."""
-    assert fake_kube.kubeconfig_path is not None
-    output = tmp_path / "github_output"
-    summary = tmp_path / "step_summary"
-    output.touch()
-    summary.touch()
-    env = {
-        key: value for key, value in os.environ.items()
-        if not key.startswith(("GITHUB_", "GPU_RUNNERS_", "KUBERNETES_"))
-    }
-    env.update({
-        "KUBECONFIG": str(fake_kube.kubeconfig_path),
-        contract.ENV_API_URL: fake_github.url,
-        contract.ENV_PAT_SEED: fake_github.token,
-        contract.ENV_REPOSITORY: REPOSITORY,
-        contract.ENV_RUN_ID: "123",
-        contract.ENV_RUN_ATTEMPT: "1",
-        contract.ENV_IMAGE: IMAGE,
-        contract.ENV_NAMESPACE: contract.DEFAULT_NAMESPACE,
-        contract.ENV_GPU_POOLS: '[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]',
-        contract.ENV_GITHUB_OUTPUT: str(output),
-        contract.ENV_STEP_SUMMARY: str(summary),
-        "PYTHONPATH": str(REPO_ROOT),
-    })
-    yield env

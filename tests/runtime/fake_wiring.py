@@ -9,10 +9,8 @@ the registration named in the pod's annotation turns online on the fake GitHub.
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from gpu_runners import contract
@@ -26,7 +24,6 @@ from tests.fakes.kube_api import FakeKubernetes, RecordedRequest
 
 REPOSITORY = "acme/models"
 IMAGE = "ghcr.io/acme/models/github-runner@sha256:" + "a" * 64
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Retries as the product does them, with waits cut to milliseconds.
 FAST_GITHUB_POLICY = RetryPolicy(attempts=4, backoff_base=0.01, backoff_max=0.05, max_wait=5.0,
                                  timeout=2.0)
@@ -91,16 +88,6 @@ def spawn_request(run_id: int = 123, attempt: int = 1, *, gpu_types: tuple[str, 
         online_poll_seconds=online_poll_seconds,
         log_silence_seconds=log_silence_seconds,
     )
-
-
-def cli_command(*args: str) -> list[str]:
-    """`python -m gpu_runners <args>` with the interpreter running the tests."""
-    return [sys.executable, "-m", "gpu_runners", *args]
-
-
-def environ_without(env: Mapping[str, str], *names: str) -> dict[str, str]:
-    """A copy of `env` without the named variables."""
-    return {key: value for key, value in env.items() if key not in names}
 
 
 def wait_until(condition: Callable[[], bool], *, timeout: float = 5.0, what: str) -> None:
