@@ -104,6 +104,9 @@ BROKER_PORT = 8080
 #: where the broker mounts it.
 BROKER_PAT_SECRET_NAME = "github-credential"
 BROKER_PAT_MOUNT_DIR = "/var/run/secrets/github-credential"
+#: The broker image's user (numeric, so that the kubelet can verify runAsNonRoot). Above
+#: 10000, outside the range of host users; the broker writes nothing of its image.
+BROKER_UID = 10001
 #: Audience the jobs' OIDC tokens are requested for unless the stack names another. Never
 #: GitHub's default (https://github.com/<owner>) nor one the workload identity provider accepts.
 DEFAULT_BROKER_AUDIENCE = "gpu-runners-broker"
