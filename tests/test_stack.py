@@ -36,7 +36,8 @@ def secret_names(run: ProgramRun) -> set[str]:
 def test_dev_exports_what_operators_need_and_keeps_the_kubeconfig_secret(dev: ProgramRun) -> None:
     assert set(dev.outputs) == {"clusterName", "clusterLocation", "kubeconfig", "runnerImage",
                                 "runnerNamespace", "repositorySecrets",
-                                "workloadIdentityProvider", "ciServiceAccount"}
+                                "workloadIdentityProvider", "ciServiceAccount", "brokerImage",
+                                "brokerNamespace", "brokerUrl", "brokerAudience"}
     assert dev.secret_outputs == {"kubeconfig"}
     for token in TEST_SECRETS.values():
         assert token not in json.dumps(dev.outputs)

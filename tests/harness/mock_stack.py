@@ -20,6 +20,7 @@ from typing import Any
 
 import pulumi
 import yaml
+from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime import stack as pulumi_stack
@@ -118,6 +119,8 @@ class RegisteredResource:
     dependencies: list[str] = field(default_factory=list)  # URNs of explicit dependencies
     ignore_changes: list[str] = field(default_factory=list)
     additional_secret_outputs: list[str] = field(default_factory=list)
+    #: The former identities the resource answers to, e.g. {"type": "<old type token>"}.
+    aliases: list[dict[str, Any]] = field(default_factory=list)
 
     def is_secret(self, path: str) -> bool:
         """Whether the input at `path` (dotted, wire names) or one of its parents is secret."""
@@ -264,6 +267,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 registered.dependencies = list(request.dependencies)
                 registered.ignore_changes = list(request.ignoreChanges)
                 registered.additional_secret_outputs = list(request.additionalSecretOutputs)
+                registered.aliases = [json_format.MessageToDict(alias)
+                                      for alias in request.aliases]
                 break
         return response
 
