@@ -165,7 +165,7 @@ ENV_API_MAX_WAIT_SECONDS = "RUNNER_API_MAX_WAIT_SECONDS"
 #: Where a GPU pod mounts its JIT config Secret; the file is JIT_MOUNT_DIR/JIT_SECRET_KEY.
 JIT_MOUNT_DIR = "/var/run/secrets/github-runner-jit"
 JIT_SECRET_KEY = "jitconfig"
-#: Standard GitHub Actions variables, also read outside Actions (the reaper CronJob).
+#: Standard GitHub Actions variables, also read outside Actions (the broker).
 ENV_REPOSITORY = "GITHUB_REPOSITORY"  # owner/name
 ENV_ORGANIZATION = "GITHUB_ORG"  # organisation runner scope instead of a repository
 ENV_API_URL = "GITHUB_API_URL"
