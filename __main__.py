@@ -6,7 +6,7 @@ import pulumi_gcp as gcp
 import pulumi_github as github
 import pulumi_kubernetes as k8s
 
-from components.broker import RunnerBroker, RunnerBrokerArgs, broker_url, resolve_repository_ids
+from components.broker import RunnerBroker, RunnerBrokerArgs, broker_url
 from components.ci_identity import CiIdentity, CiIdentityArgs
 from components.cluster import GkeCluster, GkeClusterArgs
 from components.config import load_stack_config
@@ -23,6 +23,7 @@ from components.repository import (
     SeedCompatibility,
     workflow_variables,
 )
+from components.repository_ids import resolve_repository_ids
 from components.runner_plane import RunnerPlane, RunnerPlaneArgs
 from gpu_runners.gpu_pools import GpuPool
 

@@ -2,8 +2,8 @@
 
 Jobs never hold either: they call the broker with their own GitHub Actions OIDC token, and the
 broker (gpu_runners/broker) spawns, watches and deletes that run's GPU runner under the stack's
-policy. This module declares the broker in a namespace of its own and resolves the numeric
-GitHub ids its token checks compare against.
+policy. This module declares the broker in a namespace of its own; the numeric GitHub ids its
+token checks compare against come from components/repository_ids.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pulumi
-import pulumi_github as github
 import pulumi_kubernetes as k8s
 from pulumi_kubernetes.core.v1 import EnvVarArgsDict, PodSpecArgsDict
 
@@ -46,49 +45,13 @@ _SKIP_TOKEN = ("CKV_K8S_38", "the broker creates, watches and deletes GPU runner
                "this token; its only Role is in the runner namespace")
 
 
-def broker_url(namespace: str) -> str:
-    """The broker's in-cluster URL: its Service's DNS name in `namespace`, plain HTTP."""
-    return f"http://{contract.BROKER_NAME}.{namespace}.svc:{contract.BROKER_PORT}"
+def broker_url(namespace: str, service: str = contract.BROKER_NAME) -> str:
+    """The broker's in-cluster URL: its Service's DNS name in `namespace`, plain HTTP.
 
-
-@dataclass(frozen=True)
-class RepositoryIds:
-    """The numeric GitHub ids of the stack's repository and of its owner, as decimal strings."""
-
-    repository_id: pulumi.Output[str]
-    owner_id: pulumi.Output[str]
-
-
-def _decimal_id(value: float | int | str) -> str:
-    # Numbers cross the engine's protocol as floats (74.0); OIDC claims carry "74".
-    number = int(value)
-    if number <= 0:
-        raise ValueError(f"GitHub returned {value!r} where a positive numeric id was expected")
-    return str(number)
-
-
-def resolve_repository_ids(owner: str, repository: str,
-                           provider: pulumi.ProviderResource) -> RepositoryIds:
-    """Look up the numeric ids GitHub gives `owner/repository` and `owner`, at `pulumi up`.
-
-    Names can be recycled (a deleted repository's name taken by another), ids cannot, so the
-    broker compares the tokens' `repository_id` and `repository_owner_id` with these.
-
-    Args:
-        owner: The repository's owner, a user or an organisation (`GET /users/{name}` answers
-            for both, so one data source serves both).
-        repository: The repository's name without the owner.
-        provider: The explicit GitHub provider: the stack disables default providers, so an
-            invoke without one fails on a real engine.
-
-    Returns:
-        The ids, resolved when the data sources answer.
+    Known before anything is created, so the base runner's client can be told it while the
+    broker, which needs the runner namespace first, is declared after the runner plane.
     """
-    opts = pulumi.InvokeOutputOptions(provider=provider)
-    found = github.get_repository_output(full_name=f"{owner}/{repository}", opts=opts)
-    account = github.get_user_output(username=owner, opts=opts)
-    return RepositoryIds(repository_id=found.repo_id.apply(_decimal_id),
-                         owner_id=account.id.apply(_decimal_id))
+    return f"http://{service}.{namespace}.svc:{contract.BROKER_PORT}"
 
 
 @dataclass(frozen=True)
@@ -131,6 +94,112 @@ class RunnerBrokerArgs:
     runner_image_pull_secret: bool = False
     #: dockerconfigjson for a private broker image, or None for a public one.
     image_pull_config: pulumi.Input[str] | None = None
+
+
+def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
+    """The broker's settings (gpu_runners.broker.settings reads them); no secret among them."""
+    env: list[EnvVarArgsDict] = [
+        {"name": contract.ENV_NAMESPACE, "value": args.runner_namespace},
+        {"name": contract.ENV_IMAGE, "value": args.runner_image},
+        {"name": contract.ENV_GPU_POOLS, "value": format_gpu_pools(args.gpu_pools)},
+        {"name": contract.ENV_MAX_RUNTIME_MINUTES, "value": str(args.max_runtime_minutes)},
+        {"name": contract.ENV_REPOSITORY, "value": args.repository},
+        {"name": contract.ENV_REPOSITORY_ID, "value": args.repository_id},
+        {"name": contract.ENV_REPOSITORY_OWNER_ID, "value": args.repository_owner_id},
+        {"name": contract.ENV_PAT_FILE,
+         "value": f"{contract.BROKER_PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"},
+        {"name": contract.ENV_OIDC_ISSUER, "value": args.oidc_issuer},
+        {"name": contract.ENV_BROKER_AUDIENCE, "value": args.audience},
+        {"name": contract.ENV_ALLOWED_EVENTS, "value": ",".join(args.allowed_events)},
+        {"name": contract.ENV_ALLOWED_REFS, "value": json.dumps(list(args.allowed_refs))},
+        {"name": contract.ENV_ALLOWED_WORKFLOW_REFS,
+         "value": json.dumps(list(args.allowed_workflow_refs))},
+        {"name": contract.ENV_ALLOWED_IMAGES, "value": json.dumps(list(args.allowed_images))},
+        {"name": contract.ENV_GPU_CAP_PER_REPOSITORY,
+         "value": str(args.gpu_cap_per_repository)},
+        {"name": contract.ENV_REAPER_INTERVAL_SECONDS,
+         "value": str(args.reaper_interval_seconds)},
+        {"name": contract.ENV_BROKER_PORT, "value": str(contract.BROKER_PORT)},
+    ]
+    if args.runner_image_pull_secret:
+        env.append({"name": contract.ENV_IMAGE_PULL_SECRET,
+                    "value": contract.IMAGE_PULL_SECRET_NAME})
+    return env
+
+def broker_pod_spec(args: RunnerBrokerArgs, account: pulumi.Input[str],
+                    pull_secrets: list[k8s.core.v1.LocalObjectReferenceArgsDict]
+                    ) -> PodSpecArgsDict:
+    """The broker's pod: restricted, read-only, its own token and the credential file."""
+    pod: PodSpecArgsDict = {
+        "service_account_name": account,
+        # The broker's own token: the only one that may create runner pods and Secrets.
+        "automount_service_account_token": True,
+        "node_selector": {contract.NODE_GPU_LABEL: "false"},
+        "security_context": restricted_pod_security(contract.BROKER_UID),
+        "volumes": [
+            {"name": CREDENTIAL_VOLUME,
+             "secret": {"secret_name": contract.BROKER_PAT_SECRET_NAME,
+                        "default_mode": 0o440}},
+            # The root filesystem is read-only; Python and the kubernetes client may still
+            # want a temporary file.
+            {"name": "tmp", "empty_dir": {"size_limit": "64Mi"}},
+        ],
+        "containers": [{
+            "name": "broker",
+            "image": args.image,
+            "image_pull_policy": "IfNotPresent",
+            "command": ["python", "-m", "gpu_runners.broker"],
+            "ports": [{"name": "http", "container_port": contract.BROKER_PORT,
+                       "protocol": "TCP"}],
+            "env": broker_environment(args),
+            "volume_mounts": [
+                {"name": CREDENTIAL_VOLUME, "mount_path": contract.BROKER_PAT_MOUNT_DIR,
+                 "read_only": True},
+                {"name": "tmp", "mount_path": "/tmp"},
+            ],
+            "liveness_probe": {"http_get": {"path": "/healthz", "port": "http"},
+                               "period_seconds": 10, "timeout_seconds": 3,
+                               "failure_threshold": 3},
+            "readiness_probe": {"http_get": {"path": "/readyz", "port": "http"},
+                                "period_seconds": 5, "timeout_seconds": 3,
+                                "failure_threshold": 2},
+            "resources": BROKER_RESOURCES,
+            "security_context": {**restricted_container_security(),
+                                 "read_only_root_filesystem": True},
+        }],
+    }
+    if pull_secrets:
+        pod["image_pull_secrets"] = pull_secrets
+    return pod
+
+def broker_network_policy_spec(args: RunnerBrokerArgs
+                               ) -> k8s.networking.v1.NetworkPolicySpecArgsDict:
+    """Who may reach the broker (base runner pods only) and what it may reach."""
+    api_server: k8s.networking.v1.NetworkPolicyEgressRuleArgsDict = (
+        {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.api_server_cidrs],
+         "ports": [{"protocol": "TCP", "port": HTTPS_PORT}]}
+        if args.api_server_cidrs else
+        {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.egress_cidrs],
+         "ports": [{"protocol": "TCP", "port": port} for port in API_SERVER_PORTS]})
+    return {
+        # Every pod of the namespace: only the broker runs here.
+        "pod_selector": {},
+        "policy_types": ["Ingress", "Egress"],
+        # Only base runner pods of the runner namespace, only on the broker's port.
+        "ingress": [{
+            "from_": [{"namespace_selector": {"match_labels": {
+                NAMESPACE_NAME_LABEL: args.runner_namespace}},
+                      "pod_selector": {"match_labels": BASE_RUNNER_POD_LABELS}}],
+            "ports": [{"protocol": "TCP", "port": contract.BROKER_PORT}],
+        }],
+        "egress": [
+            api_server,
+            # GitHub's API (JIT configs, registrations, run status), HTTPS only.
+            {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.egress_cidrs],
+             "ports": [{"protocol": "TCP", "port": HTTPS_PORT}]},
+            KUBE_DNS_EGRESS,
+        ],
+    }
 
 
 class RunnerBroker(pulumi.ComponentResource):
@@ -222,7 +291,12 @@ class RunnerBroker(pulumi.ComponentResource):
         )
         needed += [role, binding]
 
-        self._network_policy(name, args, ns, child)
+        k8s.networking.v1.NetworkPolicy(
+            f"{name}-network-policy",
+            metadata={"name": contract.BROKER_NAME, "namespace": ns, "labels": labels},
+            spec=broker_network_policy_spec(args),
+            opts=child,
+        )
         k8s.apps.v1.Deployment(
             f"{name}-deployment",
             metadata={**meta(contract.BROKER_NAME),
@@ -236,7 +310,8 @@ class RunnerBroker(pulumi.ComponentResource):
                 "strategy": {"type": "Recreate"},
                 "selector": {"match_labels": {contract.LABEL_NAME: contract.BROKER_NAME}},
                 "template": {"metadata": {"labels": pod_labels},
-                             "spec": self._pod(args, account.metadata.name, pull_secrets)},
+                             "spec": broker_pod_spec(args, account.metadata.name,
+                                                     pull_secrets)},
             },
             opts=pulumi.ResourceOptions(
                 parent=self,
@@ -258,120 +333,8 @@ class RunnerBroker(pulumi.ComponentResource):
         )
 
         self.namespace = ns
-        self.url = pulumi.Output.all(service.metadata.name, ns).apply(
-            lambda parts: f"http://{parts[0]}.{parts[1]}.svc:{contract.BROKER_PORT}")
+        self.url = pulumi.Output.all(ns, service.metadata.name).apply(
+            lambda parts: broker_url(*parts))
         self.audience = pulumi.Output.from_input(args.audience)
         self.register_outputs({"namespace": self.namespace, "url": self.url,
                                "audience": self.audience})
-
-    @staticmethod
-    def _environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
-        """The broker's settings (gpu_runners.broker.settings reads them); no secret among them."""
-        env: list[EnvVarArgsDict] = [
-            {"name": contract.ENV_NAMESPACE, "value": args.runner_namespace},
-            {"name": contract.ENV_IMAGE, "value": args.runner_image},
-            {"name": contract.ENV_GPU_POOLS, "value": format_gpu_pools(args.gpu_pools)},
-            {"name": contract.ENV_MAX_RUNTIME_MINUTES, "value": str(args.max_runtime_minutes)},
-            {"name": contract.ENV_REPOSITORY, "value": args.repository},
-            {"name": contract.ENV_REPOSITORY_ID, "value": args.repository_id},
-            {"name": contract.ENV_REPOSITORY_OWNER_ID, "value": args.repository_owner_id},
-            {"name": contract.ENV_PAT_FILE,
-             "value": f"{contract.BROKER_PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"},
-            {"name": contract.ENV_OIDC_ISSUER, "value": args.oidc_issuer},
-            {"name": contract.ENV_BROKER_AUDIENCE, "value": args.audience},
-            {"name": contract.ENV_ALLOWED_EVENTS, "value": ",".join(args.allowed_events)},
-            {"name": contract.ENV_ALLOWED_REFS, "value": json.dumps(list(args.allowed_refs))},
-            {"name": contract.ENV_ALLOWED_WORKFLOW_REFS,
-             "value": json.dumps(list(args.allowed_workflow_refs))},
-            {"name": contract.ENV_ALLOWED_IMAGES, "value": json.dumps(list(args.allowed_images))},
-            {"name": contract.ENV_GPU_CAP_PER_REPOSITORY,
-             "value": str(args.gpu_cap_per_repository)},
-            {"name": contract.ENV_REAPER_INTERVAL_SECONDS,
-             "value": str(args.reaper_interval_seconds)},
-            {"name": contract.ENV_BROKER_PORT, "value": str(contract.BROKER_PORT)},
-        ]
-        if args.runner_image_pull_secret:
-            env.append({"name": contract.ENV_IMAGE_PULL_SECRET,
-                        "value": contract.IMAGE_PULL_SECRET_NAME})
-        return env
-
-    @classmethod
-    def _pod(cls, args: RunnerBrokerArgs, account: pulumi.Input[str],
-             pull_secrets: list[k8s.core.v1.LocalObjectReferenceArgsDict]) -> PodSpecArgsDict:
-        pod: PodSpecArgsDict = {
-            "service_account_name": account,
-            # The broker's own token: the only one that may create runner pods and Secrets.
-            "automount_service_account_token": True,
-            "node_selector": {contract.NODE_GPU_LABEL: "false"},
-            "security_context": restricted_pod_security(contract.BROKER_UID),
-            "volumes": [
-                {"name": CREDENTIAL_VOLUME,
-                 "secret": {"secret_name": contract.BROKER_PAT_SECRET_NAME,
-                            "default_mode": 0o440}},
-                # The root filesystem is read-only; Python and the kubernetes client may still
-                # want a temporary file.
-                {"name": "tmp", "empty_dir": {"size_limit": "64Mi"}},
-            ],
-            "containers": [{
-                "name": "broker",
-                "image": args.image,
-                "image_pull_policy": "IfNotPresent",
-                "command": ["python", "-m", "gpu_runners.broker"],
-                "ports": [{"name": "http", "container_port": contract.BROKER_PORT,
-                           "protocol": "TCP"}],
-                "env": cls._environment(args),
-                "volume_mounts": [
-                    {"name": CREDENTIAL_VOLUME, "mount_path": contract.BROKER_PAT_MOUNT_DIR,
-                     "read_only": True},
-                    {"name": "tmp", "mount_path": "/tmp"},
-                ],
-                "liveness_probe": {"http_get": {"path": "/healthz", "port": "http"},
-                                   "period_seconds": 10, "timeout_seconds": 3,
-                                   "failure_threshold": 3},
-                "readiness_probe": {"http_get": {"path": "/readyz", "port": "http"},
-                                    "period_seconds": 5, "timeout_seconds": 3,
-                                    "failure_threshold": 2},
-                "resources": BROKER_RESOURCES,
-                "security_context": {**restricted_container_security(),
-                                     "read_only_root_filesystem": True},
-            }],
-        }
-        if pull_secrets:
-            pod["image_pull_secrets"] = pull_secrets
-        return pod
-
-    @staticmethod
-    def _network_policy(name: str, args: RunnerBrokerArgs, ns: pulumi.Output[str],
-                        child: pulumi.ResourceOptions) -> None:
-        api_server: k8s.networking.v1.NetworkPolicyEgressRuleArgsDict = (
-            {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.api_server_cidrs],
-             "ports": [{"protocol": "TCP", "port": HTTPS_PORT}]}
-            if args.api_server_cidrs else
-            {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.egress_cidrs],
-             "ports": [{"protocol": "TCP", "port": port} for port in API_SERVER_PORTS]})
-        spec: k8s.networking.v1.NetworkPolicySpecArgsDict = {
-            # Every pod of the namespace: only the broker runs here.
-            "pod_selector": {},
-            "policy_types": ["Ingress", "Egress"],
-            # Only base runner pods of the runner namespace, only on the broker's port.
-            "ingress": [{
-                "from_": [{"namespace_selector": {"match_labels": {
-                    NAMESPACE_NAME_LABEL: args.runner_namespace}},
-                          "pod_selector": {"match_labels": BASE_RUNNER_POD_LABELS}}],
-                "ports": [{"protocol": "TCP", "port": contract.BROKER_PORT}],
-            }],
-            "egress": [
-                api_server,
-                # GitHub's API (JIT configs, registrations, run status), HTTPS only.
-                {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.egress_cidrs],
-                 "ports": [{"protocol": "TCP", "port": HTTPS_PORT}]},
-                KUBE_DNS_EGRESS,
-            ],
-        }
-        k8s.networking.v1.NetworkPolicy(
-            f"{name}-network-policy",
-            metadata={"name": contract.BROKER_NAME, "namespace": ns,
-                      "labels": {contract.LABEL_PART_OF: contract.PART_OF}},
-            spec=spec,
-            opts=child,
-        )
