@@ -126,6 +126,7 @@ def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
                     "value": contract.IMAGE_PULL_SECRET_NAME})
     return env
 
+
 def broker_pod_spec(args: RunnerBrokerArgs, account: pulumi.Input[str],
                     pull_secrets: list[k8s.core.v1.LocalObjectReferenceArgsDict]
                     ) -> PodSpecArgsDict:
@@ -171,6 +172,7 @@ def broker_pod_spec(args: RunnerBrokerArgs, account: pulumi.Input[str],
     if pull_secrets:
         pod["image_pull_secrets"] = pull_secrets
     return pod
+
 
 def broker_network_policy_spec(args: RunnerBrokerArgs
                                ) -> k8s.networking.v1.NetworkPolicySpecArgsDict:
