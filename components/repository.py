@@ -221,7 +221,14 @@ class RepositorySettings(pulumi.ComponentResource):
                 commit_message="Add the GPU training workflow (gpu-runners stack)",
                 # Fails, naming the file, rather than replace a workflow the team wrote.
                 overwrite_on_create=False,
-                opts=pulumi.ResourceOptions(parent=self, ignore_changes=["content"]),
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    ignore_changes=["content"],
+                    # Once committed, the workflow is the team's (they replace its training
+                    # step): deleting the resource, on `pulumi destroy` or when the switch is
+                    # turned off, must not commit the deletion of their workflow to main.
+                    retain_on_delete=True,
+                ),
             ))
 
         status_checks: list[github.BranchProtectionRequiredStatusCheckArgsDict] = []
