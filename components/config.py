@@ -179,6 +179,7 @@ class StackConfig:
     # repository settings
     repository_private: bool
     seed_compatibility: bool
+    branch_protection: bool
     required_approvals: int
     required_status_checks: tuple[str, ...]
     enforce_admins: bool
@@ -553,6 +554,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         max_runtime_minutes=max_runtime,
         repository_private=reader.boolean("repositoryPrivate"),
         seed_compatibility=reader.boolean("seedCompatibility"),
+        branch_protection=reader.boolean("branchProtection"),
         required_approvals=reader.integer("requiredApprovals", minimum=0, maximum=6),
         required_status_checks=required_checks,
         enforce_admins=reader.boolean("enforceAdmins"),

@@ -55,7 +55,7 @@ def test_workflow_variables_point_at_the_cluster_and_the_keyless_identity(dev: P
         "/workloadIdentityPools/github-actions/providers/github")
 
 
-def test_main_is_protected_with_this_projects_pr_checks_by_default(dev: ProgramRun) -> None:
+def test_main_is_protected_by_reviews_and_requires_no_check_by_default(dev: ProgramRun) -> None:
     protection = dev.one("github:index/branchProtection:BranchProtection").inputs
     assert protection["pattern"] == "main"
     assert protection["allowsForcePushes"] is False
@@ -63,8 +63,17 @@ def test_main_is_protected_with_this_projects_pr_checks_by_default(dev: ProgramR
     assert protection["enforceAdmins"] is True
     (reviews,) = protection["requiredPullRequestReviews"]
     assert reviews["requiredApprovingReviewCount"] == 1
-    (checks,) = protection["requiredStatusChecks"]
-    assert checks["contexts"] == ["test", "preview (dev)", "preview (prod)"]
+    # The repository the runners serve has checks of its own, which only its team can name:
+    # a default name that never reports there would block every merge, admins included.
+    assert protection.get("requiredStatusChecks") in (None, [])
+
+
+def test_branch_protection_can_be_left_off_for_a_free_plans_private_repository() -> None:
+    run = run_program("dev", {"branchProtection": False, "commitExampleWorkflow": True})
+    assert run.of_type("github:index/branchProtection:BranchProtection") == []
+    # Everything else on the GitHub side is still declared.
+    assert run.of_type("github:index/repositoryFile:RepositoryFile")
+    assert [r for r in run.resources if r.typ.endswith(":ForkPrWorkflows")]
 
 
 def test_private_repository_turns_fork_pr_workflows_off(dev: ProgramRun) -> None:
