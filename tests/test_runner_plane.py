@@ -22,7 +22,8 @@ CRONJOB = "kubernetes:batch/v1:CronJob"
 
 @pytest.fixture(scope="module")
 def dev() -> ProgramRun:
-    return run_program("dev")
+    # The public-package variant (imagePrivate is on by default; see `private_image`).
+    return run_program("dev", {"imagePrivate": False})
 
 
 @pytest.fixture(scope="module")

@@ -125,3 +125,17 @@ def test_existing_cluster_mode_declares_only_the_runner_plane_and_github() -> No
     assert variables(run) == {contract.VAR_RUNNER_NAMESPACE: contract.DEFAULT_NAMESPACE,
                               contract.VAR_BASE_RUNNER_LABEL: contract.BASE_RUNNER_LABEL}
     assert "kubeconfig" not in run.outputs
+
+
+def test_the_default_stack_pulls_the_runner_image_with_a_secret(dev: ProgramRun) -> None:
+    # GHCR creates a package private: without a pull Secret the base runner would sit in
+    # ImagePullBackOff until the update times out.
+    (pull_secret,) = [r.manifest() for r in dev.kubernetes_objects()
+                      if r.inputs["kind"] == "Secret"
+                      and r.inputs.get("type") == "kubernetes.io/dockerconfigjson"]
+    name = pull_secret["metadata"]["name"]
+    (deployment,) = [r.manifest() for r in dev.kubernetes_objects()
+                     if r.inputs["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": name}]
+    assert json.loads(pull_secret["data"][".dockerconfigjson"] if "data" in pull_secret
+                      else pull_secret["stringData"][".dockerconfigjson"])["auths"]["ghcr.io"]
