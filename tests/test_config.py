@@ -182,4 +182,5 @@ def test_pulumi_yaml_is_a_valid_project_file() -> None:
     project = yaml.safe_load(PROJECT_FILE.read_text())
     assert project["name"] == "gpu-runners"
     assert project["runtime"]["name"] == "python"
-    assert project["config"]["pulumi:disable-default-providers"] == {"value": ["*"]}
+    assert project["config"]["pulumi:disable-default-providers"] == {
+        "value": ["gcp", "kubernetes", "github", "docker-build"]}
