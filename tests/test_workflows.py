@@ -473,3 +473,16 @@ def test_training_uses_only_options_the_gpu_runners_cli_accepts() -> None:
     assert spawn_mentions - cli_options("spawn") == set()
     delete_mentions = set(re.findall(option, job_source(GPU_TRAINING, "cleanup")))
     assert delete_mentions - cli_options("delete") == set()
+
+
+def test_every_stacks_gpu_pod_outlives_the_example_workflows_setup_and_train_jobs() -> None:
+    # The pod is created when setup starts and must still be there when train times out:
+    # scale-up, image pull and runner start all come out of setup's budget, then train runs.
+    jobs = jobs_of(load_workflow(GPU_TRAINING))
+    budget = jobs["setup"]["timeout-minutes"] + jobs["train"]["timeout-minutes"]
+    project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text())
+    default = project["config"]["maxRuntimeMinutes"]["default"]
+    for stack_file in sorted(REPO_ROOT.glob("Pulumi.*.yaml")):
+        stack = yaml.safe_load(stack_file.read_text())["config"]
+        minutes = stack.get("gpu-runners:maxRuntimeMinutes", default)
+        assert minutes > budget, f"{stack_file.name}: maxRuntimeMinutes {minutes} <= {budget}"
