@@ -200,6 +200,7 @@ repository = RepositorySettings(
         github_token=config.github_token,
         actions_secrets=config.actions_secrets,
         variables=variables,
+        branch_protection=config.branch_protection,
         required_approvals=config.required_approvals,
         required_status_checks=config.required_status_checks,
         enforce_admins=config.enforce_admins,

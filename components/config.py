@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import pulumi
 from pulumi.runtime.config import is_config_secret
 
-from components.repository import ACTIONS_NAME_RULE, is_actions_name
+from components.ci_identity import FORBIDDEN_ROLES
+from components.repository import ACTIONS_NAME_RULE, SEED_SECRET_NAMES, is_actions_name
 from gpu_runners import contract
 
 #: Marker used in the stack files for values each user must set before `pulumi up`.
@@ -204,6 +205,7 @@ class StackConfig:
     # repository settings
     repository_private: bool
     seed_compatibility: bool
+    branch_protection: bool
     required_approvals: int
     required_status_checks: tuple[str, ...]
     enforce_admins: bool
@@ -453,7 +455,15 @@ def _check_actions_secrets(reader: _Reader) -> Mapping[str, pulumi.Output[str]]:
         )
         return {}
     secrets: dict[str, pulumi.Output[str]] = {}
+    # GitHub stores names upper-cased: two spellings of one name would be one secret.
+    spellings: dict[str, str] = {}
     for name, value in values.items():
+        if name.upper() in spellings:
+            reader.problem(f"actionsSecrets.{name}", "<secret>",
+                           f"the same secret as actionsSecrets.{spellings[name.upper()]} "
+                           "(GitHub's secret names are case-insensitive)")
+            continue
+        spellings[name.upper()] = name
         if not is_actions_name(name):
             reader.problem(f"actionsSecrets.{name}", "<secret>",
                            f"secret names are {ACTIONS_NAME_RULE}")
@@ -465,6 +475,10 @@ def _check_actions_secrets(reader: _Reader) -> Mapping[str, pulumi.Output[str]]:
 
 
 def _check_role(role: str) -> str | None:
+    if role in FORBIDDEN_ROLES:
+        return ("not a basic role: any branch of the repository can impersonate the CI service "
+                "account, so it would hand the project to every pull request author; grant "
+                "predefined roles such as roles/container.clusterViewer")
     return None if _IAM_ROLE.match(role) else "an IAM role such as roles/storage.objectViewer"
 
 
@@ -653,6 +667,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
                                                maximum=3600),
         repository_private=reader.boolean("repositoryPrivate"),
         seed_compatibility=reader.boolean("seedCompatibility"),
+        branch_protection=reader.boolean("branchProtection"),
         required_approvals=reader.integer("requiredApprovals", minimum=0, maximum=6),
         required_status_checks=required_checks,
         enforce_admins=reader.boolean("enforceAdmins"),
@@ -676,6 +691,13 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     if not gke and stack_config.gpu_quota == 0:
         reader.problem("gpuQuota", 0, "in existing mode, the most GPUs the runner namespace may "
                        "request at once (no GPU pools are declared to derive it from)")
+    if stack_config.seed_compatibility:
+        seed_names = {name.upper() for name in SEED_SECRET_NAMES}
+        for name in sorted(stack_config.actions_secrets):
+            if name.upper() in seed_names:
+                reader.problem(f"actionsSecrets.{name}", "<secret>",
+                               "seed compatibility creates this secret itself ("
+                               + ", ".join(SEED_SECRET_NAMES) + "): rename it")
     if not gke and stack_config.seed_compatibility:
         reader.problems.append("seedCompatibility: the seed guide's secrets describe a GKE "
                                "cluster; it needs clusterMode = gke")

@@ -11,6 +11,7 @@ from components.config import ACCELERATORS, StackConfigError
 from gpu_runners import contract
 from tests.harness.mock_stack import (
     PROJECT_FILE,
+    TEST_SECRETS,
     ProgramRun,
     effective_config,
     project_declarations,
@@ -123,6 +124,9 @@ BAD_CONFIGS = [
      {"brokerImage": "ghcr.io/acme/broker:latest"}, "brokerImage"),
     ("IAM role without the roles/ prefix", {"ciServiceAccountRoles": ["storage.admin"]},
      "ciServiceAccountRoles[0]"),
+    ("basic role for the CI account",
+     {"ciServiceAccountRoles": ["roles/container.clusterViewer", "roles/editor"]},
+     "ciServiceAccountRoles[1]"),
     ("reserved workload identity pool prefix", {"workloadIdentityPoolId": "gcp-actions"},
      "workloadIdentityPoolId"),
     ("existing mode without a context", {"clusterMode": "existing"}, "kubeconfigContext"),
@@ -183,13 +187,51 @@ def test_stack_placeholders_fail_until_set(stack: str) -> None:
     assert placeholders == ["gcpProject", "githubOwner", "githubRepository"]
 
 
-def test_bad_config_registers_no_resource() -> None:
-    with pytest.raises(StackConfigError):
-        run_program("dev", {"gcpProject": "X"})
+def registered_after_refusal(overrides: dict[str, Any], *,
+                             secrets: dict[str, Any] | None = None) -> list[str]:
+    """Run a config that must be refused; return the problems and what was registered."""
+    with pytest.raises(StackConfigError) as refused:
+        run_program("dev", overrides, secrets=secrets)
     # run_program installs fresh mocks per run; a refused run leaves them empty.
     from pulumi.runtime import settings
     monitor = settings.SETTINGS.monitor
-    assert monitor.infra.resources == []
+    assert monitor.infra.resources == [], refused.value.problems
+    return refused.value.problems
+
+
+@pytest.mark.parametrize(("overrides", "key"), [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_registers_no_resource(overrides: dict[str, Any], key: str) -> None:
+    problems = registered_after_refusal(overrides)
+    assert any(p.startswith(key) for p in problems), problems
+
+
+SECRET_CONFLICTS = [
+    ("a seed secret's name, in another case", {"seedCompatibility": True},
+     {"gcp_k8s_kubeconfig": "x"}, "actionsSecrets.gcp_k8s_kubeconfig"),
+    ("two spellings of one secret", {}, {"Wandb_Key": "x", "WANDB_KEY": "y"},
+     "actionsSecrets.WANDB_KEY"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "extra_secrets", "key"),
+                         [c[1:] for c in SECRET_CONFLICTS], ids=[c[0] for c in SECRET_CONFLICTS])
+def test_secret_names_github_would_merge_are_refused_before_any_resource(
+        overrides: dict[str, Any], extra_secrets: dict[str, str], key: str) -> None:
+    # The components refuse these too, but only after the cluster was declared.
+    problems = registered_after_refusal(
+        overrides, secrets={**TEST_SECRETS, "actionsSecrets": extra_secrets})
+    assert any(p.startswith(key) for p in problems), problems
+
+
+def test_a_basic_role_is_refused_by_its_config_key_not_a_python_argument() -> None:
+    problems = registered_after_refusal({"ciServiceAccountRoles": ["roles/owner"]})
+    assert [p for p in problems if "basic role" in p] == [
+        "ciServiceAccountRoles[0] = 'roles/owner': not a basic role: any branch of the "
+        "repository can impersonate the CI service account, so it would hand the project to "
+        "every pull request author; grant predefined roles such as "
+        "roles/container.clusterViewer"]
+    assert not any("project_roles" in p for p in problems)
 
 
 def test_error_message_does_not_echo_secret_values() -> None:
@@ -247,4 +289,5 @@ def test_pulumi_yaml_is_a_valid_project_file() -> None:
     project = yaml.safe_load(PROJECT_FILE.read_text())
     assert project["name"] == "gpu-runners"
     assert project["runtime"]["name"] == "python"
-    assert project["config"]["pulumi:disable-default-providers"] == {"value": ["*"]}
+    assert project["config"]["pulumi:disable-default-providers"] == {
+        "value": ["gcp", "kubernetes", "github", "docker-build"]}

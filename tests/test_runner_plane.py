@@ -26,7 +26,8 @@ BASE_RUNNER = "runners-base-runner"
 
 @pytest.fixture(scope="module")
 def dev() -> ProgramRun:
-    return run_program("dev")
+    # The public-package variant (imagePrivate is on by default; see `private_image`).
+    return run_program("dev", {"imagePrivate": False})
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,7 @@ class RegisteredResource:
     additional_secret_outputs: list[str] = field(default_factory=list)
     #: The former identities the resource answers to, e.g. {"type": "<old type token>"}.
     aliases: list[dict[str, Any]] = field(default_factory=list)
+    retain_on_delete: bool = False
 
     def is_secret(self, path: str) -> bool:
         """Whether the input at `path` (dotted, wire names) or one of its parents is secret."""
@@ -269,6 +270,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 registered.additional_secret_outputs = list(request.additionalSecretOutputs)
                 registered.aliases = [json_format.MessageToDict(alias)
                                       for alias in request.aliases]
+                registered.retain_on_delete = bool(request.retainOnDelete)
                 break
         return response
 
