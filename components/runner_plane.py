@@ -127,8 +127,8 @@ class RunnerPlane(pulumi.ComponentResource):
     neither with a mounted token, since both run workflow code; the base runner Deployment
     (label `base-runner`, CPU nodes, PAT mounted as a file, the broker client's settings);
     NetworkPolicies denying all ingress, limiting egress, and letting base runner pods alone
-    reach the broker's port; a ResourceQuota capping GPUs and pods. The broker (components/broker.py) alone creates,
-    watches and deletes GPU runner pods here.
+    reach the broker's port; a ResourceQuota capping GPUs and pods. The broker
+    (components/broker.py) alone creates, watches and deletes GPU runner pods here.
 
     Every object goes through the Kubernetes provider the caller passes in `opts.providers`.
 
