@@ -19,10 +19,11 @@ REQUIRED_APIS = ("iam.googleapis.com", "iamcredentials.googleapis.com", "sts.goo
 #: deletes objects (dvc pull, dvc push, dvc gc); objectAdmin would also let a workflow change
 #: object ACLs and IAM, e.g. make a dataset public, which no pipeline step needs.
 DVC_BUCKET_ROLE = "roles/storage.objectUser"
-#: Basic roles grant (nearly) everything in the project. Any branch of the repository can
-#: impersonate the CI service account, so one of these would hand the project to every
-#: pull request author.
-FORBIDDEN_ROLES = frozenset({"roles/owner", "roles/editor"})
+#: Basic roles grant (nearly) everything in the project, to change (owner, editor) or to read
+#: (viewer). Any branch of the repository can impersonate the CI service account, so one of
+#: these would hand the project to every pull request author. components/config.py refuses
+#: them by config key before anything is declared; the check here guards direct use.
+FORBIDDEN_ROLES = frozenset({"roles/owner", "roles/editor", "roles/viewer"})
 
 _ACCOUNT_PREFIX = re.compile(r"^[a-z][a-z0-9-]*$")
 _ACCOUNT_SUFFIX = "-github-ci"

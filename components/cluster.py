@@ -16,6 +16,9 @@ from gpu_runners import contract
 #: cloud.google.com/gke-accelerator, which users cannot set).
 NODE_ACCELERATOR_LABEL = "gpu-runners/accelerator"
 NODE_OAUTH_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+#: gke-gcloud-auth-plugin's switch from gcloud's active account to application-default
+#: credentials (kubernetes/cloud-provider-gcp, cmd/gke-gcloud-auth-plugin).
+ADC_FLAG = "--use_application_default_credentials"
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,12 @@ class GkeClusterArgs:
 def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
     """A kubeconfig for one GKE cluster that authenticates with `gke-gcloud-auth-plugin`.
 
-    It holds no token: whoever uses it (Pulumi, an operator) authenticates with their own
-    gcloud credentials at call time, so nothing that expires or grants access lands in state.
+    It holds no token: whoever uses it (Pulumi, an operator, a workflow) authenticates with
+    their own application-default credentials at call time, so nothing that expires or grants
+    access lands in state. The plugin is told to use them: by default it asks gcloud for the
+    active account's token instead, which `gcloud auth application-default login` (all the GCP
+    provider needs) does not set, and which a workflow's google-github-actions/auth login
+    does not set either (it exports GOOGLE_APPLICATION_CREDENTIALS).
     """
     return "\n".join([
         "apiVersion: v1",
@@ -61,6 +68,8 @@ def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
         "    exec:",
         "      apiVersion: client.authentication.k8s.io/v1beta1",
         "      command: gke-gcloud-auth-plugin",
+        "      args:",
+        f"      - {ADC_FLAG}",
         "      installHint: Install gke-gcloud-auth-plugin (gcloud components install "
         "gke-gcloud-auth-plugin)",
         "      provideClusterInfo: true",

@@ -63,6 +63,8 @@ class RepositorySettingsArgs:
     actions_secrets: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
     #: Actions variable name -> value, see `workflow_variables`.
     variables: Mapping[str, pulumi.Input[str]] = field(default_factory=dict)
+    #: Protect main. GitHub refuses branch protection on a private repository of a free plan.
+    branch_protection: bool = True
     required_approvals: int = 1
     #: Check names that must pass before merging into main; empty for none.
     required_status_checks: Sequence[str] = ()
@@ -157,7 +159,8 @@ class RepositorySettings(pulumi.ComponentResource):
     Creates: one Actions secret per `actions_secrets` entry (set through `value`, always a
     Pulumi secret); one Actions variable per `variables` entry; with seed compatibility, the
     four secrets the seed guide's workflow reads (GCP_K8S_CLUSTER_NAME, GCP_K8S_CLUSTER_ZONE,
-    GCP_K8S_KUBECONFIG pointed at the runner namespace, GOOGLE_SERVICE_ACCOUNT_KEY); branch
+    GCP_K8S_KUBECONFIG pointed at the runner namespace, GOOGLE_SERVICE_ACCOUNT_KEY); unless
+    `branch_protection` is off (GitHub Free refuses it on a private repository), branch
     protection of `main` (a pull request with `required_approvals` approvals, the required
     checks, no force pushes, no deletion, admins included as configured); for a private
     repository, fork pull request workflows turned off (`ForkPrWorkflows`), and for a public
@@ -168,7 +171,7 @@ class RepositorySettings(pulumi.ComponentResource):
     The workflow is committed once, before `main` is protected: from then on the file belongs
     to the repository (its team replaces the training step), so a later `pulumi up` neither
     reverts their edits nor pushes past the protection. An existing file of that name is not
-    overwritten; creation then fails and names it.
+    overwritten; creation then fails and names it. Destroying the stack leaves it in place.
 
     Outputs: `secret_names` (names only), `variables` (name -> value; none is secret).
     """
@@ -221,29 +224,18 @@ class RepositorySettings(pulumi.ComponentResource):
                 commit_message="Add the GPU training workflow (gpu-runners stack)",
                 # Fails, naming the file, rather than replace a workflow the team wrote.
                 overwrite_on_create=False,
-                opts=pulumi.ResourceOptions(parent=self, ignore_changes=["content"]),
+                opts=pulumi.ResourceOptions(
+                    parent=self,
+                    ignore_changes=["content"],
+                    # Once committed, the workflow is the team's (they replace its training
+                    # step): deleting the resource, on `pulumi destroy` or when the switch is
+                    # turned off, must not commit the deletion of their workflow to main.
+                    retain_on_delete=True,
+                ),
             ))
 
-        status_checks: list[github.BranchProtectionRequiredStatusCheckArgsDict] = []
-        if args.required_status_checks:
-            # strict: a check that passed against an outdated main says nothing about the merge.
-            status_checks.append({"strict": True,
-                                  "contexts": list(args.required_status_checks)})
-        github.BranchProtection(
-            f"{name}-main-protection",
-            repository_id=args.repository,
-            pattern=contract.PROTECTED_BRANCH,
-            enforce_admins=args.enforce_admins,
-            allows_force_pushes=False,
-            allows_deletions=False,
-            required_pull_request_reviews=[{
-                "required_approving_review_count": args.required_approvals,
-                # An approval covers the commits it saw, not the ones pushed after it.
-                "dismiss_stale_reviews": True,
-            }],
-            required_status_checks=status_checks or None,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=protection_after),
-        )
+        if args.branch_protection:
+            self._protect_main(name, args, protection_after)
 
         full_name = f"{args.owner}/{args.repository}"
         if args.private:
@@ -272,6 +264,29 @@ class RepositorySettings(pulumi.ComponentResource):
             "secret_names": self.secret_names,
             "variables": self.variables,
         })
+
+    def _protect_main(self, name: str, args: RepositorySettingsArgs,
+                      after: Sequence[pulumi.Resource]) -> None:
+        status_checks: list[github.BranchProtectionRequiredStatusCheckArgsDict] = []
+        if args.required_status_checks:
+            # strict: a check that passed against an outdated main says nothing about the merge.
+            status_checks.append({"strict": True,
+                                  "contexts": list(args.required_status_checks)})
+        github.BranchProtection(
+            f"{name}-main-protection",
+            repository_id=args.repository,
+            pattern=contract.PROTECTED_BRANCH,
+            enforce_admins=args.enforce_admins,
+            allows_force_pushes=False,
+            allows_deletions=False,
+            required_pull_request_reviews=[{
+                "required_approving_review_count": args.required_approvals,
+                # An approval covers the commits it saw, not the ones pushed after it.
+                "dismiss_stale_reviews": True,
+            }],
+            required_status_checks=status_checks or None,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=list(after)),
+        )
 
     @staticmethod
     def _read_example_workflow() -> str:

@@ -22,10 +22,15 @@ def render(stack: str, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.yaml"):
         stale.unlink()
-    written = []
+    written: list[Path] = []
     for resource in run_program(stack).kubernetes_objects():
         manifest = resource.manifest(redact_secrets=True)
-        path = out / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+        # Namespaced objects of one kind may share a name (a pull Secret in each namespace).
+        where = [manifest["metadata"]["namespace"]] if "namespace" in manifest["metadata"] else []
+        path = out / ("-".join([manifest["kind"].lower(), *where,
+                                manifest["metadata"]["name"]]) + ".yaml")
+        if path in written:
+            raise ValueError(f"two objects would be written to {path}")
         path.write_text(yaml.safe_dump(manifest, sort_keys=False))
         written.append(path)
     return written

@@ -137,7 +137,7 @@ def test_every_gcp_resource_goes_through_the_explicit_provider(keyless: Declared
         assert resource.inputs.get("project", PROJECT) == PROJECT
 
 
-@pytest.mark.parametrize("role", ["roles/owner", "roles/editor"])
+@pytest.mark.parametrize("role", ["roles/owner", "roles/editor", "roles/viewer"])
 def test_basic_roles_are_refused(role: str) -> None:
     with pytest.raises(ValueError, match=f"project_roles has {role}: basic roles"):
         CiIdentity("ci", identity_args(project_roles=["roles/container.clusterViewer", role]))

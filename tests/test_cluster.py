@@ -145,6 +145,9 @@ def test_kubeconfig_is_a_secret_exec_plugin_config_without_token(dev: ProgramRun
     (user,) = kubeconfig["users"]
     assert user["user"]["exec"]["command"] == "gke-gcloud-auth-plugin"
     assert "token" not in user["user"]
+    # Application-default credentials, as Pulumi and google-github-actions/auth set them, not
+    # gcloud's active account, which neither sets.
+    assert user["user"]["exec"]["args"] == ["--use_application_default_credentials"]
     (cluster,) = kubeconfig["clusters"]
     assert cluster["cluster"]["server"] == "https://203.0.113.10"
     assert cluster["cluster"]["certificate-authority-data"]

@@ -30,7 +30,7 @@ def test_config_table_lists_every_key_with_its_declared_default() -> None:
         elif isinstance(default, bool):
             assert default_cell == f"`{str(default).lower()}`", key
         elif isinstance(default, list):
-            assert default_cell == "`" + ", ".join(default) + "`", key
+            assert default_cell == ("`" + ", ".join(default) + "`" if default else "`[]`"), key
         elif default != "":
             assert default_cell == f"`{default}`", key
         assert description_cell == declaration["description"], key

@@ -380,6 +380,14 @@ def test_example_workflow_is_committed_once_before_main_is_protected(
     assert workflow.urn in committed.one(BRANCH_PROTECTION).dependencies
 
 
+def test_destroying_the_stack_leaves_the_committed_workflow_in_the_repository(
+        committed: Declared) -> None:
+    # Without retain_on_delete, deleting the RepositoryFile commits the file's deletion.
+    assert committed.one(REPOSITORY_FILE).retain_on_delete is True
+    # Nothing else is retained: the rest of the settings go with the stack.
+    assert [r.name for r in committed.resources if r.retain_on_delete] == ["repo-example-workflow"]
+
+
 def test_no_workflow_is_committed_without_the_switch(private_repo: Declared) -> None:
     assert private_repo.of_type(REPOSITORY_FILE) == []
     assert private_repo.one(BRANCH_PROTECTION).dependencies == []

@@ -36,7 +36,8 @@ def secret_names(run: ProgramRun) -> set[str]:
 def test_dev_exports_what_operators_need_and_keeps_the_kubeconfig_secret(dev: ProgramRun) -> None:
     assert set(dev.outputs) == {"clusterName", "clusterLocation", "kubeconfig", "runnerImage",
                                 "runnerNamespace", "repositorySecrets",
-                                "workloadIdentityProvider", "ciServiceAccount"}
+                                "workloadIdentityProvider", "ciServiceAccount", "brokerImage",
+                                "brokerNamespace", "brokerUrl", "brokerAudience"}
     assert dev.secret_outputs == {"kubeconfig"}
     for token in TEST_SECRETS.values():
         assert token not in json.dumps(dev.outputs)
@@ -55,7 +56,7 @@ def test_workflow_variables_point_at_the_cluster_and_the_keyless_identity(dev: P
         "/workloadIdentityPools/github-actions/providers/github")
 
 
-def test_main_is_protected_with_this_projects_pr_checks_by_default(dev: ProgramRun) -> None:
+def test_main_is_protected_by_reviews_and_requires_no_check_by_default(dev: ProgramRun) -> None:
     protection = dev.one("github:index/branchProtection:BranchProtection").inputs
     assert protection["pattern"] == "main"
     assert protection["allowsForcePushes"] is False
@@ -63,8 +64,17 @@ def test_main_is_protected_with_this_projects_pr_checks_by_default(dev: ProgramR
     assert protection["enforceAdmins"] is True
     (reviews,) = protection["requiredPullRequestReviews"]
     assert reviews["requiredApprovingReviewCount"] == 1
-    (checks,) = protection["requiredStatusChecks"]
-    assert checks["contexts"] == ["test", "preview (dev)", "preview (prod)"]
+    # The repository the runners serve has checks of its own, which only its team can name:
+    # a default name that never reports there would block every merge, admins included.
+    assert protection.get("requiredStatusChecks") in (None, [])
+
+
+def test_branch_protection_can_be_left_off_for_a_free_plans_private_repository() -> None:
+    run = run_program("dev", {"branchProtection": False, "commitExampleWorkflow": True})
+    assert run.of_type("github:index/branchProtection:BranchProtection") == []
+    # Everything else on the GitHub side is still declared.
+    assert run.of_type("github:index/repositoryFile:RepositoryFile")
+    assert [r for r in run.resources if r.typ.endswith(":ForkPrWorkflows")]
 
 
 def test_private_repository_turns_fork_pr_workflows_off(dev: ProgramRun) -> None:
@@ -116,3 +126,22 @@ def test_existing_cluster_mode_declares_only_the_runner_plane_and_github() -> No
     assert variables(run) == {contract.VAR_RUNNER_NAMESPACE: contract.DEFAULT_NAMESPACE,
                               contract.VAR_BASE_RUNNER_LABEL: contract.BASE_RUNNER_LABEL}
     assert "kubeconfig" not in run.outputs
+
+
+def test_the_default_stack_pulls_the_runner_image_with_a_secret(dev: ProgramRun) -> None:
+    # GHCR creates a package private: without a pull Secret the base runner (and the broker)
+    # would sit in ImagePullBackOff until the update times out.
+    pull_secrets = {r.inputs["metadata"]["namespace"]: r.manifest()
+                    for r in dev.kubernetes_objects()
+                    if r.inputs["kind"] == "Secret"
+                    and r.inputs.get("type") == "kubernetes.io/dockerconfigjson"}
+    assert set(pull_secrets) == {contract.DEFAULT_NAMESPACE, contract.DEFAULT_BROKER_NAMESPACE}
+    deployments = [r.manifest() for r in dev.kubernetes_objects()
+                   if r.inputs["kind"] == "Deployment"]
+    assert len(deployments) == 2
+    for deployment in deployments:
+        pull_secret = pull_secrets[deployment["metadata"]["namespace"]]
+        name = pull_secret["metadata"]["name"]
+        assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": name}]
+        assert json.loads(pull_secret["data"][".dockerconfigjson"] if "data" in pull_secret
+                          else pull_secret["stringData"][".dockerconfigjson"])["auths"]["ghcr.io"]

@@ -4,7 +4,7 @@ Every workflow file passes actionlint (with shellcheck on its `run:` blocks and 
 runner label and Actions variables declared), and the properties a reviewer relies on are
 asserted on the parsed YAML: least-privilege tokens, no job for pull requests from forks, the
 per-run GPU runner label wiring, a cleanup that always runs, one concurrency group per pull
-request, pinned actions, and check names that match the branch protection defaults.
+request, pinned actions, and check names that match the ones the README tells to require.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ PREVIEW = WORKFLOWS_DIR / "preview.yaml"
 GPU_TRAINING = EXAMPLES_DIR / "gpu-training.yaml"
 
 FORK_GUARD = "github.event.pull_request.head.repo.full_name == github.repository"
+#: The checks this repository's own branch protection requires (README, "This project's CI").
+INFRA_REQUIRED_CHECKS = {"test", "preview (dev)", "preview (prod)"}
 SPAWN = "python3 -m gpu_runners spawn"
 DELETE = "python3 -m gpu_runners delete"
 PINNED_ACTION = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}$")
@@ -228,15 +230,20 @@ def test_checkout_does_not_leave_the_token_in_the_git_config(path: Path) -> None
             assert step["with"]["persist-credentials"] is False
 
 
-def test_pull_request_check_names_are_the_branch_protection_defaults() -> None:
-    project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text())
-    required = set(project["config"]["requiredStatusChecks"]["default"])
+def test_pull_request_check_names_are_the_ones_the_readme_tells_to_require() -> None:
+    # This repository's own branch protection is set by hand from the README; the stack's
+    # requiredStatusChecks protect the ML repository and name none of these by default.
     on_pull_requests: set[str] = set()
     for path in WORKFLOWS_DIR.glob("*.y*ml"):
         workflow = load_workflow(path)
         if "pull_request" in triggers(workflow):
             on_pull_requests |= check_run_names(workflow)
-    assert required == on_pull_requests == {"test", "preview (dev)", "preview (prod)"}
+    assert on_pull_requests == INFRA_REQUIRED_CHECKS
+    readme = (REPO_ROOT / "README.md").read_text()
+    for name in INFRA_REQUIRED_CHECKS:
+        assert f"`{name}`" in readme, name
+    project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text())
+    assert project["config"]["requiredStatusChecks"]["default"] == []
 
 
 # --- ci.yaml -------------------------------------------------------------------------------------
@@ -467,3 +474,16 @@ def test_training_uses_only_options_the_gpu_runners_cli_accepts() -> None:
     assert spawn_mentions - cli_options("spawn") == set()
     delete_mentions = set(re.findall(option, job_source(GPU_TRAINING, "cleanup")))
     assert delete_mentions - cli_options("delete") == set()
+
+
+def test_every_stacks_gpu_pod_outlives_the_example_workflows_setup_and_train_jobs() -> None:
+    # The pod is created when setup starts and must still be there when train times out:
+    # scale-up, image pull and runner start all come out of setup's budget, then train runs.
+    jobs = jobs_of(load_workflow(GPU_TRAINING))
+    budget = jobs["setup"]["timeout-minutes"] + jobs["train"]["timeout-minutes"]
+    project = yaml.safe_load((REPO_ROOT / "Pulumi.yaml").read_text())
+    default = project["config"]["maxRuntimeMinutes"]["default"]
+    for stack_file in sorted(REPO_ROOT.glob("Pulumi.*.yaml")):
+        stack = yaml.safe_load(stack_file.read_text())["config"]
+        minutes = stack.get("gpu-runners:maxRuntimeMinutes", default)
+        assert minutes > budget, f"{stack_file.name}: maxRuntimeMinutes {minutes} <= {budget}"

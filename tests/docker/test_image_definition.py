@@ -203,3 +203,27 @@ def test_the_build_context_leaves_out_everything_else() -> None:
         "tests/docker/test_image_definition.py",
     ]
     assert [path for path in left_out if in_build_context(path, rules)] == []
+
+
+# --- What the seed guide's jobs run on the base runner ------------------------------------------
+
+#: The seed guide's setup-runner and cleanup-runner jobs run on the base runner (this image):
+#: `envsubst < kubernetes/runner-gpu.yaml | kubectl apply -f -`. kubectl comes from
+#: setup-gcloud at run time; envsubst must be in the image. Ubuntu package per command.
+SEED_GUIDE_COMMANDS = {"envsubst": "gettext-base"}
+
+
+def apt_packages(stage: list[str]) -> set[str]:
+    """The packages a stage's `apt-get install` steps name."""
+    packages: set[str] = set()
+    for step in stage:
+        for install in re.findall(r"apt-get install ([^&]+)", step):
+            packages.update(word for word in install.split() if not word.startswith("-"))
+    return packages
+
+
+@pytest.mark.parametrize(("command", "package"), sorted(SEED_GUIDE_COMMANDS.items()))
+def test_the_image_has_the_commands_the_seed_guides_jobs_run(command: str, package: str) -> None:
+    assert package in apt_packages(final_stage(DOCKERFILE)), (
+        f"the seed guide's setup-runner job runs {command}, which the Ubuntu package {package} "
+        "provides")
