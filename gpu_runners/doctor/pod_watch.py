@@ -29,6 +29,7 @@ from gpu_runners.kube import WatchFeed
 from gpu_runners.pod_progress import PodProgress, Stage
 from gpu_runners.progress import ProgressLog
 
+CREATED = "created"
 SCALE_UP_DECISION = "scale-up decision"
 NODE_READY = "node ready"
 DRIVER_READY = "driver ready"
@@ -101,6 +102,7 @@ class _Tracker:
                                     scale_up_grace=scale_up_grace, now=start)
         self.run = PodRun(target.pod)
         self.nodes_before = nodes_before
+        self.reach(CREATED, start)
 
     def reach(self, stage: str, now: float) -> None:
         self.run.stages.setdefault(stage, round(now - self.start, 3))
@@ -110,16 +112,19 @@ class _Tracker:
             self.run.failure_kind, self.run.failure = kind, why
 
     def sync_progress(self, now: float) -> None:
-        for stage, name in _FROM_PROGRESS.items():
-            if stage in self.progress.reached:
-                self.reach(name, self.progress.reached[stage])
         if self.progress.node_name and self.run.node is None:
             self.run.node = self.progress.node_name
             # The scheduler binds a GPU pod only to a Ready node offering the GPU: whatever
-            # the polls have not seen yet had happened by now.
-            if self.target.accelerator is not None:
-                self.reach(NODE_READY, now)
-                self.reach(DRIVER_READY, now)
+            # the polls have not seen yet had happened by the binding (recorded first, so
+            # that equal times keep the order of events).
+            # A node that was up before the pod has no cold-start stages of its own.
+            if self.target.accelerator is not None and self.run.node not in self.nodes_before:
+                bound = self.progress.reached.get(Stage.SCHEDULED, now)
+                self.reach(NODE_READY, bound)
+                self.reach(DRIVER_READY, bound)
+        for stage, name in _FROM_PROGRESS.items():
+            if stage in self.progress.reached:
+                self.reach(name, self.progress.reached[stage])
 
     def observe_nodes(self, nodes: Sequence[NodeFact], now: float) -> None:
         if self.target.accelerator is None or self.run.node is not None:

@@ -67,9 +67,11 @@ def judge_smoke(accelerator: str, run: PodRun) -> tuple[list[CheckResult], ColdS
             fix="the NVIDIA driver did not install: check the node pool's driver installation "
                 "and the nvidia-gpu-device-plugin and driver-installer pods in kube-system"))
     elif run.failure_kind == FailureKind.FAILED:
-        last = run.log[-1] if run.log else "no output"
+        # nvidia-smi says why it failed on its first line ("couldn't communicate with the
+        # NVIDIA driver", "not found").
+        first = next((line for line in run.log if line.strip()), "no output")
         results.append(CheckResult(
-            gpu_check, Status.FAIL, f"{run.failure}; last output: {last}",
+            gpu_check, Status.FAIL, f"{run.failure}; output: {first}",
             fix="nvidia-smi not found or failing: GPU pods need PATH and LD_LIBRARY_PATH to "
                 "include /usr/local/nvidia (bin, lib64) and the pool's driver installed"))
     elif run.failure_kind == FailureKind.CAPACITY:
