@@ -33,8 +33,9 @@ def probe_targets(api_url: str, image: str) -> list[dict[str, object]]:
     """GitHub's API, the image's registry (both TLS-verified) and the API server."""
     github = urllib.parse.urlsplit(api_url)
     return [
-        {"name": "GitHub API", "host": github.hostname or "", "port": github.port or 443,
-         "tls": True},
+        {"name": "GitHub API", "host": github.hostname or "",
+         "port": github.port or (443 if github.scheme == "https" else 80),
+         "tls": github.scheme == "https"},
         {"name": "image registry", "host": registry_host(image), "port": 443, "tls": True},
         # No host: the pod's KUBERNETES_SERVICE_HOST/PORT, i.e. the `kubernetes` Service.
         {"name": API_SERVER_TARGET, "host": "", "port": 0, "tls": False},

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -115,7 +114,3 @@ def render_json(examination: Examination) -> str:
     }
     return json.dumps(document, indent=2) + "\n"
 
-
-def summarise(results: Sequence[CheckResult]) -> dict[Status, int]:
-    """How many results ended in each status."""
-    return {status: sum(r.status is status for r in results) for status in Status}

@@ -1547,5 +1547,5 @@ def test_rbac_checks_deployments_in_the_apps_group(make_fake_kube: MakeFake) -> 
         apps_for(fake).read_namespaced_deployment("broker", NS)
 
     assert refused.value.status == 403
-    assert 'in API group "apps"' in json.loads(refused.value.body)["message"]
+    assert 'in API group "apps"' in json.loads(str(refused.value.body))["message"]
     assert fake.forbidden == ["get deployments"]
