@@ -53,7 +53,8 @@ def check_token_scopes(scopes_header: str | None, source: str) -> CheckResult:
                            "permissions are checked by the runner list")
     scopes = [scope.strip() for scope in scopes_header.split(",") if scope.strip()]
     if REQUIRED_SCOPE in scopes:
-        return CheckResult(check, Status.PASS, f"classic PAT with scopes: {', '.join(scopes)}")
+        return CheckResult(check, Status.PASS,
+                           f"classic PAT from {source} with scopes: {', '.join(scopes)}")
     return CheckResult(
         check, Status.FAIL,
         f"classic PAT from {source} has scopes {', '.join(scopes) or 'none'}, without "

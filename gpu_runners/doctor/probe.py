@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpu_runners import contract
 from gpu_runners.doctor.pod_watch import FailureKind, PodRun
 from gpu_runners.doctor.probe_script import MARKER
 from gpu_runners.doctor.report import CheckResult, Status
@@ -101,11 +102,11 @@ def judge_probe(run: PodRun, targets: Sequence[dict[str, object]], image: str,
         item = by_target.get(str(target["name"]))
         if item is None:
             why = run.failure or "the probe printed nothing for it"
-            results.append(CheckResult(
-                name, Status.FAIL, f"not probed: {why}",
-                fix=f"kubectl -n {namespace} describe pod of the probe (rerun the doctor) "
-                    "says why the probe pod did not run to its end",
-            ))
+            fix = (f"your account needs create, watch and delete on pods in {namespace}"
+                   if run.failure_kind == FailureKind.API else
+                   "see the nodes and image checks: the probe pod runs the runner image on a "
+                   f"{contract.NODE_GPU_LABEL}=false node and must run to its end")
+            results.append(CheckResult(name, Status.FAIL, f"not probed: {why}", fix=fix))
         elif item.get("ok"):
             results.append(CheckResult(name, Status.PASS, str(item.get("detail", ""))))
         else:

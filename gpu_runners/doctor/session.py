@@ -299,13 +299,22 @@ class _Examination:
         if refused is not None:
             run = PodRun(name, failure=refused, failure_kind=FailureKind.API)
         else:
-            run = follow_pods(self.cluster, settings.namespace, [WatchTarget(name, None)],
-                              timeout=settings.timeout,
-                              node_poll_seconds=settings.node_poll_seconds,
-                              scale_up_grace=settings.scale_up_grace, log=self.log)[name]
+            run = self._follow([WatchTarget(name, None)])[name]
         verdict = probe.judge_probe(run, targets, image, settings.namespace)
         self.results.extend(verdict.results)
         return verdict.runner_version
+
+    def _follow(self, targets: Sequence[WatchTarget]) -> dict[str, PodRun]:
+        """Follows created pods; a refused node listing fails them instead of the run."""
+        settings = self.settings
+        try:
+            return follow_pods(self.cluster, settings.namespace, targets,
+                               timeout=settings.timeout,
+                               node_poll_seconds=settings.node_poll_seconds,
+                               scale_up_grace=settings.scale_up_grace, log=self.log)
+        except KubernetesError as e:
+            return {target.pod: PodRun(target.pod, failure=str(e), failure_kind=FailureKind.API)
+                    for target in targets}
 
     def _smoke(self, image: str, pull_secret: str | None, pools: Sequence[GpuPool],
                quotas: Sequence[QuotaFact]) -> None:
@@ -330,10 +339,7 @@ class _Examination:
             else:
                 runs[name] = PodRun(name, failure=refused, failure_kind=FailureKind.API)
         if targets:
-            runs.update(follow_pods(self.cluster, settings.namespace, targets,
-                                    timeout=settings.timeout,
-                                    node_poll_seconds=settings.node_poll_seconds,
-                                    scale_up_grace=settings.scale_up_grace, log=self.log))
+            runs.update(self._follow(targets))
         for pool in batch:
             name = f"{pods.DOCTOR_APP}-smoke-{pool.accelerator}-{self.session}"
             results, cold = smoke.judge_smoke(pool.accelerator, runs[name])

@@ -80,6 +80,11 @@ def judge_smoke(accelerator: str, run: PodRun) -> tuple[list[CheckResult], ColdS
         results.append(CheckResult(
             gpu_check, Status.FAIL, run.failure,
             fix="make the runner image readable from the GPU nodes (see image: pullable)"))
+    elif run.failure_kind == FailureKind.API:
+        results.append(CheckResult(
+            gpu_check, Status.FAIL, run.failure,
+            fix="your account needs create, get, list, watch and delete on pods, and list and "
+                "watch on events, in the runner namespace, and list on nodes"))
     else:
         results.append(CheckResult(
             gpu_check, Status.FAIL, run.failure or "the smoke pod did not run",
