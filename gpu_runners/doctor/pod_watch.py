@@ -116,8 +116,8 @@ class _Tracker:
             self.run.node = self.progress.node_name
             # The scheduler binds a GPU pod only to a Ready node offering the GPU: whatever
             # the polls have not seen yet had happened by the binding (recorded first, so
-            # that equal times keep the order of events).
-            # A node that was up before the pod has no cold-start stages of its own.
+            # that equal times keep the order of events). A node that was up before the pod
+            # has no cold-start stages of its own.
             if self.target.accelerator is not None and self.run.node not in self.nodes_before:
                 bound = self.progress.reached.get(Stage.SCHEDULED, now)
                 self.reach(NODE_READY, bound)
@@ -141,17 +141,17 @@ class _Tracker:
             self.progress.observe_pod(pod, now)
         except ImagePullError as e:
             self.fail(FailureKind.IMAGE, str(e))
-        except PodFailedError as e:
+        except PodFailedError:
+            # PodProgress waits for a runner, so any end is a failure to it; these pods are
+            # meant to end, and only how they ended counts.
             phase = pod.status.phase if pod.status is not None else None
             self.sync_progress(now)
-            if phase == "Succeeded":
+            if phase in ("Succeeded", "Failed"):
                 self.reach(FINISHED, now)
+            if phase == "Succeeded":
                 self.run.succeeded = True
             else:
-                if phase == "Failed":
-                    self.reach(FINISHED, now)
-                self.fail(FailureKind.FAILED, str(e).replace("before its runner came online",
-                                                             "before it finished"))
+                self.fail(FailureKind.FAILED, ended_reason(pod))
         self.sync_progress(now)
 
     def observe_event(self, event: CoreV1Event, now: float) -> None:
@@ -265,3 +265,18 @@ def follow_pods(
             except KubernetesError as e:
                 tracker.fail(FailureKind.API, f"cannot read the log of {tracker.target.pod}: {e}")
     return {name: tracker.run for name, tracker in trackers.items()}
+
+
+def ended_reason(pod: V1Pod) -> str:
+    """Why a pod that ran ended badly: its status reason, else its container's exit."""
+    name = pod.metadata.name if pod.metadata is not None else "?"
+    status = pod.status
+    phase = status.phase if status is not None else None
+    if status is not None and status.reason:  # DeadlineExceeded, Evicted, ...
+        return f"pod {name} ended ({phase}): {status.reason}: {status.message or ''}".strip()
+    for container in (status.container_statuses if status is not None else None) or ():
+        terminated = container.state.terminated if container.state is not None else None
+        if container.name == CONTAINER and terminated is not None:
+            return (f"pod {name} ended ({phase}): its container exited with code "
+                    f"{terminated.exit_code} ({terminated.reason or 'no reason given'})")
+    return f"pod {name} ended ({phase}) without a reason"

@@ -161,7 +161,6 @@ class _Examination:
                     "login`) and that your account may read nodes"))
             return
         self.results.append(cluster_checks.check_cpu_nodes(nodes))
-        self.results.append(cluster_checks.check_gpu_node_labels(nodes))
         broker = self._deployment(settings.broker_namespace, contract.BROKER_NAME, "broker")
         base = self._deployment(settings.namespace, contract.BASE_RUNNER_APP, "base runner")
         env = dict(broker.env) if broker is not None else {}
@@ -198,10 +197,12 @@ class _Examination:
                 "GPU smoke", Status.FAIL,
                 f"the broker names no GPU pool ({contract.ENV_GPU_POOLS})",
                 fix="declare gpuPools in the stack config and run pulumi up"))
+        # After the smoke pods: the nodes they brought up are the pools' real nodes.
         try:
             nodes = self.cluster.list_nodes()
         except KubernetesError as e:
             self.log.line(f"cannot list nodes again: {e}")
+        self.results.append(cluster_checks.check_gpu_node_labels(nodes))
         for pool in pools:
             self.results.append(cluster_checks.check_gpu_driver(pool, nodes, smoke_ran=smoke_ran))
 

@@ -6,7 +6,9 @@ with a fix and exits 1. In every case the probe and smoke pods are gone afterwar
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
 from gpu_runners import contract
@@ -23,12 +25,13 @@ from tests.fakes.kube_api import FakeKubernetes, FakeNode, PodScript
 
 MakeFake = Callable[..., FakeKubernetes]
 EVERY_CHECK = [
-    "nodes: CPU pool", "nodes: GPU labels", "broker: available", "base runner: available",
+    "nodes: CPU pool", "broker: available", "base runner: available",
     "quota: runner namespace", "repository ids", "token: scopes", "token: runner administration",
     "base runner: online on GitHub", "image: pullable", "network: GitHub API",
     "network: image registry", "network: Kubernetes API server", "runner version",
     "scale-up: nvidia-l4", "GPU smoke: nvidia-l4", "scale-up: nvidia-tesla-t4",
-    "GPU smoke: nvidia-tesla-t4", "GPU driver: nvidia-l4", "GPU driver: nvidia-tesla-t4",
+    "GPU smoke: nvidia-tesla-t4", "nodes: GPU labels", "GPU driver: nvidia-l4",
+    "GPU driver: nvidia-tesla-t4",
 ]
 COLD_START = ["created", "scale-up decision", "node ready", "driver ready", "scheduled",
               "image pulled", "running", "finished"]
@@ -63,6 +66,8 @@ def test_the_json_report_times_each_pools_cold_start_in_order(
         "nvidia-smi: Tesla T4, 550.54.15, 15360 MiB")
     assert run.check("scale-up: nvidia-l4")["detail"] == (
         "the autoscaler added a node for the smoke pod")
+    assert run.check("nodes: GPU labels")["detail"] == (
+        "2 GPU node(s) labelled and tainted as expected")
 
 
 def test_the_smoke_and_probe_pods_are_restricted_gpu_pods_without_registration(
@@ -129,6 +134,23 @@ def test_a_pool_that_cannot_scale_up_fails_its_scale_up_check(
     assert "max nodes" in scale["fix"]
     assert run.check("GPU smoke: nvidia-l4")["status"] == "skip"
     assert run.check("GPU driver: nvidia-l4")["status"] == "fail"
+    assert installation.doctor_pods() == []
+
+
+def test_a_pool_whose_new_nodes_lack_the_gpu_taint_fails_the_labels_check(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    pools = [replace(pool, taints=()) if "nvidia-l4" in pool.name else pool
+             for pool in fake_node_pools()]
+    installation = install(make_fake_kube, fake_github, node_pools=pools)
+
+    run = run_doctor(installation)
+
+    assert run.failed() == ["nodes: GPU labels"]
+    labels = run.check("nodes: GPU labels")
+    assert re.fullmatch(r"gke-fake-gpu-nvidia-l4-\w+ lacks taint nvidia.com/gpu:NoSchedule",
+                        labels["detail"])
+    assert "declare them on the node pool" in labels["fix"]
     assert installation.doctor_pods() == []
 
 
