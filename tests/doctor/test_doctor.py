@@ -297,3 +297,26 @@ def test_skip_smoke_runs_no_gpu_pod(installation: Installation, run_doctor: RunD
     assert run.check("GPU driver: nvidia-l4")["status"] == "skip"
     assert [name for name in installation.started if "-smoke-" in name] == []
     assert run.report["cold_starts"] == []
+
+
+def test_smoke_pods_go_one_batch_at_a_time_when_the_quota_has_room_for_one(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    installation = install(make_fake_kube, fake_github, gpu_quota=2)
+    installation.kube.seed({  # a training job holds one of the two GPUs
+        "kind": "Pod",
+        "metadata": {"name": "gpu-4711-1"},
+        "spec": {"containers": [{"name": "runner", "image": "ghcr.io/acme/train:1",
+                                 "resources": {"requests": {contract.GPU_RESOURCE: "1"}}}]},
+        "status": {"phase": "Running"},
+    })
+
+    run = run_doctor(installation)
+
+    assert run.exit_code == 0, run.failed()
+    assert [cold["outcome"] for cold in run.report["cold_starts"]] == ["passed", "passed"]
+    smoke_creates = [request.status for request in installation.kube.requests
+                     if request.method == "POST" and "-smoke-" in str(request.body)]
+    assert smoke_creates == [201, 201]
+    assert installation.doctor_pods() == []
+    assert installation.kube.pod("gpu-4711-1") is not None  # not the doctor's to delete
