@@ -37,6 +37,8 @@ SCHEDULED = "scheduled"
 IMAGE_PULLED = "image pulled"
 RUNNING = "running"
 FINISHED = "finished"
+#: Event reason of GKE's autoscaler when a scale-up it triggered for a pod failed.
+FAILED_SCALE_UP = "FailedScaleUp"
 _FROM_PROGRESS = {Stage.SCHEDULED: SCHEDULED, Stage.IMAGE_PULLED: IMAGE_PULLED,
                   Stage.RUNNING: RUNNING}
 
@@ -159,6 +161,12 @@ class _Tracker:
             return
         if event.reason == "TriggeredScaleUp":
             self.reach(SCALE_UP_DECISION, now)
+        if event.reason == FAILED_SCALE_UP and not self.run.node:
+            # GKE's autoscaler tells the pod when the node it asked for could not be created
+            # ("GCE quota exceeded", "GCE out of resources"); no node is coming for it.
+            self.fail(FailureKind.CAPACITY, f"the scale-up for {self.target.pod} failed: "
+                                            f"{event.message or 'no reason given'}")
+            return
         try:
             self.progress.observe_event(event, now)
         except NoCapacityError as e:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 from gpu_runners import contract
 from tests.doctor.conftest import RunDoctor
@@ -320,3 +321,36 @@ def test_smoke_pods_go_one_batch_at_a_time_when_the_quota_has_room_for_one(
     assert smoke_creates == [201, 201]
     assert installation.doctor_pods() == []
     assert installation.kube.pod("gpu-4711-1") is not None  # not the doctor's to delete
+
+
+def test_a_scale_up_failing_on_gce_quota_fails_with_the_gcp_quota_fix(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    holder: list[FakeKubernetes] = []
+
+    def quota_refused(pod: dict[str, Any]) -> PodScript:
+        labels = pod["metadata"]["labels"]
+        if labels.get(contract.LABEL_GPU_TYPE) != "nvidia-l4":
+            return holder[0].default_script(pod)
+        # The autoscaler asks for a node; GCE refuses it, and GKE says so on the pod.
+        holder[0].seed({"kind": "Event", "type": "Warning", "reason": "FailedScaleUp",
+                        "metadata": {"name": f"{pod['metadata']['name']}.quota"},
+                        "involvedObject": {"kind": "Pod", "name": pod["metadata"]["name"],
+                                           "uid": pod["metadata"]["uid"]},
+                        "message": "Node scale up in zones us-central1-a associated with this "
+                                   "pod failed: GCE quota exceeded. Pod is at risk of not "
+                                   "being scheduled."})
+        return PodScript.scale_up(scale_up_delay=60.0)
+
+    installation = install(make_fake_kube, fake_github, scheduler=quota_refused)
+    holder.append(installation.kube)
+
+    run = run_doctor(installation)
+
+    assert run.exit_code == 1
+    scale = run.check("scale-up: nvidia-l4")
+    assert scale["status"] == "fail"
+    assert "GCE quota exceeded" in scale["detail"]
+    assert "raise the GCP quota for nvidia-l4 GPUs" in scale["fix"]
+    assert run.check("GPU smoke: nvidia-tesla-t4")["status"] == "pass"
+    assert installation.doctor_pods() == []
