@@ -204,6 +204,16 @@ class FakeGitHub:
         self.remove_tokens: list[str] = []
         #: runner id -> the encoded JIT config issued for it.
         self.jit_configs: dict[int, str] = {}
+        #: The numeric ids `GET /repos/{owner}/{repo}` reports for the repository and its owner.
+        self.repository_id = 1296269
+        self.owner_id = 1342004
+        #: What `X-OAuth-Scopes` says on every authorised answer, as GitHub does for a classic
+        #: PAT (e.g. "repo, workflow"); None sends no such header, as for fine-grained tokens.
+        self.oauth_scopes: str | None = None
+        #: "owner/name" -> its releases, newest first (see `add_release`); served for any
+        #: repository, not only the fake's own (the runner's releases live in actions/runner).
+        self.releases: dict[str, list[dict[str, Any]]] = {}
+        self._next_release_id = 1
         self._faults: list[_Fault] = []
         self._callbacks: list[Callable[[RecordedRequest], None]] = []
         self._next_runner_id = 1
@@ -349,6 +359,38 @@ class FakeGitHub:
             runner["busy"] = busy
             self._changed.notify_all()
             return runner
+
+    def add_release(
+        self,
+        repository: str,
+        tag: str,
+        published_at: datetime,
+        *,
+        prerelease: bool = False,
+        draft: bool = False,
+    ) -> dict[str, Any]:
+        """Publishes a release of `repository` ("owner/name"); returns its representation.
+
+        The list route answers releases newest first by `published_at`; `releases/latest` the
+        newest that is neither a prerelease nor a draft, as GitHub does.
+        """
+        with self._changed:
+            release: dict[str, Any] = {
+                "id": self._next_release_id,
+                "tag_name": tag,
+                "name": tag,
+                "draft": draft,
+                "prerelease": prerelease,
+                "published_at": None if draft else published_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "created_at": published_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "html_url": f"https://github.com/{repository}/releases/tag/{tag}",
+            }
+            self._next_release_id += 1
+            listed = self.releases.setdefault(repository.lower(), [])
+            listed.append(release)
+            listed.sort(key=lambda item: item["created_at"], reverse=True)
+            self._changed.notify_all()
+            return release
 
     def runner_named(self, name: str) -> dict[str, Any] | None:
         """Returns the runner registered under `name`, or None."""
@@ -521,6 +563,8 @@ class FakeGitHub:
             return _error(400, "Problems parsing JSON")
         with self._changed:
             answer = self._route(request)
+            if self.oauth_scopes is not None:
+                answer.headers.setdefault("X-OAuth-Scopes", self.oauth_scopes)
             self._changed.notify_all()
             return answer
 
@@ -591,6 +635,18 @@ class FakeGitHub:
             "_put_fork_pr_settings",
         ),
         ("GET", re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)$"), "_get_repository"),
+        (
+            "GET",
+            re.compile(r"^/repos/(?P<release_owner>[^/]+)/(?P<release_repo>[^/]+)/releases$"),
+            "_list_releases",
+        ),
+        (
+            "GET",
+            re.compile(
+                r"^/repos/(?P<release_owner>[^/]+)/(?P<release_repo>[^/]+)/releases/latest$"
+            ),
+            "_latest_release",
+        ),
     )
 
     def _route(self, request: RecordedRequest) -> _Answer:
@@ -609,6 +665,8 @@ class FakeGitHub:
 
     def _known_scope(self, params: dict[str, str]) -> bool:
         # GitHub matches owner, repository and organisation names case-insensitively.
+        if "release_owner" in params:
+            return True  # releases are served for any repository the test published them in
         if "org" in params:
             return self.org is not None and params["org"].lower() == self.org.lower()
         return (
@@ -724,6 +782,17 @@ class FakeGitHub:
         return self._page(request, "runner_groups", groups)
 
     def _page(self, request: RecordedRequest, key: str, items: list[dict[str, Any]]) -> _Answer:
+        chosen, headers = self._page_slice(request, items)
+        return _Answer(200, {"total_count": len(items), key: chosen}, headers)
+
+    def _page_list(self, request: RecordedRequest, items: list[dict[str, Any]]) -> _Answer:
+        # Some list routes (releases) answer a bare JSON array, paginated the same way.
+        chosen, headers = self._page_slice(request, items)
+        return _Answer(200, chosen, headers)
+
+    def _page_slice(
+        self, request: RecordedRequest, items: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
         per_page = min(
             _int_param(request.query.get("per_page"), DEFAULT_PAGE_SIZE), self.page_size_max
         )
@@ -742,7 +811,7 @@ class FakeGitHub:
         if page < last:
             links += [link(page + 1, "next"), link(last, "last")]
         headers = {"Link": ", ".join(links)} if links else {}
-        return _Answer(200, {"total_count": len(items), key: chosen}, headers)
+        return chosen, headers
 
     def _get_runner(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
         runner = self.runners.get(int(params["runner_id"]))
@@ -808,12 +877,33 @@ class FakeGitHub:
         return _Answer(
             200,
             {
-                "id": 1296269,
+                "id": self.repository_id,
                 "name": self.repo,
                 "full_name": f"{self.owner}/{self.repo}",
-                "owner": {"login": self.owner},
+                "owner": {"login": self.owner, "id": self.owner_id},
                 "private": self.private,
                 "visibility": "private" if self.private else "public",
                 "html_url": f"https://github.com/{self.owner}/{self.repo}",
             },
         )
+
+    def _published_releases(self, params: dict[str, str]) -> list[dict[str, Any]] | None:
+        key = f"{params['release_owner']}/{params['release_repo']}".lower()
+        return self.releases.get(key)
+
+    def _list_releases(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
+        releases = self._published_releases(params)
+        if releases is None:
+            return _not_found(f"{DOCS}/releases/releases#list-releases")
+        return self._page_list(request, [dict(release) for release in releases])
+
+    def _latest_release(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
+        docs = f"{DOCS}/releases/releases#get-the-latest-release"
+        final = [
+            release
+            for release in self._published_releases(params) or ()
+            if not release["prerelease"] and not release["draft"]
+        ]
+        if not final:
+            return _not_found(docs)
+        return _Answer(200, dict(max(final, key=lambda release: release["published_at"])))

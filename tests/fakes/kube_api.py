@@ -345,6 +345,13 @@ class _Resource:
     namespaced: bool
     writable: bool
     field_labels: frozenset[str]
+    #: API group: "" for core/v1 (served under /api/v1), else served under /apis/<group>/v1.
+    group: str = ""
+
+    @property
+    def api_version(self) -> str:
+        """The `apiVersion` of the resource's objects ("v1", "apps/v1")."""
+        return f"{self.group}/v1" if self.group else "v1"
 
 
 _COMMON_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
@@ -394,6 +401,8 @@ _RESOURCES = {
             "nodes", "Node", False, False, frozenset({"metadata.name", "spec.unschedulable"})
         ),
         _Resource("namespaces", "Namespace", False, False, frozenset({"metadata.name"})),
+        # Read-only, seeded by tests (`seed`): what a stack's Deployments report.
+        _Resource("deployments", "Deployment", True, False, _COMMON_FIELDS, group="apps"),
     )
 }
 
@@ -1371,8 +1380,9 @@ class FakeKubernetes:
     def seed(self, *objects: JSON) -> list[JSON]:
         """Stores objects as they are (no admission, no scheduling), e.g. 5,000 finished pods.
 
-        Each object needs `kind` (Pod, Secret or Event) and `metadata.name`; the namespace
-        defaults to the fake's. Status is kept as given (a Pod without one is Pending).
+        Each object needs `kind` (Pod, Secret, Event or Deployment) and `metadata.name`; the
+        namespace defaults to the fake's. Status is kept as given (a Pod without one is
+        Pending).
 
         Returns:
             The stored objects (copies), with uid and resourceVersion.
@@ -1382,9 +1392,9 @@ class FakeKubernetes:
         with self._lock:
             for obj in objects:
                 plural = kinds.get(str(obj.get("kind")))
-                if plural not in ("pods", "secrets", "events"):
+                if plural not in ("pods", "secrets", "events", "deployments"):
                     raise ValueError(
-                        f"FakeKubernetes.seed: kind must be Pod, Secret or Event, "
+                        f"FakeKubernetes.seed: kind must be Pod, Secret, Event or Deployment, "
                         f"got {obj.get('kind')!r}"
                     )
                 body = copy.deepcopy(obj)
@@ -1431,7 +1441,7 @@ class FakeKubernetes:
         metadata.setdefault("uid", str(uuid.uuid4()))
         metadata.setdefault("creationTimestamp", _now())
         metadata["resourceVersion"] = str(self._next_version())
-        obj["kind"], obj["apiVersion"] = resource.kind, "v1"
+        obj["kind"], obj["apiVersion"] = resource.kind, resource.api_version
         key = (metadata.get("namespace", ""), metadata["name"])
         self._objects[plural][key] = obj
         self._record(_Change(self._resource_version, "ADDED", plural, obj, None))
@@ -2414,7 +2424,7 @@ class FakeKubernetes:
                 metadata["remainingItemCount"] = remaining
             return {
                 "kind": f"{resource.kind}List",
-                "apiVersion": "v1",
+                "apiVersion": resource.api_version,
                 "metadata": metadata,
                 "items": [
                     {k: v for k, v in obj.items() if k not in ("kind", "apiVersion")}
@@ -2599,14 +2609,15 @@ class FakeKubernetes:
                 if method == "GET" else ("delete" if named else "deletecollection"))
         else:
             return
-        if any("" in groups and resource in resources and verb in verbs
+        group = route[0].group if route is not None else ""
+        if any(group in groups and resource in resources and verb in verbs
                for groups, resources, verbs in self._rbac):
             return
         self.forbidden.append(f"{verb} {resource}")
         where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
         raise ApiError(403, f'{resource} is forbidden: User "system:serviceaccount:'
                             f'{self.namespace}:base-runner" cannot {verb} resource '
-                            f'"{resource}" in API group ""{where}')
+                            f'"{resource}" in API group "{group}"{where}')
 
     def _handle(
         self, method: str, path: str, query: Mapping[str, str], body: Any
@@ -2836,22 +2847,29 @@ def _decode_continue(token: str) -> tuple[str, int]:
 
 
 _LOG_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log")
-_NAMESPACED_PATH = re.compile(r"/api/v1/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?")
-_CLUSTER_PATH = re.compile(r"/api/v1/([a-z]+)(?:/([^/]+))?")
+# Core resources live under /api/v1, those of a named group under /apis/<group>/v1.
+_GROUP_PREFIX = r"/(?:api|apis/(?P<group>[a-z0-9.-]+))/v1"
+_NAMESPACED_PATH = re.compile(_GROUP_PREFIX + r"/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?")
+_CLUSTER_PATH = re.compile(_GROUP_PREFIX + r"/([a-z]+)(?:/([^/]+))?")
 
 
 def _route(path: str) -> tuple[_Resource, str | None, str | None] | None:
-    """(resource, namespace, name) of a core/v1 path, or None if the fake does not serve it."""
+    """(resource, namespace, name) of a path, or None if the fake does not serve it (a
+    resource asked for under another group's prefix included)."""
     match = _NAMESPACED_PATH.fullmatch(path)
+    if match is not None and match.group(3) in _RESOURCES:
+        resource = _RESOURCES[match.group(3)]
+        if not resource.namespaced or resource.group != (match.group("group") or ""):
+            return None
+        return resource, match.group(2), match.group(4)
+    match = _CLUSTER_PATH.fullmatch(path)
     if match is not None and match.group(2) in _RESOURCES:
         resource = _RESOURCES[match.group(2)]
-        return (resource, match.group(1), match.group(3)) if resource.namespaced else None
-    match = _CLUSTER_PATH.fullmatch(path)
-    if match is not None and match.group(1) in _RESOURCES:
-        resource = _RESOURCES[match.group(1)]
-        if resource.namespaced and match.group(2) is not None:
+        if resource.group != (match.group("group") or ""):
             return None
-        return resource, None, match.group(2)
+        if resource.namespaced and match.group(3) is not None:
+            return None
+        return resource, None, match.group(3)
     return None
 
 

@@ -559,3 +559,48 @@ def test_stop_frees_the_port(fake_github: FakeGitHub) -> None:
     with pytest.raises(RuntimeError, match="not started"):
         _ = fake_github.url
     assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
+
+
+# --- repository ids, token scopes, releases -----------------------------------------------------
+
+
+def test_the_repository_reports_the_ids_the_test_set(fake_github: FakeGitHub) -> None:
+    fake_github.repository_id = 4242
+    fake_github.owner_id = 77
+
+    answer = call(fake_github, "GET", REPO)
+
+    assert answer.status == 200
+    assert answer.body["id"] == 4242
+    assert answer.body["owner"] == {"login": "acme", "id": 77}
+    assert answer.body["full_name"] == "acme/models"
+
+
+def test_x_oauth_scopes_is_sent_only_when_the_token_is_a_classic_pat(
+    fake_github: FakeGitHub,
+) -> None:
+    fine_grained = call(fake_github, "GET", REPO)
+    fake_github.oauth_scopes = "repo, workflow"
+    classic = call(fake_github, "GET", RUNNERS)
+
+    assert "x-oauth-scopes" not in fine_grained.headers
+    assert classic.headers["x-oauth-scopes"] == "repo, workflow"
+
+
+def test_releases_list_newest_first_and_latest_skips_prereleases(
+    fake_github: FakeGitHub,
+) -> None:
+    now = datetime(2026, 11, 1)
+    fake_github.add_release("actions/runner", "v2.329.0", now - timedelta(days=40))
+    fake_github.add_release("actions/runner", "v2.330.0", now - timedelta(days=10))
+    fake_github.add_release("actions/runner", "v2.331.0", now, prerelease=True)
+
+    listed = call(fake_github, "GET", "/repos/actions/runner/releases")
+    latest = call(fake_github, "GET", "/repos/actions/runner/releases/latest")
+    other = call(fake_github, "GET", "/repos/actions/other/releases/latest")
+
+    assert [release["tag_name"] for release in listed.body] == [
+        "v2.331.0", "v2.330.0", "v2.329.0"]
+    assert latest.body["tag_name"] == "v2.330.0"
+    assert latest.body["published_at"] == "2026-10-22T00:00:00Z"
+    assert other.status == 404

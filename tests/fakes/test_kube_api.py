@@ -1470,3 +1470,85 @@ def test_end_log_streams_ends_open_follows_while_the_container_runs(
     again: list[str] = []
     follow_log(core, "gpu-1-1", again)  # a new follow is served as before
     wait_for(lambda: again == lines, "the log from a new follow")
+
+
+# --- apps/v1 Deployments (read-only, seeded) -------------------------------------------------
+
+
+def apps_for(fake: FakeKubernetes) -> client.AppsV1Api:
+    """An AppsV1Api configured from the fake's kubeconfig."""
+    return client.AppsV1Api(api_for(fake).api_client)
+
+
+def test_a_seeded_deployment_reads_back_through_apps_v1_with_its_status(
+    fake_kube: FakeKubernetes,
+) -> None:
+    fake_kube.seed({
+        "kind": "Deployment",
+        "metadata": {"name": "broker", "namespace": "tools", "labels": {"app": "broker"}},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "broker"}},
+                 "template": {"metadata": {"labels": {"app": "broker"}},
+                              "spec": {"containers": [{"name": "b", "image": IMAGE}]}}},
+        "status": {"availableReplicas": 1, "conditions": [
+            {"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]},
+    })
+    apps = apps_for(fake_kube)
+
+    deployment = attrs(apps.read_namespaced_deployment("broker", "tools"))
+    listed = attrs(apps.list_namespaced_deployment("tools", label_selector="app=broker"))
+
+    assert deployment["api_version"] == "apps/v1"
+    assert deployment["status"]["available_replicas"] == 1
+    assert deployment["status"]["conditions"][0]["type"] == "Available"
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["broker"]
+
+
+def test_deployments_are_not_served_under_the_core_group_nor_pods_under_apps(
+    fake_kube: FakeKubernetes,
+) -> None:
+    fake_kube.seed({"kind": "Deployment", "metadata": {"name": "broker"}})
+    headers = {"Authorization": f"Bearer {fake_kube.token}"}
+
+    def status_of(path: str) -> int:
+        request = urllib.request.Request(fake_kube.url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status_of(f"/apis/apps/v1/namespaces/{NS}/deployments/broker") == 200
+    assert status_of(f"/api/v1/namespaces/{NS}/deployments/broker") == 404
+    assert status_of(f"/apis/apps/v1/namespaces/{NS}/pods") == 404
+
+
+def test_a_missing_deployment_is_404_and_deployments_are_read_only(
+    fake_kube: FakeKubernetes,
+) -> None:
+    apps = apps_for(fake_kube)
+    create = urllib.request.Request(
+        f"{fake_kube.url}/apis/apps/v1/namespaces/{NS}/deployments", method="POST",
+        data=json.dumps({"metadata": {"name": "x"}}).encode(),
+        headers={"Authorization": f"Bearer {fake_kube.token}",
+                 "Content-Type": "application/json"})
+
+    with pytest.raises(client.ApiException) as missing:
+        apps.read_namespaced_deployment("broker", NS)
+    with pytest.raises(urllib.error.HTTPError) as created:
+        urllib.request.urlopen(create, timeout=5)
+
+    assert missing.value.status == 404
+    assert created.value.code == 405
+
+
+def test_rbac_checks_deployments_in_the_apps_group(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(rbac_rules=[
+        {"api_groups": [""], "resources": ["deployments"], "verbs": ["get"]}])
+    fake.seed({"kind": "Deployment", "metadata": {"name": "broker"}})
+
+    with pytest.raises(client.ApiException) as refused:
+        apps_for(fake).read_namespaced_deployment("broker", NS)
+
+    assert refused.value.status == 403
+    assert 'in API group "apps"' in json.loads(str(refused.value.body))["message"]
+    assert fake.forbidden == ["get deployments"]
