@@ -8,6 +8,7 @@ import pytest
 
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
+from tests.fakes.oidc_issuer import FakeOidcIssuer
 
 
 @pytest.fixture
@@ -15,6 +16,14 @@ def fake_github() -> Iterator[FakeGitHub]:
     """A started FakeGitHub for repository acme/models (token "ghp_fake"), stopped afterwards."""
     with FakeGitHub() as github:
         yield github
+
+
+@pytest.fixture
+def fake_oidc() -> Iterator[FakeOidcIssuer]:
+    """A started FakeOidcIssuer for acme/models (ids "74"/"65", run 123 attempt 1, push to
+    refs/heads/main), minting tokens for the broker's default audience; stopped afterwards."""
+    with FakeOidcIssuer() as issuer:
+        yield issuer
 
 
 @pytest.fixture
