@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,9 +146,10 @@ class Answer:
 
 
 def call(url: str, method: str, path: str, *, token: str | None = None,
-         body: bytes | None = None, headers: dict[str, str] | None = None,
+         body: bytes | Iterable[bytes] | None = None, headers: dict[str, str] | None = None,
          timeout: float = 60.0) -> Answer:
-    """One request; a spawn stream is read to its end."""
+    """One request; a spawn stream is read to its end. A body that is not bytes is sent
+    chunked, without a Content-Length."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     sent = dict(headers or {})
@@ -157,7 +158,8 @@ def call(url: str, method: str, path: str, *, token: str | None = None,
     if body is not None:
         sent.setdefault("Content-Type", "application/json")
     try:
-        connection.request(method, path, body=body, headers=sent)
+        connection.request(method, path, body=body, headers=sent,
+                           encode_chunked=body is not None and not isinstance(body, bytes))
         response = connection.getresponse()
         if response.getheader("Content-Type", "").startswith(broker_api.NDJSON):
             return Answer(response.status, events=list(_events(response)))
