@@ -67,11 +67,11 @@ def main() -> int:
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     server = _BrokerServer(config)
     server.operations = app.state.operations
+    # After a graceful shutdown uvicorn re-raises the signal, which ends the process: spawns
+    # still in worker threads are abandoned, not cleaned up. A restarted broker adopts what
+    # they made when their jobs ask again, and the reaper takes what nobody asks for.
     server.run()
-    # Spawns still in worker threads are abandoned, not cleaned up: a restarted broker adopts
-    # what they made when their jobs ask again, and the reaper takes what nobody asks for.
-    logging.shutdown()
-    os._exit(0)
+    return 0
 
 
 def _pooled(api: ApiClient) -> ApiClient:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -186,3 +189,59 @@ def spawn(url: str, token: str, ask: dict[str, Any] | None = None, **options: An
 def delete(url: str, token: str) -> Answer:
     """DELETE /v1/runner."""
     return call(url, "DELETE", broker_api.RUNNER_PATH, token=token)
+
+
+class BrokerProcess:
+    """`python -m gpu_runners.broker` as its own process, as the Deployment runs it."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.url = f"http://127.0.0.1:{env[contract.ENV_BROKER_PORT]}"
+        self._log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> BrokerProcess:
+        """Starts it and waits until /healthz answers."""
+        with self._log_path.open("ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "gpu_runners.broker"],
+                                            env=self.env, cwd=REPO_ROOT, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if call(self.url, "GET", broker_api.HEALTH_PATH, timeout=1).status == 200:
+                    return self
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the broker did not start:\n{self._log_path.read_text()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no graceful anything."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    def wait_killed(self, timeout: float = 10.0) -> int:
+        """Waits for the process to end; returns its status (-9 when killed)."""
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then waits; returns the exit status."""
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        """Ends the process whatever its state (for teardown)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def spawn_until_cut(url: str, token: str, ask: dict[str, Any] | None = None) -> Answer | None:
+    """POST /v1/runner to a broker about to be killed: the answer, or None if it was cut."""
+    try:
+        return spawn(url, token, ask, timeout=30)
+    except (OSError, http.client.HTTPException, broker_api.ProtocolError):
+        return None
