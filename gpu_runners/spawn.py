@@ -15,10 +15,11 @@ The order of the steps is deliberate:
    log cannot be read, or when the line has not come after a grace period. Log lines are
    the job's output too: they are matched, never printed or kept.
 
-Any failure, SIGINT/SIGTERM (raised as `Interrupted` by the CLI), and a set `cancel` event (the
-broker's DELETE for the run) remove what this spawn created or adopted: the pod (and with it the Secret), the Secret, the registration. A second
-spawn for the same run and attempt adopts the first one's pod and registration when they are
-still usable, instead of failing on the name clash.
+Any failure, SIGINT/SIGTERM (raised as `Interrupted` by the CLI), and a set `cancel` event
+(the broker's DELETE for the run) remove what this spawn created or adopted: the pod (and
+with it the Secret), the Secret, the registration. A second spawn for the same run and
+attempt adopts the first one's pod and registration when they are still usable, instead of
+failing on the name clash.
 """
 
 from __future__ import annotations

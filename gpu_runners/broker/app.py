@@ -49,7 +49,7 @@ class TokenVerifier(Protocol):
     def verify(self, token: str) -> RunClaims: ...
 
 
-class _Refusal(Exception):
+class _RefusedError(Exception):
     """A request answered with an API error before any work."""
 
     def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
@@ -131,7 +131,7 @@ def build_app(
             if reaper is not None:
                 reaper.cancel()
 
-    def refused(refusal: _Refusal) -> JSONResponse:
+    def refused(refusal: _RefusedError) -> JSONResponse:
         metrics.refused.labels(reason=refusal.code).inc()
         return JSONResponse(broker_api.error_body(refusal.code, refusal.message),
                             status_code=refusal.status)
@@ -141,7 +141,7 @@ def build_app(
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
-            except _Refusal as refusal:
+            except _RefusedError as refusal:
                 return refused(refusal)
             except GpuRunnersError as e:
                 code = error_code(e)
@@ -152,26 +152,26 @@ def build_app(
     async def authenticate(request: Request) -> RunClaims:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise _Refusal(broker_api.UNAUTHORIZED, "no `Authorization: Bearer <OIDC token>`")
+            raise _RefusedError(broker_api.UNAUTHORIZED, "no `Authorization: Bearer <OIDC token>`")
         try:
             return await operations.in_thread(lambda: verifier.verify(token.strip()))
         except TokenRejectedError as e:
-            raise _Refusal(e.code, e.reason) from None
+            raise _RefusedError(e.code, e.reason) from None
 
     async def read_ask(request: Request) -> SpawnAsk:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > broker_api.MAX_BODY_BYTES:
-            raise _Refusal(broker_api.USAGE, _too_large(), status=413)
+            raise _RefusedError(broker_api.USAGE, _too_large(), status=413)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > broker_api.MAX_BODY_BYTES:
-                raise _Refusal(broker_api.USAGE, _too_large(), status=413)
+                raise _RefusedError(broker_api.USAGE, _too_large(), status=413)
         try:
             return SpawnAsk.from_json(json.loads(body or b"{}"))
         except ValueError as e:  # ProtocolError is one; so is malformed JSON
             field = e.field_name if isinstance(e, ProtocolError) else "body"
-            raise _Refusal(broker_api.USAGE, f"request {field}: {e}") from None
+            raise _RefusedError(broker_api.USAGE, f"request {field}: {e}") from None
 
     async def post_runner(request: Request) -> Response:
         # The size first: a large body is refused before a token is spent on it.
@@ -180,9 +180,9 @@ def build_app(
         try:
             decision = decide(ask, claims, settings)
         except GpuRunnersError as e:
-            raise _Refusal(error_code(e), str(e)) from None
+            raise _RefusedError(error_code(e), str(e)) from None
         if operations.closing.is_set():
-            raise _Refusal(broker_api.UNAVAILABLE, "the broker is restarting; ask again")
+            raise _RefusedError(broker_api.UNAVAILABLE, "the broker is restarting; ask again")
         operation = await operations.spawn(decision)
         return StreamingResponse(operation.follow(heartbeat_seconds, operations.closing),
                                  media_type=broker_api.NDJSON)
@@ -192,7 +192,7 @@ def build_app(
         pod = await operations.in_thread(
             lambda: clients.kube.read_pod(clients.namespace, identity.pod_name))
         if pod is None or pod.metadata is None or not identity.owns(pod.metadata.labels):
-            raise _Refusal(broker_api.NOT_FOUND, f"run has no runner {identity.runner_name}")
+            raise _RefusedError(broker_api.NOT_FOUND, f"run has no runner {identity.runner_name}")
         return JSONResponse(runner_view(pod, clients.now()).to_json())
 
     async def delete_runner(request: Request) -> Response:

@@ -32,7 +32,7 @@ MAX_WAIT_TIMEOUT_SECONDS = 3600.0
 _DEFAULT_GROUP_NAMES = frozenset({"default", str(DEFAULT_RUNNER_GROUP_ID)})
 
 
-class PolicyRefusal(GpuRunnersError):
+class PolicyRefusedError(GpuRunnersError):
     """A valid token's ask that the stack's policy refuses (API code `forbidden`)."""
 
     exit_code = 9
@@ -75,13 +75,14 @@ def decide(ask: SpawnAsk, claims: RunClaims, settings: BrokerSettings) -> Policy
 
     Raises:
         UsageError: A malformed or out-of-range value (GPU type, size, label, timeout).
-        PolicyRefusal: An image the stack does not allow, or more GPUs than the repository's cap.
+        PolicyRefusedError: An image the stack does not allow, or more GPUs than the
+            repository's cap.
     """
     notes: list[str] = []
     gpu_types = parse_gpu_types(ask.gpu_types)
     check_gpu_request(ask.gpus, gpu_types, settings.gpu_pools)
     if ask.gpus > settings.gpu_cap_per_repository:
-        raise PolicyRefusal(
+        raise PolicyRefusedError(
             f"gpus: {ask.gpus} is more than this repository may hold at once "
             f"({settings.gpu_cap_per_repository}, the stack's GPU cap per repository)")
     runtime = settings.max_runtime_seconds
@@ -143,5 +144,5 @@ def _image(asked: str | None, settings: BrokerSettings) -> str:
     if any(fnmatch.fnmatchcase(asked, pattern) for pattern in settings.allowed_images):
         return asked
     allowed = ", ".join(settings.allowed_images) or "none besides the stack's runner image"
-    raise PolicyRefusal(f"image: {asked!r} is not allowed by the stack (allowed patterns: "
+    raise PolicyRefusedError(f"image: {asked!r} is not allowed by the stack (allowed patterns: "
                         f"{allowed})")

@@ -32,7 +32,7 @@ from anyio import to_thread
 from gpu_runners import broker_api
 from gpu_runners.broker.gpu_cap import RepositoryGpuCap
 from gpu_runners.broker.metrics import BrokerMetrics
-from gpu_runners.broker.policy import PolicyDecision, PolicyRefusal
+from gpu_runners.broker.policy import PolicyDecision, PolicyRefusedError
 from gpu_runners.broker_api import DeleteOutcome, StreamEvent
 from gpu_runners.delete import delete_run
 from gpu_runners.errors import (
@@ -68,7 +68,7 @@ _ERROR_CODES: tuple[tuple[type[GpuRunnersError], str], ...] = (
     (ImagePullError, broker_api.IMAGE_PULL),
     (WaitTimeoutError, broker_api.TIMEOUT),
     (PodFailedError, broker_api.POD_FAILED),
-    (PolicyRefusal, broker_api.FORBIDDEN),
+    (PolicyRefusedError, broker_api.FORBIDDEN),
     (UsageError, broker_api.USAGE),
     (GitHubError, broker_api.GITHUB),
     (KubernetesError, broker_api.KUBERNETES),
@@ -287,7 +287,7 @@ class RunOperations:
                     if pod.metadata is not None and identity.owns(pod.metadata.labels)]
             report = delete_run(identity, namespace=clients.namespace, kube=clients.kube,
                                 github=clients.github, log=ProgressLog(None))
-            removed = [pod for pod in pods if pod.metadata.name in report.pods]
+            removed = [pod for pod in pods if pod.metadata and pod.metadata.name in report.pods]
             clients.metrics.runners_removed(identity.repository, removed, clients.now())
             return DeleteOutcome(pods=report.pods, secrets=report.secrets,
                                  registrations=report.registrations)

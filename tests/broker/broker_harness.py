@@ -154,7 +154,8 @@ def call(url: str, method: str, path: str, *, token: str | None = None,
     """One request; a spawn stream is read to its end. A body that is not bytes is sent
     chunked, without a Content-Length."""
     parts = urllib.parse.urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port,
+                                            timeout=timeout)
     sent = dict(headers or {})
     if token is not None:
         sent["Authorization"] = f"Bearer {token}"

@@ -16,7 +16,6 @@ from tests.fakes.oidc_issuer import FakeOidcIssuer
 from tests.runtime.fake_wiring import bring_runners_online
 
 
-
 @pytest.fixture
 def make_fake_kube(
     make_fake_kube: Callable[..., FakeKubernetes],

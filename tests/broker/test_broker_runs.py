@@ -121,7 +121,7 @@ def test_a_client_that_disconnects_does_not_cancel_its_spawn(
 ) -> None:
     fake_kube.runner_connect_delay = 0.5
     parts = urllib.parse.urlsplit(broker.url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=10)
     connection.request("POST", broker_api.RUNNER_PATH, body=b"{}",
                        headers={"Authorization": f"Bearer {fake_oidc.mint()}"})
     response = connection.getresponse()
@@ -180,7 +180,7 @@ def test_concurrent_spawns_of_one_repository_never_exceed_its_gpu_cap(
 
 def _metrics(broker: ServedBroker) -> bytes:
     parts = urllib.parse.urlsplit(broker.url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=5)
     try:
         connection.request("GET", broker_api.METRICS_PATH)
         return connection.getresponse().read()
