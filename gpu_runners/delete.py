@@ -74,6 +74,8 @@ def delete_run(
         metadata = pod.metadata
         if metadata is None or not metadata.name or not identity.owns(metadata.labels):
             continue  # the server ignored the selector: not ours, not touched
+        if metadata.deletion_timestamp:
+            continue  # already on its way out (an earlier delete): nothing more to do
         if kube.delete_pod(namespace, metadata.name):
             report.pods.append(metadata.name)
             log.line(f"deleted pod {metadata.name}")

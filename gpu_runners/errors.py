@@ -110,6 +110,16 @@ class WaitTimeoutError(SpawnFailedError):
     exit_code = 8
 
 
+class SpawnCancelledError(SpawnFailedError):
+    """The spawn was told to stop (the broker got a DELETE for its run); it cleaned up."""
+
+    exit_code = 7
+
+
+class GpuCapReachedError(QuotaExceededError):
+    """The repository's runners already hold the stack's GPU cap; waited out like a quota."""
+
+
 class Interrupted(BaseException):  # noqa: N818 - a signal, not an error: named for what happened
     """SIGINT or SIGTERM arrived; raised in the main thread by the CLI's signal handler.
 

@@ -33,6 +33,7 @@ class ProgressLog:
         stream: Where lines go (stdout by default; None discards them, for library use).
         clock: Monotonic clock, replaceable in tests.
         prefix: Put before each line (e.g. the runner name when many spawns share a stream).
+        sink: Also called with each rendered line (e.g. the broker's per-run event stream).
     """
 
     def __init__(
@@ -41,11 +42,13 @@ class ProgressLog:
         *,
         clock: Callable[[], float] = time.monotonic,
         prefix: str = "",
+        sink: Callable[[str], None] | None = None,
     ) -> None:
         self._stream = stream
         self._clock = clock
         self._start = clock()
         self._prefix = prefix
+        self._sink = sink
         self._lock = threading.Lock()
         self.lines: list[str] = []
 
@@ -67,3 +70,5 @@ class ProgressLog:
             if self._stream is not None:
                 self._stream.write(rendered + "\n")
                 self._stream.flush()
+            if self._sink is not None:
+                self._sink(rendered)

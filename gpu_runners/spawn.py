@@ -15,17 +15,21 @@ The order of the steps is deliberate:
    log cannot be read, or when the line has not come after a grace period. Log lines are
    the job's output too: they are matched, never printed or kept.
 
-Any failure, and SIGINT/SIGTERM (raised as `Interrupted` by the CLI), removes what this spawn
-created or adopted: the pod (and with it the Secret), the Secret, the registration. A second
-spawn for the same run and attempt adopts the first one's pod and registration when they are
-still usable, instead of failing on the name clash.
+Any failure, SIGINT/SIGTERM (raised as `Interrupted` by the CLI), and a set `cancel` event
+(the broker's DELETE for the run) remove what this spawn created or adopted: the pod (and
+with it the Secret), the Secret, the registration. A second spawn for the same run and
+attempt adopts the first one's pod and registration when they are still usable, instead of
+failing on the name clash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import urllib3
@@ -41,6 +45,7 @@ from gpu_runners.errors import (
     NoCapacityError,
     PodFailedError,
     QuotaExceededError,
+    SpawnCancelledError,
     WaitTimeoutError,
 )
 from gpu_runners.github_api import (
@@ -80,6 +85,8 @@ LINE_CONFIRM_SECONDS = 5.0
 #: Longest wait for a quota-blocked create before trying again even without a pod going away
 #: (the quota itself may be raised).
 QUOTA_RETRY_MAX_INTERVAL = 30.0
+#: Longest stretch the wait loop sleeps without looking at its `cancel` event.
+CANCEL_CHECK_SECONDS = 0.25
 #: Retries of GitHub calls made while cleaning up: GitHub Actions kills a cancelled step
 #: 7.5 s after SIGINT, so cleanup must not wait long on any one call.
 CLEANUP_GITHUB_POLICY = RetryPolicy(attempts=2, backoff_base=0.1, backoff_max=0.5, max_wait=1.0,
@@ -216,6 +223,8 @@ def spawn(
     github: GitHubClient,
     log: ProgressLog,
     clock: Callable[[], float] = time.monotonic,
+    cancel: threading.Event | None = None,
+    admission: PodAdmission | None = None,
 ) -> SpawnResult:
     """Starts the run's GPU runner and returns once GitHub reports it online.
 
@@ -225,6 +234,10 @@ def spawn(
         github: GitHub client for the runner scope.
         log: Where progress lines go.
         clock: Monotonic clock (the same one `log` uses).
+        cancel: When set, the spawn stops between steps (within CANCEL_CHECK_SECONDS while
+            it waits), removes what it owns and raises SpawnCancelledError.
+        admission: Entered around each pod create (see PodAdmission), e.g. the broker's
+            per-repository GPU cap.
 
     Returns:
         Where the runner runs and how long each stage took.
@@ -235,9 +248,18 @@ def spawn(
         PodFailedError: The pod failed or was deleted before the runner came online.
         WaitTimeoutError: The runner was not online within the wait timeout.
         GitHubError, KubernetesError: An API call failed after retries.
+        SpawnCancelledError: `cancel` was set; what was created is removed first.
         Interrupted: SIGINT/SIGTERM arrived (from the CLI); what was created is removed first.
     """
-    return _Spawn(request, kube=kube, github=github, log=log, clock=clock).run()
+    return _Spawn(request, kube=kube, github=github, log=log, clock=clock, cancel=cancel,
+                  admission=admission).run()
+
+
+#: Entered around each pod create. It may raise QuotaExceededError (or a subclass) to refuse
+#: the create for now, which spawn waits out like a ResourceQuota refusal; it is held while
+#: the create is sent, so a check it makes and the create are one step for whoever else
+#: enters it. An exception of the create passes through it.
+PodAdmission = Callable[[], AbstractContextManager[object]]
 
 
 class _Spawn:
@@ -251,8 +273,12 @@ class _Spawn:
         github: GitHubClient,
         log: ProgressLog,
         clock: Callable[[], float],
+        cancel: threading.Event | None = None,
+        admission: PodAdmission | None = None,
     ) -> None:
         self.request = request
+        self.cancel = cancel
+        self.admission: PodAdmission = admission or contextlib.nullcontext
         self.identity = request.identity
         self.namespace = request.pod.namespace
         self.kube = kube
@@ -281,8 +307,11 @@ class _Spawn:
         refusals: list[str] = []
         jit: JitRunner | None = None
         for index, gpu_type in enumerate(candidates):
+            self._check_cancel()
             pod, adopted = self._create_or_adopt_pod(gpu_type)
+            self._check_cancel()
             jit = self._register(pod, adopted, jit)
+            self._check_cancel()
             try:
                 return self._wait_online(pod)
             except NoCapacityError as e:
@@ -302,9 +331,11 @@ class _Spawn:
         quota_wait = 1.0
         told_quota = ""
         while True:
-            self.owned.pod = True
+            self._check_cancel()
             try:
-                pod = self.kube.create_pod(self.namespace, body)
+                with self.admission():
+                    self.owned.pod = True
+                    pod = self.kube.create_pod(self.namespace, body)
             except AlreadyExistsError:
                 self.owned.pod = False  # that pod is not (yet) ours
                 adopted = self._adoptable_pod()
@@ -368,30 +399,44 @@ class _Spawn:
             self.owned.pod, self.owned.pod_uid = False, None
 
     def _wait_for_released_pod(self, seconds: float, cause: QuotaExceededError) -> None:
-        """Waits until a gpu_runners pod ends or goes (freeing quota), or `seconds` pass."""
+        """Waits until a gpu_runners pod ends or goes (freeing quota), or `seconds` pass.
+
+        With a `cancel` event the wait is cut into one-second watches resumed from the last
+        resource version, so a cancel is noticed within about a second and no event is missed.
+        """
         remaining = self._remaining()
         if remaining <= 0:
             raise WaitTimeoutError(
                 f"GPU quota still exhausted after {self.request.wait_timeout_seconds:.0f}s: "
                 f"{cause}"
             ) from cause
+        until = self.clock() + min(seconds, remaining)
         window = max(1, round(min(seconds, remaining)))
+        if self.cancel is not None:
+            window = 1  # the shortest watch the API takes
+        version: str | None = None
         timeouts = self.kube.timeouts
-        try:
-            for event in stream_watch(
-                self.kube.core.list_namespaced_pod,
-                self.namespace,
-                label_selector=f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}",
-                timeout_seconds=window,
-                request_timeout=(timeouts.connect, window + timeouts.connect),
-            ):
-                phase = getattr(getattr(event.object, "status", None), "phase", None)
-                if event.type == "DELETED" or (
-                    event.type == "MODIFIED" and phase in ("Succeeded", "Failed")
+        while True:
+            try:
+                for event in stream_watch(
+                    self.kube.core.list_namespaced_pod,
+                    self.namespace,
+                    label_selector=f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}",
+                    resource_version=version,
+                    timeout_seconds=window,
+                    request_timeout=(timeouts.connect, window + timeouts.connect),
                 ):
-                    return
-        except urllib3.exceptions.HTTPError:
-            return  # the window's read timeout, or a dropped watch: either way, try again
+                    version = event.resource_version or version
+                    phase = getattr(getattr(event.object, "status", None), "phase", None)
+                    if event.type == "DELETED" or (
+                        event.type == "MODIFIED" and phase in ("Succeeded", "Failed")
+                    ):
+                        return
+            except (urllib3.exceptions.HTTPError, KubernetesError):
+                return  # a dropped or expired watch: try the create again
+            self._check_cancel()
+            if self.cancel is None or self.clock() >= until:
+                return
 
     # --- step 2: the registration and its Secret -----------------------------------------------
 
@@ -474,6 +519,7 @@ class _Spawn:
             if progress.container_running:
                 self._follow_runner_log(feed, name, checks, adopted_running=True)
             while True:
+                self._check_cancel()
                 now = self.clock()
                 progress.check_timers(now)
                 if checks.next_at is not None and now >= checks.next_at:
@@ -495,6 +541,8 @@ class _Spawn:
                     )
                 wake = min(t for t in (self.deadline, progress.next_deadline(), checks.next_at)
                            if t is not None)
+                if self.cancel is not None:
+                    wake = min(wake, self.clock() + CANCEL_CHECK_SECONDS)
                 item = feed.get(wake - self.clock())
                 if item is None:
                     continue
@@ -596,6 +644,13 @@ class _Spawn:
 
     def _remaining(self) -> float:
         return self.deadline - self.clock()
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise SpawnCancelledError(
+                f"spawn of {self.identity.runner_name} cancelled: its run's runner is being "
+                "deleted"
+            )
 
     def _say(self, notices: Iterable[Notice]) -> None:
         for notice in notices:

@@ -1005,6 +1005,17 @@ class _Fault:
     drop: bool
 
 
+@dataclass
+class _RequestHook:
+    """A callback for the next `remaining` requests matching a method and a path."""
+
+    method: str
+    path: re.Pattern[str]
+    callback: Callable[[str, str], None]
+    after: bool
+    remaining: int
+
+
 class FakeKubernetes:
     """A Kubernetes API server for tests, on 127.0.0.1 (see the module docstring).
 
@@ -1099,6 +1110,7 @@ class FakeKubernetes:
         self._faults: list[_Fault] = []
         self._running_callbacks: list[Callable[[JSON], None]] = []
         self._listening_callbacks: list[Callable[[JSON], None]] = []
+        self._request_hooks: list[_RequestHook] = []
         self._log_breaks = 0  # end_log_streams() calls so far: open follows end on a change
         #: Container logs per pod: (namespace, name) -> (pod uid, container -> lines).
         self._logs: dict[tuple[str, str], tuple[str, dict[str, list[_LogLine]]]] = {}
@@ -1289,6 +1301,34 @@ class FakeKubernetes:
         """Calls `callback(pod)` (a copy) each time a pod becomes Running and Ready."""
         with self._lock:
             self._running_callbacks.append(callback)
+
+    def on_request(self, method: str, path_regex: str, callback: Callable[[str, str], None],
+                   *, after: bool = True, times: int = 1) -> None:
+        """Calls `callback(method, path)` for the next `times` matching requests (not watches
+        or log follows), e.g. to kill the client at a precise step.
+
+        Args:
+            method: HTTP method, or "*" for any.
+            path_regex: Regular expression the whole URL path must match.
+            callback: Called in the handler thread; what it raises is answered as a 500.
+            after: True: once the request has been applied, before its answer is sent (the
+                client never hears that it succeeded); False: before it is applied.
+            times: How many matching requests trigger it.
+        """
+        with self._lock:
+            self._request_hooks.append(
+                _RequestHook(method.upper(), re.compile(path_regex), callback, after, times))
+
+    def _run_request_hooks(self, method: str, path: str, *, after: bool) -> None:
+        with self._lock:
+            due = [hook for hook in self._request_hooks if hook.after == after
+                   and hook.method in ("*", method) and hook.path.fullmatch(path)]
+            for hook in due:
+                hook.remaining -= 1
+                if hook.remaining == 0:
+                    self._request_hooks.remove(hook)
+        for hook in due:
+            hook.callback(method, path)
 
     def on_runner_listening(self, callback: Callable[[JSON], None]) -> None:
         """Calls `callback(pod)` (a copy) when a pod's runner connects, just before its
@@ -3061,7 +3101,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if method == "GET" and query.get("watch") in ("true", "1"):
                     self._watch(url.path, query, headers)
                     return
+                fake._run_request_hooks(method, url.path, after=False)
                 status, payload = fake._handle(method, url.path, query, body)
+                fake._run_request_hooks(method, url.path, after=True)
         except ApiError as error:
             status, payload = error.code, error.status()
         except Exception:

@@ -1,0 +1,85 @@
+"""`python -m gpu_runners.broker`: serve the broker on 0.0.0.0:GPU_RUNNERS_BROKER_PORT.
+
+In a cluster it uses its ServiceAccount (in-cluster config); elsewhere the kubeconfig that
+KUBECONFIG names (how the tests run it against the fake API server). The GitHub credential is
+the mounted file GITHUB_PAT_FILE names. Settings are checked, all at once, before anything
+listens. On SIGTERM it stops accepting, ends the open streams and exits without cleaning up:
+the runs' state is in the cluster and on GitHub, and the clients' next requests adopt it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from types import FrameType
+
+import uvicorn
+from kubernetes.client import ApiClient
+
+from gpu_runners import contract
+from gpu_runners.broker.app import broker_app
+from gpu_runners.broker.oidc import OidcVerifier
+from gpu_runners.broker.runs import WORKER_THREADS, RunOperations
+from gpu_runners.broker.settings import BrokerSettings
+from gpu_runners.errors import GpuRunnersError
+from gpu_runners.github_api import GitHubClient, RunnerScope, load_token
+from gpu_runners.kube import KubeClient, load_api_client
+
+LOGGER = logging.getLogger("gpu_runners.broker")
+#: Seconds uvicorn waits for open requests after SIGTERM before cancelling them (streams
+#: end at once on their own; this bounds a slow list or delete).
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+class _BrokerServer(uvicorn.Server):
+    """uvicorn's server, telling the operations first when a signal asks it to stop, so
+    that open spawn streams end instead of holding the shutdown."""
+
+    operations: RunOperations | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.operations is not None:
+            loop = self.operations.loop
+            if loop is not None:
+                loop.call_soon_threadsafe(self.operations.close)
+        super().handle_exit(sig, frame)
+
+
+def main() -> int:
+    """Checks the settings, builds the clients and serves until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = BrokerSettings.from_environ(os.environ)
+        environ = {**os.environ, contract.ENV_PAT_FILE: str(settings.pat_file)}
+        token = load_token(environ)
+        api = load_api_client(environ=os.environ)
+    except GpuRunnersError as e:
+        print(f"gpu_runners.broker: {e}", file=sys.stderr)
+        return 2
+    github = GitHubClient(token, RunnerScope(repository=settings.repository),
+                          api_url=settings.api_url)
+    app = broker_app(settings, kube=KubeClient(_pooled(api)), github=github,
+                     verifier=OidcVerifier(settings.oidc_policy()))
+    config = uvicorn.Config(app, host="0.0.0.0", port=settings.port,  # noqa: S104 - a pod's port
+                            log_config=None, access_log=True, lifespan="on",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    server = _BrokerServer(config)
+    server.operations = app.state.operations
+    # After a graceful shutdown uvicorn re-raises the signal, which ends the process: spawns
+    # still in worker threads are abandoned, not cleaned up. A restarted broker adopts what
+    # they made when their jobs ask again, and the reaper takes what nobody asks for.
+    server.run()
+    return 0
+
+
+def _pooled(api: ApiClient) -> ApiClient:
+    """The same configuration with a connection pool sized for every worker thread."""
+    configuration = api.configuration
+    configuration.connection_pool_maxsize = WORKER_THREADS
+    return ApiClient(configuration)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The operations in flight per run key (repository id, run id, attempt), and running them.
+
+Spawn and delete are idempotent per run: a POST while the run's spawn is in flight attaches to
+it (it replays the progress lines so far, then follows, and gets the same outcome); a POST
+after it ended runs spawn again, which adopts the pod and registration that exist; so
+concurrent or replayed POSTs never make a second pod or registration. A DELETE first stops the
+run's spawn in flight (its own cleanup runs, its stream ends `failed`/`cancelled`), then
+removes whatever is left; a DELETE while another runs gets that one's outcome.
+
+Nothing here is state that matters after a crash: the pods, Secrets and registrations are in
+the cluster and on GitHub, labelled by run, and spawn adopts them. A client that disconnects
+does not cancel its spawn (the job may reconnect; a cancelled job sends DELETE), and a broker
+that stops does not clean up.
+
+The blocking work (spawn, delete, listing) runs in worker threads, bounded by a capacity
+limiter; the event loop only moves events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import anyio
+from anyio import to_thread
+
+from gpu_runners import broker_api
+from gpu_runners.broker.gpu_cap import RepositoryGpuCap
+from gpu_runners.broker.metrics import BrokerMetrics
+from gpu_runners.broker.policy import PolicyDecision, PolicyRefusedError
+from gpu_runners.broker_api import DeleteOutcome, StreamEvent
+from gpu_runners.delete import delete_run
+from gpu_runners.errors import (
+    GitHubError,
+    GpuRunnersError,
+    ImagePullError,
+    KubernetesError,
+    NoCapacityError,
+    PodFailedError,
+    SpawnCancelledError,
+    UsageError,
+    WaitTimeoutError,
+)
+from gpu_runners.github_api import GitHubClient
+from gpu_runners.kube import KubeClient
+from gpu_runners.progress import ProgressLog
+from gpu_runners.run_identity import RunIdentity, RunKey
+from gpu_runners.spawn import spawn
+
+T = TypeVar("T")
+LOGGER = logging.getLogger(__name__)
+
+#: Worker threads for blocking work: every concurrent run's spawn holds one for its whole
+#: wait, so this bounds the runs in flight, with room for deletes and lists beside them.
+WORKER_THREADS = 256
+#: Longest a DELETE waits for the run's spawn to stop and clean up before deleting anyway.
+SPAWN_STOP_SECONDS = 30.0
+
+#: API error code of each domain error, most specific first.
+_ERROR_CODES: tuple[tuple[type[GpuRunnersError], str], ...] = (
+    (SpawnCancelledError, broker_api.CANCELLED),
+    (NoCapacityError, broker_api.NO_CAPACITY),
+    (ImagePullError, broker_api.IMAGE_PULL),
+    (WaitTimeoutError, broker_api.TIMEOUT),
+    (PodFailedError, broker_api.POD_FAILED),
+    (PolicyRefusedError, broker_api.FORBIDDEN),
+    (UsageError, broker_api.USAGE),
+    (GitHubError, broker_api.GITHUB),
+    (KubernetesError, broker_api.KUBERNETES),
+)
+
+
+def error_code(error: GpuRunnersError) -> str:
+    """The API error code of a domain error (`internal` for one without its own)."""
+    for kind, code in _ERROR_CODES:
+        if isinstance(error, kind):
+            return code
+    return broker_api.INTERNAL
+
+
+class SpawnOperation:
+    """One run's spawn in flight: its stream so far, its followers, its cancel event.
+
+    Events are published from the spawn's worker thread and read by any number of followers
+    on the event loop.
+    """
+
+    def __init__(self, key: RunKey, loop: asyncio.AbstractEventLoop) -> None:
+        self.key = key
+        self.cancel = threading.Event()
+        self.finished = asyncio.Event()
+        self._loop = loop
+        self._lines: list[bytes] = []
+        self._ended = False
+        self._wakeups: set[asyncio.Event] = set()
+        self._lock = threading.Lock()
+
+    def publish(self, event: StreamEvent) -> None:
+        """Adds an event (from any thread); `ready` or `failed` ends the stream."""
+        with self._lock:
+            if self._ended:
+                return
+            self._lines.append(event.encode())
+            self._ended = event.event in (broker_api.READY, broker_api.FAILED)
+            wakeups = list(self._wakeups)
+        for wakeup in wakeups:
+            self._loop.call_soon_threadsafe(wakeup.set)
+        if self._ended:
+            self._loop.call_soon_threadsafe(self.finished.set)
+
+    def progress(self, line: str) -> None:
+        """A ProgressLog sink: one progress event per line."""
+        self.publish(StreamEvent(broker_api.PROGRESS, line=line))
+
+    async def follow(self, heartbeat_seconds: float,
+                     closing: asyncio.Event) -> AsyncIterator[bytes]:
+        """The stream from its first line: replays what came, then follows until the end.
+
+        A heartbeat goes out after `heartbeat_seconds` without news. When `closing` is set
+        (the broker is stopping) the stream ends with `failed`/`unavailable`; the spawn is
+        left as it is, for the client's next POST to adopt.
+        """
+        index = 0
+        wakeup = asyncio.Event()
+        self._wakeups.add(wakeup)
+        try:
+            while True:
+                with self._lock:
+                    fresh = self._lines[index:]
+                    ended = self._ended
+                    wakeup.clear()
+                for line in fresh:
+                    yield line
+                index += len(fresh)
+                if ended and not fresh:
+                    return
+                if fresh:
+                    continue
+                if closing.is_set():
+                    yield StreamEvent(broker_api.FAILED, error=broker_api.UNAVAILABLE,
+                                      message="the broker is restarting; ask again").encode()
+                    return
+                waits = [asyncio.ensure_future(wakeup.wait()),
+                         asyncio.ensure_future(closing.wait())]
+                done, pending = await asyncio.wait(waits, timeout=heartbeat_seconds,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                if not done:
+                    yield StreamEvent(broker_api.HEARTBEAT).encode()
+        finally:
+            self._wakeups.discard(wakeup)
+
+
+@dataclass(frozen=True)
+class RunClients:
+    """What the operations need besides the registry: clients, limits, metrics."""
+
+    kube: KubeClient
+    github: GitHubClient
+    namespace: str
+    gpu_cap: RepositoryGpuCap
+    metrics: BrokerMetrics
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+
+class RunOperations:
+    """Starts, joins and stops each run's operations; one per broker."""
+
+    def __init__(self, clients: RunClients, *, worker_threads: int = WORKER_THREADS,
+                 spawn_stop_seconds: float = SPAWN_STOP_SECONDS) -> None:
+        self.clients = clients
+        self.limiter = anyio.CapacityLimiter(worker_threads)
+        self.closing = asyncio.Event()
+        #: The event loop serving the app, once it has started (for signal handlers).
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._spawn_stop_seconds = spawn_stop_seconds
+        self._spawns: dict[RunKey, SpawnOperation] = {}
+        self._deletes: dict[RunKey, asyncio.Future[DeleteOutcome]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Read by the reaper's thread while the loop changes the dicts.
+        self._lock = threading.Lock()
+
+    async def in_thread(self, work: Callable[[], T]) -> T:
+        """Runs blocking work in a worker thread, within the limiter."""
+        return await to_thread.run_sync(work, limiter=self.limiter)
+
+    # --- spawn -----------------------------------------------------------------------------
+
+    async def spawn(self, decision: PolicyDecision) -> SpawnOperation:
+        """The run's spawn in flight, started now unless one is running already."""
+        key = decision.request.identity.run_key
+        pending_delete = self._deletes.get(key)
+        if pending_delete is not None:
+            # Start after the run's DELETE, not beside it; its outcome is its caller's.
+            await asyncio.wait([pending_delete])
+        existing = self._spawns.get(key)
+        if existing is not None:
+            return existing
+        operation = SpawnOperation(key, asyncio.get_running_loop())
+        with self._lock:
+            self._spawns[key] = operation
+        task = asyncio.create_task(self._run_spawn(operation, decision))
+        # The task outlives the request that started it (a client may disconnect).
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return operation
+
+    async def _run_spawn(self, operation: SpawnOperation, decision: PolicyDecision) -> None:
+        try:
+            await self.in_thread(lambda: self._spawn_blocking(operation, decision))
+        finally:
+            operation.publish(StreamEvent(broker_api.FAILED, error=broker_api.INTERNAL,
+                                          message="the spawn ended without an outcome"))
+            with self._lock:
+                if self._spawns.get(operation.key) is operation:
+                    del self._spawns[operation.key]
+
+    def _spawn_blocking(self, operation: SpawnOperation, decision: PolicyDecision) -> None:
+        clients = self.clients
+        request = decision.request
+        log = ProgressLog(None, sink=operation.progress)
+        for note in decision.notes:
+            log.line(note)
+        try:
+            result = spawn(
+                request, kube=clients.kube, github=clients.github, log=log,
+                cancel=operation.cancel,
+                admission=clients.gpu_cap.admission(request.identity, request.pod.gpu_count),
+            )
+        except GpuRunnersError as e:
+            code = error_code(e)
+            clients.metrics.spawn_ended(code)
+            operation.publish(StreamEvent(broker_api.FAILED, error=code, message=str(e)))
+        except Exception as e:
+            LOGGER.exception("spawn of %s failed unexpectedly", request.identity.runner_name)
+            clients.metrics.spawn_ended(broker_api.INTERNAL)
+            operation.publish(StreamEvent(broker_api.FAILED, error=broker_api.INTERNAL,
+                                          message=f"internal error ({type(e).__name__})"))
+        else:
+            clients.metrics.spawn_ended(broker_api.READY, dict(result.stage_seconds))
+            operation.publish(StreamEvent(broker_api.READY, result=result))
+
+    # --- delete ----------------------------------------------------------------------------
+
+    async def delete(self, identity: RunIdentity) -> DeleteOutcome:
+        """Stops the run's spawn in flight, then removes its pod, Secret and registration.
+
+        Raises:
+            GpuRunnersError: Removing failed (the caller answers with its code).
+        """
+        key = identity.run_key
+        running = self._deletes.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        outcome: asyncio.Future[DeleteOutcome] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._deletes[key] = outcome
+        try:
+            result = await self._delete(identity)
+        except BaseException as e:
+            outcome.set_exception(e)
+            outcome.exception()  # retrieved: callers that joined get it; none is fine too
+            raise
+        finally:
+            with self._lock:
+                del self._deletes[key]
+        outcome.set_result(result)
+        return result
+
+    async def _delete(self, identity: RunIdentity) -> DeleteOutcome:
+        operation = self._spawns.get(identity.run_key)
+        if operation is not None:
+            operation.cancel.set()
+            with anyio.move_on_after(self._spawn_stop_seconds):
+                await operation.finished.wait()
+        clients = self.clients
+
+        def remove() -> DeleteOutcome:
+            pods = [pod for pod in clients.kube.list_pods(clients.namespace,
+                                                          identity.label_selector)
+                    if pod.metadata is not None and identity.owns(pod.metadata.labels)]
+            report = delete_run(identity, namespace=clients.namespace, kube=clients.kube,
+                                github=clients.github, log=ProgressLog(None))
+            removed = [pod for pod in pods if pod.metadata and pod.metadata.name in report.pods]
+            clients.metrics.runners_removed(identity.repository, removed, clients.now())
+            return DeleteOutcome(pods=report.pods, secrets=report.secrets,
+                                 registrations=report.registrations)
+
+        return await self.in_thread(remove)
+
+    # --- what is in flight -----------------------------------------------------------------
+
+    def busy_runs(self) -> BusyRuns:
+        """A live view of (run id, attempt) of the runs with an operation in flight."""
+        return BusyRuns(self)
+
+    def _busy(self) -> set[tuple[int, int]]:
+        with self._lock:
+            keys = set(self._spawns) | set(self._deletes)
+        return {(key.run_id, key.attempt) for key in keys}
+
+    def close(self) -> None:
+        """The broker is stopping: streams end (`unavailable`); spawns are left as they are."""
+        self.closing.set()
+
+
+class BusyRuns:
+    """(run id, attempt) of the runs with an operation in flight, read afresh on each use."""
+
+    def __init__(self, operations: RunOperations) -> None:
+        self._operations = operations
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._operations._busy()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self._operations._busy())
+
+    def __len__(self) -> int:
+        return len(self._operations._busy())
