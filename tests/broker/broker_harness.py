@@ -34,7 +34,8 @@ from gpu_runners.broker.settings import BrokerSettings
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.fakes.oidc_issuer import FakeOidcIssuer
-from tests.runtime.fake_wiring import IMAGE, REPO_ROOT, github_client_for, kube_client_for
+from tests.harness.mock_stack import REPO_ROOT
+from tests.runtime.fake_wiring import IMAGE, github_client_for, kube_client_for
 
 REPOSITORY_ID = "74"
 OWNER_ID = "65"
