@@ -127,7 +127,8 @@ class SpawnOperation:
         """
         index = 0
         wakeup = asyncio.Event()
-        self._wakeups.add(wakeup)
+        with self._lock:
+            self._wakeups.add(wakeup)
         try:
             while True:
                 with self._lock:
@@ -154,7 +155,8 @@ class SpawnOperation:
                 if not done:
                     yield StreamEvent(broker_api.HEARTBEAT).encode()
         finally:
-            self._wakeups.discard(wakeup)
+            with self._lock:
+                self._wakeups.discard(wakeup)
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,8 @@ class RunOperations:
         """A live view of (run id, attempt) of the runs with an operation in flight."""
         return BusyRuns(self)
 
-    def _busy(self) -> set[tuple[int, int]]:
+    def runs_in_flight(self) -> set[tuple[int, int]]:
+        """(run id, attempt) of the runs with a spawn or a delete in flight now."""
         with self._lock:
             keys = set(self._spawns) | set(self._deletes)
         return {(key.run_id, key.attempt) for key in keys}
@@ -317,10 +320,10 @@ class BusyRuns:
         self._operations = operations
 
     def __contains__(self, item: object) -> bool:
-        return item in self._operations._busy()
+        return item in self._operations.runs_in_flight()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self._operations._busy())
+        return iter(self._operations.runs_in_flight())
 
     def __len__(self) -> int:
-        return len(self._operations._busy())
+        return len(self._operations.runs_in_flight())

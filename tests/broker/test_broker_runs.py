@@ -186,3 +186,18 @@ def _metrics(broker: ServedBroker) -> bytes:
         return connection.getresponse().read()
     finally:
         connection.close()
+
+
+def test_a_quiet_stream_sends_heartbeats_until_the_runner_is_online(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes,
+) -> None:
+    broker = make_broker(env, heartbeat_seconds=0.1)
+    fake_kube.runner_connect_delay = 1.0
+
+    answer = spawn(broker.url, fake_oidc.mint())
+
+    kinds = [event.event for event in answer.events or ()]
+    assert kinds.count(broker_api.HEARTBEAT) >= 3
+    assert kinds[-1] == broker_api.READY
+    assert kinds.index(broker_api.HEARTBEAT) > kinds.index(broker_api.PROGRESS)
