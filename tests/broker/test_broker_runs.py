@@ -224,3 +224,18 @@ def test_a_delete_is_served_while_every_spawn_thread_is_taken(
     assert first_answers[0].last.error == broker_api.CANCELLED
     assert second_answers[0].last.event == broker_api.READY
     assert [p["metadata"]["name"] for p in fake_kube.pods()] == ["gpu-2-1"]
+
+
+def test_a_finished_runner_pod_no_longer_counts_against_the_gpu_cap(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes,
+) -> None:
+    env[contract.ENV_GPU_CAP_PER_REPOSITORY] = "1"
+    broker = make_broker(env)
+    assert spawn(broker.url, fake_oidc.mint(run_id="1")).last.event == broker_api.READY
+    fake_kube.finish_pod("gpu-1-1")  # its one job is done; the pod stays until reaped
+
+    answer = spawn(broker.url, fake_oidc.mint(run_id="2"), {"timeoutSeconds": 10})
+
+    assert answer.last.event == broker_api.READY
+    assert sorted(p["metadata"]["name"] for p in fake_kube.pods()) == ["gpu-1-1", "gpu-2-1"]
