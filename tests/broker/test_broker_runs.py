@@ -186,3 +186,56 @@ def _metrics(broker: ServedBroker) -> bytes:
         return connection.getresponse().read()
     finally:
         connection.close()
+
+
+def test_a_quiet_stream_sends_heartbeats_until_the_runner_is_online(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes,
+) -> None:
+    broker = make_broker(env, heartbeat_seconds=0.1)
+    fake_kube.runner_connect_delay = 1.0
+
+    answer = spawn(broker.url, fake_oidc.mint())
+
+    kinds = [event.event for event in answer.events or ()]
+    assert kinds.count(broker_api.HEARTBEAT) >= 3
+    assert kinds[-1] == broker_api.READY
+    assert kinds.index(broker_api.HEARTBEAT) > kinds.index(broker_api.PROGRESS)
+
+
+def test_a_delete_is_served_while_every_spawn_thread_is_taken(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub,
+) -> None:
+    broker = make_broker(env, spawn_threads=1, heartbeat_seconds=0.1)
+    fake_kube.runner_connect_delay = math.inf  # the first spawn holds the only thread
+    first, first_answers = _in_background(lambda: spawn(broker.url, fake_oidc.mint(run_id="1")))
+    wait_until(lambda: fake_github.runner_named("gpu-1-1") is not None, what="the first spawn")
+    second, second_answers = _in_background(
+        lambda: spawn(broker.url, fake_oidc.mint(run_id="2")))
+    wait_until(lambda: len(broker.operations.runs_in_flight()) == 2, what="the second run")
+    fake_kube.runner_connect_delay = 0.0
+
+    removed = delete(broker.url, fake_oidc.mint(run_id="1"))
+    first.join(30)
+    second.join(30)
+
+    assert removed.status == 200
+    assert first_answers[0].last.error == broker_api.CANCELLED
+    assert second_answers[0].last.event == broker_api.READY
+    assert [p["metadata"]["name"] for p in fake_kube.pods()] == ["gpu-2-1"]
+
+
+def test_a_finished_runner_pod_no_longer_counts_against_the_gpu_cap(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes,
+) -> None:
+    env[contract.ENV_GPU_CAP_PER_REPOSITORY] = "1"
+    broker = make_broker(env)
+    assert spawn(broker.url, fake_oidc.mint(run_id="1")).last.event == broker_api.READY
+    fake_kube.finish_pod("gpu-1-1")  # its one job is done; the pod stays until reaped
+
+    answer = spawn(broker.url, fake_oidc.mint(run_id="2"), {"timeoutSeconds": 10})
+
+    assert answer.last.event == broker_api.READY
+    assert sorted(p["metadata"]["name"] for p in fake_kube.pods()) == ["gpu-1-1", "gpu-2-1"]
