@@ -18,6 +18,15 @@ anything in the path or the body: there is no run id to name.
 - `GET /healthz`, `GET /readyz`, `GET /metrics`: liveness, readiness, Prometheus metrics
   (no token).
 
+One path serves the base runner pods, not jobs, and takes no OIDC token:
+
+- `POST /v1/base-runner/config`: the calling base runner pod's one JIT runner config
+  (`BaseRunnerConfig`). The pod authenticates with its projected ServiceAccount token
+  (`Authorization: Bearer <token>`, audience `contract.base_runner_audience(<broker
+  audience>)`), which the broker checks through the Kubernetes TokenReview API: only the
+  `base-runner` ServiceAccount of the runner namespace, only a live pod of the base runner
+  Deployment, at most one config per pod (409 `already_served` after that). No body.
+
 Errors before a stream starts are JSON `{"error": <code>, "message": <one line>}` with the
 HTTP status of `ERROR_STATUS`; after, the stream's last line is a `failed` event with the same
 code. The client exits with `EXIT_CODES[code]`.
@@ -33,6 +42,7 @@ from typing import Any
 API_VERSION = "v1"
 RUNNER_PATH = f"/{API_VERSION}/runner"
 RUNNERS_PATH = f"/{API_VERSION}/runners"
+BASE_RUNNER_CONFIG_PATH = f"/{API_VERSION}/base-runner/config"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
@@ -58,6 +68,7 @@ POD_FAILED = "pod_failed"
 TIMEOUT = "timeout"
 CANCELLED = "cancelled"  # a DELETE for the run stopped this spawn
 UNAVAILABLE = "unavailable"  # the broker is shutting down or not ready
+ALREADY_SERVED = "already_served"  # a base runner pod asked for a second runner config
 INTERNAL = "internal"
 
 ERROR_STATUS: Mapping[str, int] = {
@@ -65,6 +76,7 @@ ERROR_STATUS: Mapping[str, int] = {
     UNAUTHORIZED: 401,
     FORBIDDEN: 403,
     NOT_FOUND: 404,
+    ALREADY_SERVED: 409,
     GITHUB: 502,
     KUBERNETES: 502,
     UNAVAILABLE: 503,
@@ -84,6 +96,7 @@ EXIT_CODES: Mapping[str, int] = {
     UNAUTHORIZED: 9,
     FORBIDDEN: 9,
     NOT_FOUND: 1,
+    ALREADY_SERVED: 1,
     UNAVAILABLE: 10,
     INTERNAL: 1,
 }
@@ -392,3 +405,28 @@ class RunnerView:
 def error_body(code: str, message: str) -> dict[str, str]:
     """The JSON body of an error answered before any stream."""
     return {"error": code, "message": " ".join(message.split())}
+
+
+@dataclass(frozen=True)
+class BaseRunnerConfig:
+    """The answer to `POST /v1/base-runner/config`: the pod's single-use runner.
+
+    `repr` leaves the config out: it is a credential (the runner's registration key) and must
+    not reach a log through a debug print.
+
+    Attributes:
+        runner_name: The registration's name: the pod's name.
+        runner_id: GitHub's id of the registration.
+        labels: The registration's labels.
+        encoded_jit_config: The config `run.sh` takes (ACTIONS_RUNNER_INPUT_JITCONFIG).
+    """
+
+    runner_name: str
+    runner_id: int
+    labels: tuple[str, ...]
+    encoded_jit_config: str = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The answer's JSON body."""
+        return {"runner_name": self.runner_name, "runner_id": self.runner_id,
+                "labels": list(self.labels), "encoded_jit_config": self.encoded_jit_config}

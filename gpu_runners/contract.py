@@ -120,6 +120,27 @@ GITHUB_OIDC_ISSUER = "https://token.actions.githubusercontent.com"
 #: code the repository did not review.
 DEFAULT_ALLOWED_EVENTS = ("push", "pull_request", "workflow_dispatch", "schedule", "merge_group")
 FORBIDDEN_EVENTS = ("pull_request_target", "workflow_run")
+#: Base runner pods prove themselves to the broker with a projected ServiceAccount token for the
+#: broker's audience plus this suffix: a token neither the Kubernetes API server accepts nor the
+#: broker's job API (which takes GitHub OIDC tokens only).
+BASE_RUNNER_AUDIENCE_SUFFIX = "/base-runner"
+#: The token's lifetime: the least the API server allows (the kubelet refreshes it at 80 %).
+BASE_RUNNER_TOKEN_SECONDS = 600
+#: Where a base runner pod mounts that token (a projected volume), and the file in it.
+BASE_RUNNER_TOKEN_DIR = "/var/run/secrets/gpu-runners-broker"
+BASE_RUNNER_TOKEN_FILE = "token"
+#: Labels of a base runner's JIT registration (JIT adds none itself): workflows target
+#: [self-hosted, base-runner].
+BASE_RUNNER_RUNNER_LABELS = ("self-hosted", BASE_RUNNER_LABEL)
+#: Name of the runner container in a base runner pod.
+BASE_RUNNER_CONTAINER = "runner"
+
+
+def base_runner_audience(broker_audience: str) -> str:
+    """The audience of the base runners' projected tokens, given the broker's OIDC audience."""
+    return broker_audience + BASE_RUNNER_AUDIENCE_SUFFIX
+
+
 #: Label on every object the broker creates: the numeric id of the repository whose run asked.
 LABEL_REPOSITORY_ID = "gpu-runners/repository-id"
 
@@ -155,12 +176,14 @@ ENV_RUNNER_JITCONFIG = "ACTIONS_RUNNER_INPUT_JITCONFIG"
 
 # --- Environment of the runner image's entrypoint (docker/entrypoint.sh) ------------------------
 
-ENV_RUNNER_MODE = "RUNNER_MODE"  # "registration" (base runner) or "jit" (GPU pods)
+ENV_RUNNER_MODE = "RUNNER_MODE"  # "broker" (base runner), "jit" (GPU pods), "registration" (seed)
 ENV_PAT_FILE = "GITHUB_PAT_FILE"
 ENV_PAT_SEED = "GITHUB_RUNNER_PAT"  # the seed guide's env variable, still accepted
 ENV_RUNNER_LABELS = "GITHUB_RUNNER_LABEL"  # the seed guide's name; comma-separated labels
 ENV_RUNNER_EPHEMERAL = "RUNNER_EPHEMERAL"
 ENV_JIT_CONFIG_FILE = "RUNNER_JITCONFIG_FILE"
+#: Broker mode: the projected token file the entrypoint shows the broker.
+ENV_BROKER_TOKEN_FILE = "GPU_RUNNERS_BROKER_TOKEN_FILE"
 #: Retries of the entrypoint's GitHub API requests: the first pause in seconds (doubled per try;
 #: tests make it small), and the most seconds one request may spend pausing, Retry-After included.
 ENV_API_RETRY_BASE_SECONDS = "RUNNER_API_RETRY_BASE_SECONDS"
