@@ -29,13 +29,19 @@ What it emulates, for what `gpu_runners` uses:
 - Faults injected per method and path: a status, a delay, or a dropped connection; and
   callbacks on chosen requests, before or after they are applied (`on_request`), e.g. to
   kill a client between two steps.
+- Projected ServiceAccount tokens bound to a pod (`projected_token`) and the TokenReview API
+  (`POST /apis/authentication.k8s.io/v1/tokenreviews`) that checks them as the API server
+  does: `spec.audiences` (empty means the API server's audience), `status.audiences` the
+  intersection, the ServiceAccount's username and groups, and `extra` naming the pod; a token
+  is refused once it has expired (`advance_token_clock`) or its pod is gone.
 
 Deliberately stricter than a real API server: unknown fields are rejected (422) instead of
 dropped with a warning, so a misspelt field fails the test; GKE's ExtendedResourceToleration
 admission (which adds the GPU toleration) is not emulated, so a pod must tolerate GPU taints
 itself. Not emulated: PUT/PATCH (405), ServiceAccount existence, logs of a previous container
 (`previous`), `timestamps`, `limitBytes`, a scheduler retry of pods left Pending (a pod that is
-unschedulable stays so). RBAC is checked only when `rbac_rules` are given.
+unschedulable stays so). RBAC is checked only when `rbac_rules` are given; a Role's rules
+never grant a cluster-scoped resource (nodes, namespaces, tokenreviews): `cluster_rules` do.
 """
 
 from __future__ import annotations
@@ -91,6 +97,12 @@ _KUBELET = "kubelet"
 _GKE_NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
 _HOSTNAME_LABEL = "kubernetes.io/hostname"
 _SA_TOKEN_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: The audience of tokens for the API server itself: what a TokenReview without
+#: `spec.audiences` checks for, and a projected token without `audience` is issued for.
+API_SERVER_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+#: The API server's least `expirationSeconds` of a projected token.
+MIN_TOKEN_SECONDS = 600
+_AUTHENTICATION_API = "authentication.k8s.io/v1"
 _DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
 # The characters the API server draws generateName suffixes from (no vowels: no words).
 _NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -405,6 +417,9 @@ _RESOURCES = {
         _Resource("namespaces", "Namespace", False, False, frozenset({"metadata.name"})),
         # Read-only, seeded by tests (`seed`): what a stack's Deployments report.
         _Resource("deployments", "Deployment", True, False, _COMMON_FIELDS, group="apps"),
+        # Create only, never stored: the answer is the review (see FakeKubernetes.review_token).
+        _Resource("tokenreviews", "TokenReview", False, True, frozenset(),
+                  group="authentication.k8s.io"),
     )
 }
 
@@ -1018,6 +1033,19 @@ class _RequestHook:
     remaining: int
 
 
+@dataclass(frozen=True)
+class _BoundToken:
+    """A projected ServiceAccount token the fake issued: what it is bound to, until when."""
+
+    namespace: str
+    service_account: str
+    pod_name: str
+    pod_uid: str
+    audiences: tuple[str, ...]
+    expires_at: float
+    credential_id: str
+
+
 class FakeKubernetes:
     """A Kubernetes API server for tests, on 127.0.0.1 (see the module docstring).
 
@@ -1044,6 +1072,7 @@ class FakeKubernetes:
         token: str | None = None,
         rbac_rules: Iterable[Mapping[str, Any]] | None = None,
         runner_connect_delay: float = 0.0,
+        cluster_rules: Iterable[Mapping[str, Any]] = (),
     ) -> None:
         """Creates the fake; nothing listens until `start()`.
 
@@ -1063,10 +1092,13 @@ class FakeKubernetes:
             token: Bearer token the server requires; default: a random one.
             rbac_rules: The caller's Role rules (`api_groups`/`apiGroups`, `resources`,
                 `verbs`): a request no rule allows is answered 403 Forbidden, as RBAC would,
-                and recorded in `forbidden`. None allows everything.
+                and recorded in `forbidden`. None allows everything. A Role grants nothing
+                cluster-scoped.
             runner_connect_delay: Seconds from a runner container starting to its "Listening
                 for Jobs" line, for scripts that do not say (`PodScript.connect_delay`);
                 `math.inf` for runners that never connect. Also settable later as an attribute.
+            cluster_rules: The caller's ClusterRole rules (same shape), checked with
+                `rbac_rules` when those are given; they also grant cluster-scoped resources.
         """
         if gpu_quota is not None and gpu_quota < 0 or pod_quota is not None and pod_quota < 0:
             raise ValueError("FakeKubernetes: gpu_quota and pod_quota must be >= 0 or None")
@@ -1081,9 +1113,11 @@ class FakeKubernetes:
         self.validate = validate
         self.token = token or secrets.token_urlsafe(24)
         self.validation_errors: list[str] = []
-        self._rbac = None if rbac_rules is None else [
-            (set(rule.get("api_groups", rule.get("apiGroups", []))),
-             set(rule["resources"]), set(rule["verbs"])) for rule in rbac_rules]
+        self._rbac = None if rbac_rules is None else _parse_rules(rbac_rules)
+        self._cluster_rbac = _parse_rules(cluster_rules)
+        #: Projected tokens issued (`projected_token`), by token; and the tokens' clock offset.
+        self._bound_tokens: dict[str, _BoundToken] = {}
+        self._token_clock_offset = 0.0
         #: Every request RBAC refused, as "<verb> <resource>"; tests assert it stays empty.
         self.forbidden: list[str] = []
         #: Exceptions raised by simulation steps, callbacks or request handling: fake bugs or
@@ -1419,6 +1453,124 @@ class FakeKubernetes:
                 raise LookupError(f"FakeKubernetes.finish_pod: no pod {key[0]}/{key[1]}")
             updated = self._terminate(key, pod["metadata"]["uid"], exit_code)
             return copy.deepcopy(updated if updated is not None else pod)
+
+    # --- ServiceAccount tokens and TokenReview -------------------------------------------
+
+    def projected_token(
+        self,
+        pod_name: str,
+        namespace: str | None = None,
+        *,
+        audience: str | None = None,
+        expiration_seconds: int = 3607,
+    ) -> str:
+        """Issues the token the kubelet would write into a pod's projected token volume.
+
+        The token is opaque (a random string the fake remembers), bound to the pod's uid and
+        its ServiceAccount, for one audience, valid for `expiration_seconds` of the tokens'
+        clock (see `advance_token_clock`) and only while that very pod exists.
+
+        Args:
+            pod_name: The pod the token is bound to.
+            namespace: The pod's namespace; default: the fake's.
+            audience: The projected source's `audience`; None for the API server's.
+            expiration_seconds: The source's `expirationSeconds` (the API server's least: 600).
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: `expiration_seconds` is below the API server's minimum.
+        """
+        if expiration_seconds < MIN_TOKEN_SECONDS:
+            raise ValueError(f"FakeKubernetes.projected_token: expirationSeconds must be at "
+                             f"least {MIN_TOKEN_SECONDS}, got {expiration_seconds}")
+        key = (namespace or self.namespace, pod_name)
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None:
+                raise LookupError(f"FakeKubernetes.projected_token: no pod {key[0]}/{key[1]}")
+            token = secrets.token_urlsafe(32)
+            self._bound_tokens[token] = _BoundToken(
+                namespace=key[0],
+                service_account=str(pod["spec"].get("serviceAccountName") or "default"),
+                pod_name=pod_name,
+                pod_uid=pod["metadata"]["uid"],
+                audiences=(audience or API_SERVER_AUDIENCE,),
+                expires_at=self._token_now() + expiration_seconds,
+                credential_id=str(uuid.uuid4()),
+            )
+            return token
+
+    def advance_token_clock(self, seconds: float) -> None:
+        """Moves the clock that token expiry is judged by `seconds` ahead."""
+        with self._lock:
+            self._token_clock_offset += seconds
+
+    def _token_now(self) -> float:
+        return time.time() + self._token_clock_offset
+
+    def review_token(self, body: Any) -> JSON:
+        """The API server's answer to a TokenReview (`POST .../tokenreviews`).
+
+        Raises:
+            ApiError: 400 for a body that is not a TokenReview, 422 without `spec.token`.
+        """
+        if not isinstance(body, dict) or body.get("kind", "TokenReview") != "TokenReview" or \
+                body.get("apiVersion", _AUTHENTICATION_API) != _AUTHENTICATION_API:
+            raise ApiError(400, f"the body of a tokenreviews create must be a TokenReview "
+                                f"({_AUTHENTICATION_API})")
+        spec = body.get("spec")
+        token = spec.get("token") if isinstance(spec, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ApiError(422, 'TokenReview.authentication.k8s.io "" is invalid: spec.token: '
+                                "Required value", details={"kind": "TokenReview"})
+        assert isinstance(spec, dict)
+        wanted = [str(a) for a in spec.get("audiences") or [API_SERVER_AUDIENCE]]
+        with self._lock:
+            bound = self._bound_tokens.get(token)
+            problem = self._token_problem(bound, wanted)
+        status: JSON
+        if bound is None or problem is not None:
+            status = {"user": {}, "error": f"[invalid bearer token, {problem or 'unknown token'}]"}
+        else:
+            service_account = f"system:serviceaccount:{bound.namespace}:{bound.service_account}"
+            status = {
+                "authenticated": True,
+                "audiences": [a for a in wanted if a in bound.audiences],
+                "user": {
+                    "username": service_account,
+                    "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, service_account)),
+                    "groups": ["system:serviceaccounts",
+                               f"system:serviceaccounts:{bound.namespace}",
+                               "system:authenticated"],
+                    "extra": {
+                        "authentication.kubernetes.io/credential-id": [
+                            f"JTI={bound.credential_id}"],
+                        "authentication.kubernetes.io/pod-name": [bound.pod_name],
+                        "authentication.kubernetes.io/pod-uid": [bound.pod_uid],
+                    },
+                },
+            }
+        return {"kind": "TokenReview", "apiVersion": _AUTHENTICATION_API,
+                "metadata": {"creationTimestamp": None}, "spec": copy.deepcopy(spec),
+                "status": status}
+
+    def _token_problem(self, bound: _BoundToken | None, wanted: list[str]) -> str | None:
+        """Why a token does not authenticate for `wanted`, in the API server's words."""
+        if bound is None:
+            return None
+        if self._token_now() >= bound.expires_at:
+            return "service account token has expired"
+        if not set(wanted) & set(bound.audiences):
+            return (f"token audiences {list(bound.audiences)} is invalid for the target "
+                    f"audiences {wanted}")
+        pod = self._objects["pods"].get((bound.namespace, bound.pod_name))
+        if pod is None:
+            return f'service account token has been invalidated (pod "{bound.pod_name}" not found)'
+        if pod["metadata"]["uid"] != bound.pod_uid:
+            return (f"service account token has been invalidated (the UID in the bound object "
+                    f"reference ({bound.pod_uid}) does not match the UID in record "
+                    f"({pod['metadata']['uid']}))")
+        return None
 
     def seed(self, *objects: JSON) -> list[JSON]:
         """Stores objects as they are (no admission, no scheduling), e.g. 5,000 finished pods.
@@ -2653,8 +2805,11 @@ class FakeKubernetes:
         else:
             return
         group = route[0].group if route is not None else ""
+        # A Role lives in a namespace: it can never grant a cluster-scoped resource.
+        cluster_scoped = route is not None and not route[0].namespaced
+        rules = self._cluster_rbac + ([] if cluster_scoped else self._rbac)
         if any(group in groups and resource in resources and verb in verbs
-               for groups, resources, verbs in self._rbac):
+               for groups, resources, verbs in rules):
             return
         self.forbidden.append(f"{verb} {resource}")
         where = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
@@ -2677,6 +2832,11 @@ class FakeKubernetes:
         if route is None:
             raise ApiError(404, "the server could not find the requested resource")
         resource, namespace, name = route
+        if resource.plural == "tokenreviews":
+            if method != "POST" or name is not None:
+                raise ApiError(405, f"the server does not allow this method on the requested "
+                                    f"resource ({method} {path})", reason="MethodNotAllowed")
+            return 201, self.review_token(body)
         if method not in ("GET", "POST", "DELETE"):
             raise ApiError(405, f"the fake does not implement {method} on {resource.plural}")
         if name is None:
@@ -2914,6 +3074,12 @@ def _route(path: str) -> tuple[_Resource, str | None, str | None] | None:
             return None
         return resource, None, match.group(3)
     return None
+
+
+def _parse_rules(rules: Iterable[Mapping[str, Any]]) -> list[tuple[set[str], set[str], set[str]]]:
+    """(API groups, resources, verbs) of RBAC rules given in snake or camel case."""
+    return [(set(rule.get("api_groups", rule.get("apiGroups", []))),
+             set(rule["resources"]), set(rule["verbs"])) for rule in rules]
 
 
 # --- Threads: the simulation clock and the HTTP server --------------------------------------------

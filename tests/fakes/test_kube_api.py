@@ -1581,3 +1581,136 @@ def test_rbac_checks_deployments_in_the_apps_group(make_fake_kube: MakeFake) -> 
     assert refused.value.status == 403
     assert 'in API group "apps"' in json.loads(str(refused.value.body))["message"]
     assert fake.forbidden == ["get deployments"]
+
+
+# --- Projected ServiceAccount tokens and TokenReview -------------------------------------------
+
+BROKER_AUDIENCE = "gpu-runners-broker/base-runner"
+TOKEN_REVIEW_RULES = [{"api_groups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                       "verbs": ["create"]}]
+
+
+def review(fake: FakeKubernetes, token: str, audiences: list[str] | None = None) -> Obj:
+    """A TokenReview through the official client, as the broker sends it."""
+    authentication = client.AuthenticationV1Api(api_for(fake).api_client)
+    body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=audiences))
+    return attrs(authentication.create_token_review(body))["status"]
+
+
+def pod_with_account(core: client.CoreV1Api, name: str, account: str) -> Obj:
+    body = runner_pod_json(name)
+    body["spec"]["serviceAccountName"] = account
+    body["spec"]["automountServiceAccountToken"] = False
+    return attrs(core.create_namespaced_pod(NS, as_pod(body)))
+
+
+def test_token_review_authenticates_a_pod_bound_token_for_its_audience(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api,
+) -> None:
+    pod = pod_with_account(core, "base-runner-abc12", "base-runner")
+    token = fake_kube.projected_token("base-runner-abc12", audience=BROKER_AUDIENCE,
+                                      expiration_seconds=600)
+
+    status = review(fake_kube, token, [BROKER_AUDIENCE, "someone-else"])
+
+    assert status["authenticated"] is True
+    # The intersection of the audiences asked for and the token's: the caller checks its own.
+    assert status["audiences"] == [BROKER_AUDIENCE]
+    user = status["user"]
+    assert user["username"] == f"system:serviceaccount:{NS}:base-runner"
+    assert user["groups"] == ["system:serviceaccounts", f"system:serviceaccounts:{NS}",
+                              "system:authenticated"]
+    assert user["extra"]["authentication.kubernetes.io/pod-name"] == ["base-runner-abc12"]
+    assert user["extra"]["authentication.kubernetes.io/pod-uid"] == [pod["metadata"]["uid"]]
+
+
+def test_token_review_without_audiences_checks_the_api_servers_audience(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api,
+) -> None:
+    pod_with_account(core, "base-runner-abc12", "base-runner")
+    broker_token = fake_kube.projected_token("base-runner-abc12", audience=BROKER_AUDIENCE)
+    api_token = fake_kube.projected_token("base-runner-abc12")
+
+    # The pitfall: a review that names no audience accepts API-server tokens only.
+    refused = review(fake_kube, broker_token)
+    assert not refused.get("authenticated")
+    assert "is invalid for the target audiences" in refused["error"]
+    assert review(fake_kube, api_token)["authenticated"] is True
+    # And an API-server token is no token for the broker.
+    assert not review(fake_kube, api_token, [BROKER_AUDIENCE]).get("authenticated")
+
+
+def test_token_review_refuses_expired_unknown_and_deleted_pods_tokens(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(termination_delay=0)
+    core = api_for(fake)
+    pod_with_account(core, "base-runner-old", "base-runner")
+    pod_with_account(core, "base-runner-new", "base-runner")
+    expiring = fake.projected_token("base-runner-new", audience=BROKER_AUDIENCE,
+                                    expiration_seconds=600)
+    of_deleted = fake.projected_token("base-runner-old", audience=BROKER_AUDIENCE)
+    core.delete_namespaced_pod("base-runner-old", NS, grace_period_seconds=0)
+
+    fake.advance_token_clock(599)
+    assert review(fake, expiring, [BROKER_AUDIENCE])["authenticated"] is True
+    fake.advance_token_clock(1)
+    expired = review(fake, expiring, [BROKER_AUDIENCE])
+    assert not expired.get("authenticated") and "expired" in expired["error"]
+    gone = review(fake, of_deleted, [BROKER_AUDIENCE])
+    assert not gone.get("authenticated") and "not found" in gone["error"]
+    assert not review(fake, "not-a-token", [BROKER_AUDIENCE]).get("authenticated")
+    with pytest.raises(ValueError, match="at least 600"):
+        fake.projected_token("base-runner-new", expiration_seconds=599)
+
+
+def test_a_token_for_a_deleted_pod_stays_invalid_when_a_pod_of_its_name_returns(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(termination_delay=0)
+    core = api_for(fake)
+    pod_with_account(core, "base-runner-abc12", "base-runner")
+    token = fake.projected_token("base-runner-abc12", audience=BROKER_AUDIENCE)
+    core.delete_namespaced_pod("base-runner-abc12", NS, grace_period_seconds=0)
+    pod_with_account(core, "base-runner-abc12", "base-runner")
+
+    status = review(fake, token, [BROKER_AUDIENCE])
+
+    assert not status.get("authenticated") and "does not match the UID" in status["error"]
+
+
+def test_token_review_names_the_pods_service_account(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api,
+) -> None:
+    pod_with_account(core, "gpu-42-1", "gpu-runner")
+    token = fake_kube.projected_token("gpu-42-1", audience=BROKER_AUDIENCE)
+
+    status = review(fake_kube, token, [BROKER_AUDIENCE])
+
+    assert status["user"]["username"] == f"system:serviceaccount:{NS}:gpu-runner"
+
+
+def test_token_reviews_need_a_cluster_role_a_role_cannot_grant_them(
+    make_fake_kube: MakeFake,
+) -> None:
+    pods = [{"api_groups": [""], "resources": ["pods"], "verbs": ["create", "get"]}]
+    role_only = make_fake_kube(rbac_rules=[*pods, *TOKEN_REVIEW_RULES])
+    with pytest.raises(client.ApiException) as refused:
+        review(role_only, "some-token", [BROKER_AUDIENCE])
+    assert refused.value.status == 403
+    assert 'cannot create resource "tokenreviews" in API group "authentication.k8s.io" at ' \
+           "the cluster scope" in status_of(refused.value)["message"]
+    assert role_only.forbidden == ["create tokenreviews"]
+
+    granted = make_fake_kube(rbac_rules=pods, cluster_rules=TOKEN_REVIEW_RULES)
+    assert not review(granted, "some-token", [BROKER_AUDIENCE]).get("authenticated")
+    assert granted.forbidden == []
+
+
+def test_token_reviews_are_create_only(fake_kube: FakeKubernetes) -> None:
+    request = urllib.request.Request(
+        f"{fake_kube.url}/apis/authentication.k8s.io/v1/tokenreviews",
+        headers={"Authorization": f"Bearer {fake_kube.token}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 405
