@@ -1594,7 +1594,8 @@ def review(fake: FakeKubernetes, token: str, audiences: list[str] | None = None)
     """A TokenReview through the official client, as the broker sends it."""
     authentication = client.AuthenticationV1Api(api_for(fake).api_client)
     body = client.V1TokenReview(spec=client.V1TokenReviewSpec(token=token, audiences=audiences))
-    return attrs(authentication.create_token_review(body))["status"]
+    status: Obj = attrs(authentication.create_token_review(body))["status"]
+    return status
 
 
 def pod_with_account(core: client.CoreV1Api, name: str, account: str) -> Obj:
