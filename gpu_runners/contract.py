@@ -132,6 +132,8 @@ BASE_RUNNER_TOKEN_FILE = "token"
 #: Labels of a base runner's JIT registration (JIT adds none itself): workflows target
 #: [self-hosted, base-runner].
 BASE_RUNNER_RUNNER_LABELS = ("self-hosted", BASE_RUNNER_LABEL)
+#: Value of LABEL_COMPONENT on base runner pods (with LABEL_NAME BASE_RUNNER_APP).
+BASE_RUNNER_COMPONENT = "runner"
 #: Name of the runner container in a base runner pod.
 BASE_RUNNER_CONTAINER = "runner"
 
