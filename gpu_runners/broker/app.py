@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -36,6 +37,8 @@ from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
 from gpu_runners.listing import pod_row
 from gpu_runners.run_identity import run_key_from_labels
+
+LOGGER = logging.getLogger(__name__)
 
 
 class TokenVerifier(Protocol):
@@ -150,6 +153,14 @@ def build_app(
                 code = error_code(e)
                 return JSONResponse(broker_api.error_body(code, str(e)),
                                     status_code=broker_api.ERROR_STATUS.get(code, 500))
+            except Exception as e:
+                # Still the API's error body, so the client reports it instead of a protocol
+                # error; the traceback goes to the log only.
+                LOGGER.exception("%s %s failed", request.method, request.url.path)
+                return JSONResponse(
+                    broker_api.error_body(broker_api.INTERNAL,
+                                          f"internal error ({type(e).__name__})"),
+                    status_code=broker_api.ERROR_STATUS[broker_api.INTERNAL])
         return endpoint
 
     async def authenticate(request: Request) -> RunClaims:
