@@ -40,6 +40,14 @@ HTTPS_PORT = 443
 #: Where a Kubernetes API server may listen when the stack does not know its address.
 API_SERVER_PORTS = (443, 6443)
 
+#: The broker's only cluster-wide right: asking the API server whom a base runner pod's
+#: projected token belongs to (TokenReview). Not `system:auth-delegator`, which adds
+#: SubjectAccessReviews the broker does not make.
+TOKEN_REVIEW_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
+    {"api_groups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+     "verbs": ["create"]},
+]
+
 #: Security-scanner findings that do not apply to the broker, each with its reason.
 _SKIP_TOKEN = ("CKV_K8S_38", "the broker creates, watches and deletes GPU runner pods through "
                "this token; its only Role is in the runner namespace")

@@ -4,7 +4,8 @@ watches and deletes that run's runner, and reaps what cancelled runs leave behin
 
 Layout: `oidc` verifies tokens; `policy` applies the stack's limits to what a job asks;
 `gpu_cap` holds each repository to its GPU cap at every pod create; `runs` keeps each run's
-operation idempotent and runs it in worker threads; `app` wires the HTTP API
+operation idempotent and runs it in worker threads; `base_runners` gives each single-use base
+runner pod its one JIT config and replaces used pods; `app` wires the HTTP API
 (`gpu_runners.broker_api`) to them; `reconcile` is the reaper loop; `metrics` the Prometheus
 series; `settings` reads the environment the stack sets; `__main__` serves it all
 (`python -m gpu_runners.broker`).

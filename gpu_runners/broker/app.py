@@ -24,6 +24,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from gpu_runners import broker_api, contract
+from gpu_runners.broker.base_runners import (
+    BaseRunnerConfigs,
+    BaseRunnerRefusedError,
+    final_sweep,
+    replace_forever,
+)
 from gpu_runners.broker.gpu_cap import RepositoryGpuCap, pod_gpus
 from gpu_runners.broker.metrics import BrokerMetrics
 from gpu_runners.broker.oidc import RunClaims, TokenRejectedError
@@ -88,7 +94,8 @@ def broker_app(
         spawn_threads: Most spawns running at once; more wait for a thread.
 
     Returns:
-        The app; `app.state.operations` holds the run operations.
+        The app; `app.state.operations` holds the run operations, `app.state.base_runners`
+        the base runners' configs and passes.
     """
     metrics = BrokerMetrics(registry or CollectorRegistry())
     cap = RepositoryGpuCap(kube, settings.namespace, settings.gpu_cap_per_repository,
@@ -96,9 +103,13 @@ def broker_app(
     operations = RunOperations(RunClients(kube=kube, github=github, namespace=settings.namespace,
                                           gpu_cap=cap, metrics=metrics, now=now),
                                spawn_threads=spawn_threads)
+    base_runners = BaseRunnerConfigs(kube=kube, github=github, namespace=settings.namespace,
+                                     audience=contract.base_runner_audience(settings.audience))
     app = build_app(settings=settings, verifier=verifier, operations=operations,
-                    metrics=metrics, heartbeat_seconds=heartbeat_seconds, reconcile=reconcile)
+                    metrics=metrics, heartbeat_seconds=heartbeat_seconds, reconcile=reconcile,
+                    base_runners=base_runners)
     app.state.operations = operations
+    app.state.base_runners = base_runners
     return app
 
 
@@ -110,6 +121,7 @@ def build_app(
     metrics: BrokerMetrics,
     heartbeat_seconds: float = broker_api.HEARTBEAT_SECONDS,
     reconcile: bool = True,
+    base_runners: BaseRunnerConfigs | None = None,
 ) -> Starlette:
     """The broker's Starlette app: its routes, and the reaper loop while it serves.
 
@@ -119,7 +131,11 @@ def build_app(
         operations: Runs spawns and deletes, with the Kubernetes and GitHub clients.
         metrics: Where the broker counts.
         heartbeat_seconds: Quiet seconds before a stream sends a heartbeat.
-        reconcile: Run the reaper loop every `settings.reaper_interval_seconds`.
+        reconcile: Run the reaper loop every `settings.reaper_interval_seconds`, and the
+            base runners' replacement loop (with a last sweep of their registrations when the
+            broker stops).
+        base_runners: Serves the base runner pods' configs and replaces used pods; None
+            answers `POST /v1/base-runner/config` with 404.
     """
     clients = operations.clients
 
@@ -129,6 +145,10 @@ def build_app(
         reaper = asyncio.create_task(reconcile_forever(
             operations, repository=settings.repository,
             interval_seconds=settings.reaper_interval_seconds)) if reconcile else None
+        replacer = asyncio.create_task(replace_forever(
+            base_runners, run_in_thread=operations.in_thread, closing=operations.closing,
+            sweep_seconds=settings.reaper_interval_seconds),
+        ) if reconcile and base_runners is not None else None
         try:
             yield
         finally:
@@ -136,6 +156,10 @@ def build_app(
             operations.close()
             if reaper is not None:
                 reaper.cancel()
+            if replacer is not None:
+                replacer.cancel()
+                assert base_runners is not None
+                await final_sweep(base_runners, run_in_thread=operations.in_thread)
 
     def refused(refusal: _RefusedError) -> JSONResponse:
         metrics.refused.labels(reason=refusal.code).inc()
@@ -223,6 +247,22 @@ def build_app(
         now = clients.now()
         return JSONResponse([runner_view(pod, now).to_json() for pod in pods])
 
+    async def post_base_runner_config(request: Request) -> Response:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _RefusedError(broker_api.UNAUTHORIZED,
+                                "no `Authorization: Bearer <projected ServiceAccount token>`")
+        if base_runners is None:
+            raise _RefusedError(broker_api.NOT_FOUND, "this broker serves no base runners")
+        if operations.closing.is_set():
+            raise _RefusedError(broker_api.UNAVAILABLE, "the broker is restarting; ask again")
+        try:
+            config = await operations.in_thread(lambda: base_runners.issue(token.strip()))
+        except BaseRunnerRefusedError as e:
+            raise _RefusedError(e.code, e.message) from None
+        # The config is a credential: it goes to the pod and nowhere else (no log line).
+        return JSONResponse(config.to_json())
+
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
@@ -241,6 +281,8 @@ def build_app(
         Route(broker_api.RUNNER_PATH, answered(get_runner), methods=["GET"]),
         Route(broker_api.RUNNER_PATH, answered(delete_runner), methods=["DELETE"]),
         Route(broker_api.RUNNERS_PATH, answered(list_runners), methods=["GET"]),
+        Route(broker_api.BASE_RUNNER_CONFIG_PATH, answered(post_base_runner_config),
+              methods=["POST"]),
         Route(broker_api.HEALTH_PATH, healthz, methods=["GET"]),
         Route(broker_api.READY_PATH, readyz, methods=["GET"]),
         Route(broker_api.METRICS_PATH, metrics_page, methods=["GET"]),

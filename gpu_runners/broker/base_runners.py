@@ -35,16 +35,18 @@ scale-down, a rollout, a destroy): a JIT runner cannot deregister itself without
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kubernetes.client import V1Pod
 
 from gpu_runners import broker_api, contract
 from gpu_runners.broker_api import BaseRunnerConfig
-from gpu_runners.errors import GitHubConflictError, RunnerBusyError
+from gpu_runners.errors import GitHubConflictError, GpuRunnersError, RunnerBusyError
 from gpu_runners.github_api import GitHubClient, Runner
 from gpu_runners.kube import KubeClient
 
@@ -62,6 +64,8 @@ BASE_RUNNER_SELECTOR = ",".join(f"{key}={value}" for key, value in BASE_RUNNER_P
 #: Names of the base runner Deployment's pods: <Deployment>-<ReplicaSet hash>-<suffix>.
 BASE_RUNNER_NAME_PREFIX = f"{contract.BASE_RUNNER_APP}-"
 _LIVE_PHASES = frozenset({"Pending", "Running"})
+#: Runs a blocking call in a worker thread (`RunOperations.in_thread`).
+RunInThread = Callable[[Callable[[], object]], Awaitable[object]]
 
 
 class BaseRunnerRefusedError(Exception):
@@ -240,12 +244,13 @@ class BaseRunnerConfigs:
         registrations = ({runner.name: runner for runner in self.github.list_runners(
             on_malformed=lambda line: LOGGER.warning("GitHub runner list: %s", line))
             if is_base_runner_registration(runner)} if sweep else None)
-        pods = [pod for pod in self.kube.list_pods(self.namespace, BASE_RUNNER_SELECTOR)
-                if pod.metadata is not None]
-        names = {str(pod.metadata.name) for pod in pods}
-        for pod in pods:
-            name = str(pod.metadata.name)
-            if pod.metadata.deletion_timestamp is not None or not runner_used(pod):
+        pods = {str(pod.metadata.name): pod for pod in self.kube.list_pods(
+            self.namespace, BASE_RUNNER_SELECTOR) if pod.metadata is not None}
+        names = set(pods)
+        for name, pod in pods.items():
+            metadata = pod.metadata
+            if metadata is None or metadata.deletion_timestamp is not None or \
+                    not runner_used(pod):
                 continue
             runner = (registrations.get(name) if registrations is not None
                       else self.github.find_runner(name))
@@ -264,7 +269,7 @@ class BaseRunnerConfigs:
         for runner in orphans:
             self._remove_registration(runner, report)
         with self._lock:
-            self._served &= {str(pod.metadata.uid) for pod in pods}
+            self._served &= {str(pod.metadata.uid) for pod in pods.values() if pod.metadata}
         self._seen = names
         return report
 
@@ -279,3 +284,45 @@ class BaseRunnerConfigs:
         LOGGER.info("base runner %s: registration %d removed", runner.name, runner.id)
         report.registrations.append(runner.name)
         return True
+
+
+#: Seconds between two passes over the base runner pods: how long a used pod waits to be
+#: replaced (a pod list per pass; GitHub is asked only about used or vanished pods).
+REPLACE_INTERVAL_SECONDS = 5.0
+#: Longest the final sweep may take when the broker stops (inside its termination grace).
+FINAL_SWEEP_SECONDS = 15.0
+
+
+async def replace_forever(configs: BaseRunnerConfigs, *, run_in_thread: RunInThread,
+                          closing: asyncio.Event, sweep_seconds: float,
+                          interval_seconds: float = REPLACE_INTERVAL_SECONDS) -> None:
+    """Runs `replace_used` every `interval_seconds` until `closing`; a full sweep of the
+    registrations first and then every `sweep_seconds`. A failed pass is logged; the loop
+    goes on."""
+    loop = asyncio.get_running_loop()
+    next_sweep = loop.time()
+    while not closing.is_set():
+        sweep = loop.time() >= next_sweep
+        try:
+            await run_in_thread(functools.partial(configs.replace_used, sweep=sweep))
+            if sweep:
+                next_sweep = loop.time() + sweep_seconds
+        except (GpuRunnersError, OSError) as e:
+            LOGGER.warning("base runner pass failed: %s", e)
+        except Exception:
+            LOGGER.exception("base runner pass failed unexpectedly")
+        try:
+            await asyncio.wait_for(closing.wait(), timeout=interval_seconds)
+        except TimeoutError:
+            continue
+
+
+async def final_sweep(configs: BaseRunnerConfigs, *, run_in_thread: RunInThread,
+                      timeout_seconds: float = FINAL_SWEEP_SECONDS) -> None:
+    """One sweep as the broker stops: on a destroy the base runner pods are gone by now (the
+    stack removes them before the broker), and nothing else could remove their registrations."""
+    try:
+        await asyncio.wait_for(run_in_thread(lambda: configs.replace_used(sweep=True)),
+                               timeout=timeout_seconds)
+    except (GpuRunnersError, OSError, TimeoutError) as e:
+        LOGGER.warning("final base runner sweep failed: %s", e)

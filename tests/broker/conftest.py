@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from components.broker import TOKEN_REVIEW_RULES
 from components.runner_plane import SPAWNER_RULES
 from tests.broker.broker_harness import ServedBroker, broker_environ, serve_broker
 from tests.fakes.github_api import FakeGitHub
@@ -20,12 +21,14 @@ from tests.runtime.fake_wiring import bring_runners_online
 def make_fake_kube(
     make_fake_kube: Callable[..., FakeKubernetes],
 ) -> Iterator[Callable[..., FakeKubernetes]]:
-    """Fake clusters that enforce the broker's Role in the runner namespace (the spawner
-    rules): a call outside it is refused with 403 and fails the test."""
+    """Fake clusters that enforce the broker's rights: its Role in the runner namespace (the
+    spawner rules) and its ClusterRole (TokenReview only): a call outside them is refused with
+    403 and fails the test."""
     started: list[FakeKubernetes] = []
 
     def make(**options: Any) -> FakeKubernetes:
         options.setdefault("rbac_rules", SPAWNER_RULES)
+        options.setdefault("cluster_rules", TOKEN_REVIEW_RULES)
         fake = make_fake_kube(**options)
         started.append(fake)
         return fake
