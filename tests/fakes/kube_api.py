@@ -29,6 +29,11 @@ What it emulates, for what `gpu_runners` uses:
 - Faults injected per method and path: a status, a delay, or a dropped connection; and
   callbacks on chosen requests, before or after they are applied (`on_request`), e.g. to
   kill a client between two steps.
+- A ReplicaSet stand-in (`replicate`): it keeps a number of pods of a template, making a new
+  one (new name, new uid, new volumes) as soon as one is deleted; and, with `volume_root`,
+  each pod's emptyDir volumes as directories, created empty with the pod and removed with it
+  (`empty_dir`). A container that exits under restartPolicy Always is shown restarting after a
+  back-off (CrashLoopBackOff, restartCount + 1), as the kubelet does, not Succeeded.
 - Projected ServiceAccount tokens bound to a pod (`projected_token`) and the TokenReview API
   (`POST /apis/authentication.k8s.io/v1/tokenreviews`) that checks them as the API server
   does: `spec.audiences` (empty means the API server's audience), `status.audiences` the
@@ -60,6 +65,7 @@ import random
 import re
 import secrets
 import select
+import shutil
 import socket
 import threading
 import time
@@ -1034,6 +1040,17 @@ class _RequestHook:
 
 
 @dataclass(frozen=True)
+class _ReplicaSet:
+    """A ReplicaSet the fake keeps its pods for (`FakeKubernetes.replicate`)."""
+
+    name: str
+    namespace: str
+    uid: str
+    template: JSON
+    replicas: int
+
+
+@dataclass(frozen=True)
 class _BoundToken:
     """A projected ServiceAccount token the fake issued: what it is bound to, until when."""
 
@@ -1073,6 +1090,7 @@ class FakeKubernetes:
         rbac_rules: Iterable[Mapping[str, Any]] | None = None,
         runner_connect_delay: float = 0.0,
         cluster_rules: Iterable[Mapping[str, Any]] = (),
+        volume_root: Path | None = None,
     ) -> None:
         """Creates the fake; nothing listens until `start()`.
 
@@ -1099,6 +1117,8 @@ class FakeKubernetes:
                 `math.inf` for runners that never connect. Also settable later as an attribute.
             cluster_rules: The caller's ClusterRole rules (same shape), checked with
                 `rbac_rules` when those are given; they also grant cluster-scoped resources.
+            volume_root: Where pods' emptyDir volumes live as directories (`empty_dir`);
+                None: volumes have no contents.
         """
         if gpu_quota is not None and gpu_quota < 0 or pod_quota is not None and pod_quota < 0:
             raise ValueError("FakeKubernetes: gpu_quota and pod_quota must be >= 0 or None")
@@ -1117,6 +1137,8 @@ class FakeKubernetes:
         self._cluster_rbac = _parse_rules(cluster_rules)
         #: Projected tokens issued (`projected_token`), by token; and the tokens' clock offset.
         self._bound_tokens: dict[str, _BoundToken] = {}
+        self._volume_root = volume_root
+        self._replica_sets: dict[str, _ReplicaSet] = {}  # by uid
         self._token_clock_offset = 0.0
         #: Every request RBAC refused, as "<verb> <resource>"; tests assert it stays empty.
         self.forbidden: list[str] = []
@@ -1454,6 +1476,92 @@ class FakeKubernetes:
             updated = self._terminate(key, pod["metadata"]["uid"], exit_code)
             return copy.deepcopy(updated if updated is not None else pod)
 
+    # --- ReplicaSets and volumes ---------------------------------------------------------
+
+    def replicate(self, name: str, template: JSON, *, replicas: int = 1,
+                  namespace: str | None = None) -> list[JSON]:
+        """Keeps `replicas` pods of `template` as a ReplicaSet `name` would.
+
+        Each pod is named `<name>-<5 characters>`, owned by the ReplicaSet (its controller
+        ownerReference), and goes through admission like any create. As soon as one is deleted
+        (gracefully or not) a new one is created: new name, new uid, new empty volumes.
+
+        Args:
+            name: The ReplicaSet's name (a Deployment's is `<deployment>-<hash>`).
+            template: The pod template: `metadata` (labels) and `spec`.
+            replicas: Pods to keep.
+            namespace: Where; default: the fake's namespace.
+
+        Returns:
+            The pods created now (copies).
+        """
+        replica_set = _ReplicaSet(name, namespace or self.namespace, str(uuid.uuid4()),
+                                  copy.deepcopy(template), replicas)
+        with self._lock:
+            self._replica_sets[replica_set.uid] = replica_set
+        return [copy.deepcopy(pod) for pod in self._fill(replica_set)]
+
+    def _fill(self, replica_set: _ReplicaSet) -> list[JSON]:
+        """Creates the pods `replica_set` misses (those being deleted count as missing)."""
+        with self._lock:
+            live = [pod for (namespace, _), pod in self._objects["pods"].items()
+                    if namespace == replica_set.namespace
+                    and self._owner_set(pod) is replica_set
+                    and not pod["metadata"].get("deletionTimestamp")]
+            missing = replica_set.replicas - len(live)
+        created: list[JSON] = []
+        for _ in range(missing):
+            body = copy.deepcopy(replica_set.template)
+            metadata = body.setdefault("metadata", {})
+            metadata["generateName"] = f"{replica_set.name}-"
+            metadata["ownerReferences"] = [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": replica_set.name,
+                "uid": replica_set.uid, "controller": True, "blockOwnerDeletion": True}]
+            created.append(self._create("pods", replica_set.namespace, body))
+        return created
+
+    def _owner_set(self, pod: JSON) -> _ReplicaSet | None:
+        for reference in pod["metadata"].get("ownerReferences") or []:
+            if reference.get("controller") and reference.get("uid") in self._replica_sets:
+                return self._replica_sets[reference["uid"]]
+        return None
+
+    def _replace_replica(self, pod: JSON) -> None:
+        """The ReplicaSet controller reacts to its pod's deletion at once (in the timeline)."""
+        replica_set = self._owner_set(pod)
+        if replica_set is not None:
+
+            def fill() -> None:
+                self._fill(replica_set)
+
+            self._timeline.call_later(0, fill)
+
+    def empty_dir(self, pod_name: str, volume: str, namespace: str | None = None) -> Path:
+        """The directory holding a pod's emptyDir `volume` (needs `volume_root`).
+
+        Raises:
+            LookupError: No such pod, or it has no emptyDir of that name.
+        """
+        if self._volume_root is None:
+            raise LookupError("FakeKubernetes.empty_dir: the fake was made without volume_root")
+        pod = self.pod(pod_name, namespace)
+        if pod is None or not any(v.get("name") == volume and "emptyDir" in v
+                                  for v in pod["spec"].get("volumes") or []):
+            raise LookupError(f"FakeKubernetes.empty_dir: pod {pod_name} has no emptyDir "
+                              f"{volume!r}")
+        return self._volume_root / str(pod["metadata"]["uid"]) / volume
+
+    def _make_volumes(self, pod: JSON) -> None:
+        if self._volume_root is None:
+            return
+        for volume in pod["spec"].get("volumes") or []:
+            if "emptyDir" in volume:
+                (self._volume_root / pod["metadata"]["uid"] / volume["name"]).mkdir(parents=True)
+
+    def _remove_volumes(self, pod: JSON) -> None:
+        if self._volume_root is not None:
+            shutil.rmtree(self._volume_root / pod["metadata"]["uid"], ignore_errors=True)
+
     # --- ServiceAccount tokens and TokenReview -------------------------------------------
 
     def projected_token(
@@ -1657,6 +1765,8 @@ class FakeKubernetes:
         if plural == "pods":
             self._collect_garbage(previous["metadata"]["uid"], key[0])
             self._update_quota_usage()
+            self._remove_volumes(previous)
+            self._replace_replica(previous)
         return removed
 
     def _record(self, change: _Change) -> None:
@@ -1834,6 +1944,7 @@ class FakeKubernetes:
                 self._update_quota_usage()
             uid = stored["metadata"]["uid"]
         if plural == "pods":
+            self._make_volumes(stored)
             self._plan(stored)
         elif plural == "secrets" and metadata.get("ownerReferences"):
             self._timeline.call_later(0.05, lambda: self._dangling_owner_check(key, uid))
@@ -2379,10 +2490,15 @@ class FakeKubernetes:
         self._timeline.call_later(script.step_delay, back_off)
 
     def _terminate(self, key: tuple[str, str], uid: str, exit_code: int) -> JSON | None:
-        """The containers exit with `exit_code`; the pod becomes Succeeded or Failed."""
+        """The containers exit with `exit_code`; the pod becomes Succeeded or Failed, unless
+        its restartPolicy restarts them (then see `_back_off`)."""
 
         def terminated(pod: JSON) -> None:
             succeeded = exit_code == 0
+            policy = pod["spec"].get("restartPolicy", "Always")
+            if policy == "Always" or policy == "OnFailure" and not succeeded:
+                _back_off(pod, exit_code)
+                return
             pod["status"]["phase"] = "Succeeded" if succeeded else "Failed"
             reason = "PodCompleted" if succeeded else "PodFailed"
             for condition in ("Ready", "ContainersReady"):
@@ -2457,6 +2573,7 @@ class FakeKubernetes:
             p["metadata"]["deletionGracePeriodSeconds"] = grace
 
         updated = self._update("pods", key, uid, terminating)
+        self._replace_replica(pod)
         for container in pod["spec"]["containers"]:
             self._container_event(
                 key,
@@ -2950,6 +3067,29 @@ def _qos_class(spec: JSON) -> str:
         for r in resources
     )
     return "Guaranteed" if guaranteed else "Burstable"
+
+
+def _back_off(pod: JSON, exit_code: int) -> None:
+    """The kubelet restarts exited containers, after a back-off (10 s, doubling, capped at
+    300 s): the pod stays Running, each container waits in CrashLoopBackOff with its exit in
+    `lastState` and its restartCount one higher. The fake does not start it again."""
+    for condition in ("Ready", "ContainersReady"):
+        _set_condition(pod, condition, "False", "ContainersNotReady",
+                       "containers with unready status")
+    name, namespace, uid = (pod["metadata"][k] for k in ("name", "namespace", "uid"))
+    for status in pod["status"].get("containerStatuses") or []:
+        started = (status["state"].get("running") or {}).get("startedAt", _now())
+        restarts = int(status.get("restartCount", 0)) + 1
+        status.update(ready=False, started=False, restartCount=restarts)
+        status["lastState"] = {"terminated": {
+            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": started, "finishedAt": _now(),
+            "containerID": status.get("containerID", "")}}
+        delay = min(300, 10 * 2 ** (restarts - 1))
+        status["state"] = {"waiting": {
+            "reason": "CrashLoopBackOff",
+            "message": f"back-off {delay}s restarting failed container={status['name']} "
+                       f"pod={name}_{namespace}({uid})"}}
 
 
 def _set_condition(

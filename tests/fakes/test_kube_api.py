@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import pytest
@@ -1715,3 +1716,61 @@ def test_token_reviews_are_create_only(fake_kube: FakeKubernetes) -> None:
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=5)
     assert refused.value.code == 405
+
+
+# --- ReplicaSets, emptyDir volumes and restarts ------------------------------------------------
+
+
+def replicated_template() -> Obj:
+    """A Deployment-like pod template: restartPolicy Always, a work directory on emptyDir."""
+    body = runner_pod_json("unused", labels={"app.kubernetes.io/name": "base-runner"})
+    spec = body["spec"]
+    spec["restartPolicy"] = "Always"
+    spec["volumes"] = [{"name": "work", "emptyDir": {}}]
+    spec["containers"][0]["volumeMounts"] = [{"name": "work", "mountPath": "/work"}]
+    return {"metadata": {"labels": body["metadata"]["labels"]}, "spec": spec}
+
+
+def test_an_exited_container_under_restart_policy_always_backs_off_instead_of_succeeding(
+    fake_kube: FakeKubernetes,
+) -> None:
+    (pod,) = fake_kube.replicate("base-runner-5d8f", replicated_template())
+    name = pod["metadata"]["name"]
+    wait_for(lambda: (fake_kube.pod(name) or {}).get("status", {}).get("phase") == "Running",
+             "the pod running")
+
+    after = fake_kube.finish_pod(name, exit_code=0)
+
+    assert after["status"]["phase"] == "Running"
+    (status,) = after["status"]["containerStatuses"]
+    assert status["restartCount"] == 1
+    assert status["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert status["lastState"]["terminated"]["exitCode"] == 0
+    assert fake_kube.finish_pod(name)["status"]["containerStatuses"][0]["restartCount"] == 2
+
+
+def test_a_replica_set_replaces_a_deleted_pod_at_once_with_new_empty_volumes(
+    make_fake_kube: MakeFake, tmp_path: Path,
+) -> None:
+    fake = make_fake_kube(volume_root=tmp_path / "volumes", termination_delay=0.01)
+    core = api_for(fake)
+    (first,) = fake.replicate("base-runner-5d8f", replicated_template())
+    first_name = first["metadata"]["name"]
+    assert first_name.startswith("base-runner-5d8f-")
+    assert first["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+    work = fake.empty_dir(first_name, "work")
+    assert list(work.iterdir()) == []
+    (work / "left-by-job-1").write_text("secret of a feature branch")
+
+    core.delete_namespaced_pod(first_name, NS)
+
+    def replaced() -> bool:
+        return [p["metadata"]["name"] for p in fake.pods() if p["metadata"]["name"] != first_name
+                and not p["metadata"].get("deletionTimestamp")] != []
+
+    wait_for(replaced, "a replacement pod")
+    wait_for(lambda: fake.pod(first_name) is None, "the first pod gone")
+    (second,) = fake.pods()
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert list(fake.empty_dir(second["metadata"]["name"], "work").iterdir()) == []
+    assert not work.exists()
