@@ -168,6 +168,9 @@ broker = RunnerBroker(
     ),
     opts=pulumi.ResourceOptions(providers=[kubernetes]),
 )
+# After the broker, which gives the base runners their configs and removes their registrations
+# (also on destroy: the base runners go first).
+runner_plane.add_base_runners(broker)
 
 seed: SeedCompatibility | None = None
 if config.gke and ci_identity is not None:

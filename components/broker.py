@@ -50,7 +50,8 @@ TOKEN_REVIEW_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
 
 #: Security-scanner findings that do not apply to the broker, each with its reason.
 _SKIP_TOKEN = ("CKV_K8S_38", "the broker creates, watches and deletes GPU runner pods through "
-               "this token; its only Role is in the runner namespace")
+               "this token; its only Role is in the runner namespace, its only cluster-wide "
+               "right is creating TokenReviews")
 
 
 def broker_url(namespace: str, service: str = contract.BROKER_NAME) -> str:
@@ -219,7 +220,9 @@ class RunnerBroker(pulumi.ComponentResource):
     credential, mounted read-only as a file into the broker and nowhere else (and a GHCR pull
     Secret for a private image); the broker's ServiceAccount, whose token the broker uses; a
     Role with exactly the spawner rules in the runner namespace, bound to that account (no Role
-    in the broker's namespace: nothing but the broker's mount reaches its Secrets); the
+    in the broker's namespace: nothing but the broker's mount reaches its Secrets); a
+    ClusterRole granting only `create` on `tokenreviews`, bound to that account (how the broker
+    checks the base runner pods' projected tokens); the
     Deployment (one replica, restricted, read-only root filesystem, probes); a ClusterIP
     Service; a NetworkPolicy letting only base runner pods reach the broker's port, and the
     broker reach only the Kubernetes API, GitHub and kube-dns.
@@ -300,7 +303,24 @@ class RunnerBroker(pulumi.ComponentResource):
                        "namespace": ns}],
             opts=child,
         )
-        needed += [role, binding]
+        # The one cluster-wide right: reviewing the base runner pods' projected tokens. Named
+        # after the broker's namespace, so two stacks sharing a cluster do not collide.
+        reviewer = k8s.rbac.v1.ClusterRole(
+            f"{name}-token-review-role",
+            metadata={"name": f"{args.namespace}-token-review", "labels": pod_labels},
+            rules=TOKEN_REVIEW_RULES,
+            opts=child,
+        )
+        reviewer_binding = k8s.rbac.v1.ClusterRoleBinding(
+            f"{name}-token-review-binding",
+            metadata={"name": f"{args.namespace}-token-review", "labels": pod_labels},
+            role_ref={"api_group": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                      "name": reviewer.metadata.name},
+            subjects=[{"kind": "ServiceAccount", "name": account.metadata.name,
+                       "namespace": ns}],
+            opts=child,
+        )
+        needed += [role, binding, reviewer, reviewer_binding]
 
         k8s.networking.v1.NetworkPolicy(
             f"{name}-network-policy",

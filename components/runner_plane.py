@@ -1,4 +1,4 @@
-"""`RunnerPlane`: the runner namespace, the base runner's registration PAT, the base runner."""
+"""`RunnerPlane`: the runner namespace and its single-use base runners, which hold no credential."""
 
 from __future__ import annotations
 
@@ -18,21 +18,30 @@ from pulumi_kubernetes.core.v1 import (
 
 from gpu_runners import contract
 
-#: Time a base runner pod gets after SIGTERM: the runner deregisters from GitHub (a fresh
-#: remove-token and `config.sh remove`), and a client call in flight asks the broker to remove
-#: what it created.
+#: Time a base runner pod gets after SIGTERM: the runner cancels its job, and a client call in
+#: flight asks the broker to remove what it created. (The broker removes the registration.)
 BASE_RUNNER_GRACE_SECONDS = 120
-PAT_VOLUME = "github-runner-pat"
+#: The base runner's projected token for the broker (never one for the API server).
+BROKER_IDENTITY_VOLUME = "broker-identity"
+#: Work directories on emptyDir: new and empty with every pod, so with every job; bounded.
+WORK_VOLUMES: tuple[tuple[str, str, str], ...] = (
+    ("work", "/home/runner/_work", "20Gi"),
+    ("tmp", "/tmp", "2Gi"),  # noqa: S108 - an emptyDir of its own mounted at /tmp
+)
+#: Pulumi deletes the Deployment with foreground propagation: `destroy` waits until its pods
+#: are gone, so the broker (removed after it) is still there to remove their registrations.
+DELETION_PROPAGATION_ANNOTATION = "pulumi.com/deletionPropagationPolicy"
 
 #: Security-scanner findings that do not apply to runner pods, each with its reason, as
 #: checkov reads them from an object's annotations (docs/security.md explains each).
 _SKIP_NO_PROBE = ("CKV_K8S_8", "the runner listener serves no endpoint; when it exits the "
-                  "container exits and is restarted")
+                  "broker replaces the pod")
 _SKIP_NO_READINESS = ("CKV_K8S_9", "no Service sends traffic to a runner")
 _SKIP_UID = ("CKV_K8S_40", "uid 1000 is the runner image's user and the seed guide's; no host "
              "namespace is shared")
 _SKIP_WRITABLE_ROOT = ("CKV_K8S_22", "the Actions runner writes its registration and "
-                       "diagnostics into its install directory")
+                       "diagnostics into its install directory; each pod runs one job and is "
+                       "replaced, so that layer is new for every job")
 
 
 def scanner_skips(*skips: tuple[str, str]) -> dict[str, str]:
@@ -56,9 +65,10 @@ SPAWNER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
 
 #: The label Kubernetes sets on every namespace to its name: what a NetworkPolicy selects on.
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
-#: Labels of the base runner's pods: the only pods the broker accepts connections from.
+#: Labels of the base runner's pods: the only pods the broker accepts connections from, and
+#: the only ones it gives a runner config.
 BASE_RUNNER_POD_LABELS = {contract.LABEL_NAME: contract.BASE_RUNNER_APP,
-                          contract.LABEL_COMPONENT: "runner"}
+                          contract.LABEL_COMPONENT: contract.BASE_RUNNER_COMPONENT}
 #: Egress to kube-dns, which name resolution needs whatever else a NetworkPolicy allows.
 KUBE_DNS_EGRESS: k8s.networking.v1.NetworkPolicyEgressRuleArgsDict = {
     "to": [{"namespace_selector": {"match_labels": {NAMESPACE_NAME_LABEL: "kube-system"}},
@@ -74,7 +84,8 @@ class RunnerPlaneArgs:
     namespace: str
     repository: str  # owner/name
     image: pulumi.Input[str]  # digest-pinned
-    #: The base runner's own registration PAT (until it registers as a JIT runner).
+    #: The runner PAT: only a seed-compatible stack keeps it in the runner namespace (the seed
+    #: guide's GPU pod manifest reads Secret `github-runner-pat`); base runners get none.
     runner_pat: pulumi.Input[str]
     #: Where the broker runs, and how jobs reach and authenticate to it (the client's env).
     broker_namespace: str
@@ -121,18 +132,22 @@ def restricted_container_security() -> SecurityContextArgsDict:
 class RunnerPlane(pulumi.ComponentResource):
     """Everything in the cluster that runs GitHub Actions jobs, in one namespace.
 
-    Creates: the namespace (Pod Security `restricted` enforced); the PAT Secret
-    `github-runner-pat` the base runner registers with (and a GHCR pull Secret for a private
-    image); ServiceAccounts for the base runner and the GPU pods, neither bound to any Role and
-    neither with a mounted token, since both run workflow code; the base runner Deployment
-    (label `base-runner`, CPU nodes, PAT mounted as a file, the broker client's settings);
-    NetworkPolicies denying all ingress, limiting egress, and letting base runner pods alone
-    reach the broker's port; a ResourceQuota capping GPUs and pods. The broker
-    (components/broker.py) alone creates, watches and deletes GPU runner pods here.
+    Creates: the namespace (Pod Security `restricted` enforced); a GHCR pull Secret for a
+    private image; ServiceAccounts for the base runner and the GPU pods, neither bound to any
+    Role and neither with an API-server token, since both run workflow code; NetworkPolicies
+    denying all ingress, limiting egress, and letting base runner pods alone reach the broker's
+    port; a ResourceQuota capping GPUs and pods. The broker (components/broker.py) alone
+    creates, watches and deletes GPU runner pods here.
+
+    `add_base_runners` then declares the base runner Deployment, once the broker exists: its
+    single-use pods (label `base-runner`, CPU nodes) hold no GitHub credential, only a
+    projected token for the broker, which gives each pod one JIT runner config and replaces
+    the pod after its job. With seed compatibility the PAT Secret `github-runner-pat` stays
+    for the seed guide's own manifests; nothing of this stack mounts it.
 
     Every object goes through the Kubernetes provider the caller passes in `opts.providers`.
 
-    Outputs: `namespace`, `base_runner`.
+    Outputs: `namespace`, `base_runner` (after `add_base_runners`).
     """
 
     namespace: pulumi.Output[str]
@@ -141,8 +156,11 @@ class RunnerPlane(pulumi.ComponentResource):
     def __init__(self, name: str, args: RunnerPlaneArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("gpu-runners:index:RunnerPlane", name, None, opts)
+        self._name = name
+        self._args = args
         child = pulumi.ResourceOptions(parent=self)
         labels = {contract.LABEL_PART_OF: contract.PART_OF}
+        self._labels = labels
 
         seed = args.seed_compatibility_user is not None
         namespace = k8s.core.v1.Namespace(
@@ -166,16 +184,18 @@ class RunnerPlane(pulumi.ComponentResource):
         def meta(object_name: str, **extra: str) -> k8s.meta.v1.ObjectMetaArgsDict:
             return {"name": object_name, "namespace": ns, "labels": {**labels, **extra}}
 
-        # The Secret's name is fixed (the seed guide's manifests and the runtime read it), so a
-        # changed token must delete the old Secret before creating its replacement.
-        pat_secret = k8s.core.v1.Secret(
-            f"{name}-pat",
-            metadata=meta(contract.PAT_SECRET_NAME),
-            type="Opaque",
-            string_data={contract.PAT_SECRET_KEY: args.runner_pat},
-            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
-        )
-        secrets_needed: list[pulumi.Resource] = [pat_secret]
+        secrets_needed: list[pulumi.Resource] = []
+        if seed:
+            # Seed compatibility only: the seed guide's GPU pod manifest reads this Secret (its
+            # name is fixed, so a changed token deletes the old Secret before creating the new).
+            # No pod of this stack mounts it.
+            k8s.core.v1.Secret(
+                f"{name}-pat",
+                metadata=meta(contract.PAT_SECRET_NAME),
+                type="Opaque",
+                string_data={contract.PAT_SECRET_KEY: args.runner_pat},
+                opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
+            )
         pull_secrets: list[k8s.core.v1.LocalObjectReferenceArgsDict] = []
         if args.image_pull_config is not None:
             pull_secret = k8s.core.v1.Secret(
@@ -192,8 +212,9 @@ class RunnerPlane(pulumi.ComponentResource):
             f"{name}-base-runner-sa",
             metadata=meta(contract.BASE_RUNNER_SERVICE_ACCOUNT),
             # The base runner runs the code of every job that names `base-runner`: its account
-            # is bound to nothing and its token is mounted nowhere. Jobs reach the broker with
-            # their own OIDC token instead.
+            # is bound to nothing and no API-server token of it is mounted. The pod's projected
+            # token is for the broker's base-runner audience only; jobs reach the broker with
+            # their own OIDC token.
             automount_service_account_token=False,
             opts=child,
         )
@@ -278,37 +299,69 @@ class RunnerPlane(pulumi.ComponentResource):
             opts=child,
         )
 
-        # What the entrypoint registers with (its own PAT) and what the broker client reads; the
-        # pod knows nothing of the cluster's GPU pools, images or limits: the broker decides.
+        self._namespace = namespace
+        self._service_account = base_sa
+        self._pull_secrets = pull_secrets
+        self._secrets_needed = secrets_needed
+        self.namespace = ns
+        self.register_outputs({"namespace": self.namespace})
+
+    def add_base_runners(self, broker: pulumi.Resource) -> k8s.apps.v1.Deployment:
+        """Declares the base runner Deployment, depending on the broker.
+
+        Pulumi deletes a resource before those it depends on: `destroy` removes the base
+        runners (and waits for their pods, see DELETION_PROPAGATION_ANNOTATION) while the
+        broker still runs, and the broker's last sweep removes their registrations. A
+        registration a broker could not remove (it was gone first) is never connected again,
+        and GitHub removes such a JIT registration by itself (within a day).
+
+        Args:
+            broker: The broker component (or its Deployment).
+
+        Returns:
+            The Deployment.
+        """
+        args, name = self._args, self._name
+        ns = self._namespace.metadata.name
+        # The entrypoint's broker mode and the job client's settings; the pod knows nothing of
+        # the cluster's GPU pools, images or limits (the broker decides), and holds no
+        # credential: only the token that proves the pod to the broker.
         client_env: list[EnvVarArgsDict] = [
-            {"name": contract.ENV_RUNNER_MODE, "value": "registration"},
-            {"name": contract.ENV_RUNNER_LABELS, "value": contract.BASE_RUNNER_LABEL},
-            {"name": contract.ENV_REPOSITORY, "value": args.repository},
-            {"name": contract.ENV_PAT_FILE,
-             "value": f"{contract.PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"},
+            {"name": contract.ENV_RUNNER_MODE, "value": "broker"},
             {"name": contract.ENV_BROKER_URL, "value": args.broker_url},
             {"name": contract.ENV_BROKER_AUDIENCE, "value": args.broker_audience},
+            {"name": contract.ENV_BROKER_TOKEN_FILE,
+             "value": f"{contract.BASE_RUNNER_TOKEN_DIR}/{contract.BASE_RUNNER_TOKEN_FILE}"},
         ]
-        pat_volume: VolumeArgsDict = {
-            "name": PAT_VOLUME,
-            # Readable by the runner's group only; the PAT never becomes an env variable.
-            "secret": {"secret_name": contract.PAT_SECRET_NAME, "default_mode": 0o440},
+        token_volume: VolumeArgsDict = {
+            "name": BROKER_IDENTITY_VOLUME,
+            "projected": {"sources": [{"service_account_token": {
+                # Not the API server's audience: the token is good for one broker call only.
+                "audience": contract.base_runner_audience(args.broker_audience),
+                "expiration_seconds": contract.BASE_RUNNER_TOKEN_SECONDS,
+                "path": contract.BASE_RUNNER_TOKEN_FILE,
+            }}]},
         }
-        pat_mount: VolumeMountArgsDict = {"name": PAT_VOLUME, "mount_path": contract.PAT_MOUNT_DIR,
-                                          "read_only": True}
+        volumes: list[VolumeArgsDict] = [token_volume] + [
+            {"name": volume, "empty_dir": {"size_limit": limit}}
+            for volume, _, limit in WORK_VOLUMES]
+        mounts: list[VolumeMountArgsDict] = [
+            {"name": BROKER_IDENTITY_VOLUME, "mount_path": contract.BASE_RUNNER_TOKEN_DIR,
+             "read_only": True}]
+        mounts += [{"name": volume, "mount_path": path} for volume, path, _ in WORK_VOLUMES]
         pod: PodSpecArgsDict = {
             "termination_grace_period_seconds": BASE_RUNNER_GRACE_SECONDS,
-            "service_account_name": base_sa.metadata.name,
+            "service_account_name": self._service_account.metadata.name,
             "automount_service_account_token": False,
             "node_selector": {contract.NODE_GPU_LABEL: "false"},
             "security_context": restricted_pod_security(),
-            "volumes": [pat_volume],
+            "volumes": volumes,
             "containers": [{
-                "name": "runner",
+                "name": contract.BASE_RUNNER_CONTAINER,
                 "image": args.image,
                 "image_pull_policy": "IfNotPresent",
                 "env": client_env,
-                "volume_mounts": [pat_mount],
+                "volume_mounts": mounts,
                 "resources": {
                     "requests": {"cpu": args.base_runner_cpu, "memory": args.base_runner_memory},
                     "limits": {"cpu": args.base_runner_cpu, "memory": args.base_runner_memory},
@@ -316,15 +369,18 @@ class RunnerPlane(pulumi.ComponentResource):
                 "security_context": restricted_container_security(),
             }],
         }
-        if pull_secrets:
-            pod["image_pull_secrets"] = pull_secrets
+        if self._pull_secrets:
+            pod["image_pull_secrets"] = self._pull_secrets
 
+        labels = self._labels
         base_labels = {**labels, **BASE_RUNNER_POD_LABELS}
         base_runner = k8s.apps.v1.Deployment(
             f"{name}-base-runner",
-            metadata={**meta(contract.BASE_RUNNER_APP), "labels": base_labels,
-                      "annotations": scanner_skips(_SKIP_NO_PROBE, _SKIP_NO_READINESS,
-                                                   _SKIP_UID, _SKIP_WRITABLE_ROOT)},
+            metadata={"name": contract.BASE_RUNNER_APP, "namespace": ns, "labels": base_labels,
+                      "annotations": {
+                          **scanner_skips(_SKIP_NO_PROBE, _SKIP_NO_READINESS, _SKIP_UID,
+                                          _SKIP_WRITABLE_ROOT),
+                          DELETION_PROPAGATION_ANNOTATION: "foreground"}},
             spec={
                 "replicas": args.base_runner_replicas,
                 "selector": {"match_labels": {contract.LABEL_NAME: contract.BASE_RUNNER_APP}},
@@ -335,12 +391,13 @@ class RunnerPlane(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(
                 parent=self,
-                # Destroy removes the base runner before the PAT it deregisters from GitHub with.
-                depends_on=secrets_needed,
-                custom_timeouts=pulumi.CustomTimeouts(create="10m", update="10m"),
+                # Destroy removes the base runners before the broker that removes their
+                # registrations (and before the pull Secret their pods need).
+                depends_on=[*self._secrets_needed, broker],
+                custom_timeouts=pulumi.CustomTimeouts(create="10m", update="10m",
+                                                      delete="10m"),
             ),
         )
-
-        self.namespace = ns
         self.base_runner = base_runner.metadata.name
         self.register_outputs({"namespace": self.namespace, "base_runner": self.base_runner})
+        return base_runner

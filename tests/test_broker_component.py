@@ -124,7 +124,18 @@ def test_credential_is_a_pulumi_secret_mounted_read_only_into_the_broker_only(
 def test_no_role_reaches_the_brokers_namespace_and_none_is_cluster_wide(dev: ProgramRun) -> None:
     assert manifests(dev, "Role", BROKER_NS) == []
     assert manifests(dev, "RoleBinding", BROKER_NS) == []
-    assert manifests(dev, "ClusterRole") == [] and manifests(dev, "ClusterRoleBinding") == []
+    # The only cluster-wide right: the broker's account may create TokenReviews, nothing else
+    # (not system:auth-delegator, which adds SubjectAccessReviews).
+    (cluster_role,) = manifests(dev, "ClusterRole")
+    assert cluster_role["rules"] == [{"apiGroups": ["authentication.k8s.io"],
+                                      "resources": ["tokenreviews"], "verbs": ["create"]}]
+    (cluster_binding,) = manifests(dev, "ClusterRoleBinding")
+    assert cluster_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                          "kind": "ClusterRole",
+                                          "name": cluster_role["metadata"]["name"]}
+    assert cluster_binding["subjects"] == [{"kind": "ServiceAccount",
+                                            "name": contract.BROKER_NAME,
+                                            "namespace": BROKER_NS}]
     # The only rights over Secrets anywhere are the broker's, in the runner namespace.
     secret_rules = [(role["metadata"]["namespace"], role["metadata"]["name"])
                     for role in manifests(dev, "Role")

@@ -1,7 +1,9 @@
-"""The runner plane: namespace, the base runner's PAT, the base runner, in both cluster modes.
+"""The runner plane: namespace, the single-use base runners, in both cluster modes.
 
-The base runner runs workflow code: it holds no Kubernetes right and no token, and reaches the
-broker (tests/test_broker_component.py) only through its OIDC-authenticated client.
+The base runner runs workflow code: it holds no Kubernetes right, no API-server token and no
+GitHub credential. Its pod proves itself to the broker with a projected token for the broker's
+base-runner audience; its jobs reach the broker (tests/test_broker_component.py) with their own
+OIDC tokens.
 """
 
 from __future__ import annotations
@@ -113,8 +115,18 @@ def test_both_namespaces_enforce_restricted_pod_security(dev: ProgramRun) -> Non
         assert labels["pod-security.kubernetes.io/enforce-version"] == "latest"
 
 
-def test_pat_secret_uses_the_seed_names_and_is_a_pulumi_secret(dev: ProgramRun) -> None:
-    (secret,) = [r for r in dev.of_type("kubernetes:core/v1:Secret")
+def test_no_github_credential_in_the_runner_namespace_outside_seed_compatibility(
+        dev: ProgramRun, private_image: ProgramRun) -> None:
+    for run in (dev, private_image):
+        names = [r.manifest()["metadata"]["name"] for r in run.of_type("kubernetes:core/v1:Secret")
+                 if r.inputs["metadata"]["namespace"] == contract.DEFAULT_NAMESPACE]
+        assert contract.PAT_SECRET_NAME not in names
+        assert set(names) <= {contract.IMAGE_PULL_SECRET_NAME}
+
+
+def test_seed_compatibility_keeps_the_pat_secret_under_the_seed_names() -> None:
+    seed = run_program("dev", {"seedCompatibility": True, "imagePrivate": False})
+    (secret,) = [r for r in seed.of_type("kubernetes:core/v1:Secret")
                  if r.inputs["metadata"]["namespace"] == contract.DEFAULT_NAMESPACE]
     manifest = secret.manifest()
     assert manifest["metadata"]["name"] == "github-runner-pat"
@@ -139,29 +151,45 @@ def test_pat_reaches_no_env_var_no_plaintext_input_and_no_output(dev: ProgramRun
         assert pat not in json.dumps(value) or name in dev.secret_outputs, name
 
 
-def test_base_runner_mounts_no_secret_but_its_own_registration_pat(dev: ProgramRun,
-                                                                   private_image: ProgramRun
-                                                                   ) -> None:
-    for run in (dev, private_image):
-        spec = base_runner(run)["spec"]["template"]["spec"]
-        mounted = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-        projected = [v for v in spec["volumes"] if "projected" in v]
-        assert mounted == [contract.PAT_SECRET_NAME] and projected == []
-        (container,) = spec["containers"]
-        assert all("secretKeyRef" not in e.get("valueFrom", {}) for e in container["env"])
-        assert "envFrom" not in container
-
-
-def test_base_runner_mounts_the_pat_as_a_read_only_file(dev: ProgramRun) -> None:
-    spec = base_runner(dev)["spec"]["template"]["spec"]
-    (volume,) = [v for v in spec["volumes"] if "secret" in v]
-    assert volume["secret"]["secretName"] == contract.PAT_SECRET_NAME
+@pytest.mark.parametrize("variant", ["dev", "private image", "seed compatibility"])
+def test_a_job_on_a_base_runner_finds_no_github_credential_in_its_pod(variant: str) -> None:
+    run = {"dev": lambda: run_program("dev", {"imagePrivate": False}),
+           "private image": lambda: run_program("dev", {"imagePrivate": True}),
+           "seed compatibility": lambda: run_program("dev", {"seedCompatibility": True})
+           }[variant]()
+    spec = base_runner(run)["spec"]["template"]["spec"]
+    # No Secret volume at all (the PAT, an App key), no Secret in the environment.
+    assert [v for v in spec["volumes"] if "secret" in v] == []
     (container,) = spec["containers"]
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-    assert mount == {"name": volume["name"], "mountPath": contract.PAT_MOUNT_DIR,
+    assert all("valueFrom" not in e for e in container["env"])
+    assert "envFrom" not in container
+    text = json.dumps(spec)
+    assert TEST_SECRETS["runnerPat"] not in text and contract.PAT_MOUNT_DIR not in text
+    assert contract.ENV_PAT_FILE not in text
+
+
+def test_base_runner_mounts_only_a_short_lived_token_for_the_broker(dev: ProgramRun) -> None:
+    spec = base_runner(dev)["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    (projected,) = [v for v in spec["volumes"] if "projected" in v]
+    # One source: a token for the broker's base-runner audience (never the API server's),
+    # for the least lifetime the API server allows. No CA bundle, no namespace file.
+    assert projected["projected"]["sources"] == [{"serviceAccountToken": {
+        "audience": contract.base_runner_audience(contract.DEFAULT_BROKER_AUDIENCE),
+        "expirationSeconds": 600, "path": contract.BASE_RUNNER_TOKEN_FILE}}]
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == projected["name"]]
+    assert mount == {"name": projected["name"], "mountPath": contract.BASE_RUNNER_TOKEN_DIR,
                      "readOnly": True}
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env[contract.ENV_PAT_FILE] == f"{contract.PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"
+
+
+def test_base_runner_work_directories_are_empty_dirs_of_the_pod(dev: ProgramRun) -> None:
+    spec = base_runner(dev)["spec"]["template"]["spec"]
+    empty = {v["name"]: v["emptyDir"] for v in spec["volumes"] if "emptyDir" in v}
+    (container,) = spec["containers"]
+    mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounted["/home/runner/_work"] in empty and mounted["/tmp"] in empty
+    assert all("sizeLimit" in volume for volume in empty.values())
 
 
 def test_base_runner_deployment_listens_for_base_runner_jobs_on_cpu_nodes(
@@ -178,10 +206,10 @@ def test_base_runner_deployment_listens_for_base_runner_jobs_on_cpu_nodes(
                                       "limits": {"cpu": "1", "memory": "4Gi"}}
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env == {
-        contract.ENV_RUNNER_MODE: "registration",
-        contract.ENV_RUNNER_LABELS: "base-runner",
-        contract.ENV_REPOSITORY: "Acme-ML/Vision-Models",
-        contract.ENV_PAT_FILE: f"{contract.PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}",
+        # The entrypoint asks the broker for the pod's one JIT config with its token.
+        contract.ENV_RUNNER_MODE: "broker",
+        contract.ENV_BROKER_TOKEN_FILE:
+            f"{contract.BASE_RUNNER_TOKEN_DIR}/{contract.BASE_RUNNER_TOKEN_FILE}",
         # The client's settings; the cluster's pools, images and limits are the broker's.
         contract.ENV_BROKER_URL: dev.outputs["brokerUrl"],
         contract.ENV_BROKER_AUDIENCE: contract.DEFAULT_BROKER_AUDIENCE,
@@ -195,6 +223,10 @@ def test_base_runner_client_follows_the_configured_broker_namespace_and_audience
     assert env[contract.ENV_BROKER_URL] == "http://gpu-runners-broker.ci-broker.svc:8080"
     assert env[contract.ENV_BROKER_URL] == run.outputs["brokerUrl"]
     assert env[contract.ENV_BROKER_AUDIENCE] == "acme-gpu" == run.outputs["brokerAudience"]
+    (projected,) = [v for v in base_runner(run)["spec"]["template"]["spec"]["volumes"]
+                    if "projected" in v]
+    (source,) = projected["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == "acme-gpu/base-runner"
 
 
 def test_prod_runs_two_base_runners(run_prod: ProgramRun) -> None:
@@ -245,7 +277,10 @@ def test_the_accounts_of_pods_that_run_workflow_code_have_no_rights(variant: str
         assert not (subject["kind"] == "Group"
                     and subject["name"].startswith(("system:serviceaccounts",
                                                     "system:authenticated"))), binding
-    assert by_kind(run, "ClusterRoleBinding", namespace=None) == []
+    # The one ClusterRoleBinding is the broker's, to review tokens (tests/test_broker_component).
+    assert [(b["roleRef"]["name"], [s["name"] for s in b["subjects"]])
+            for b in by_kind(run, "ClusterRoleBinding", namespace=None)] == [
+        (f"{contract.DEFAULT_BROKER_NAMESPACE}-token-review", [contract.BROKER_NAME])]
     accounts = {a["metadata"]["name"]: a for a in by_kind(run, "ServiceAccount")}
     assert set(accounts) == workflow_accounts
     for account in accounts.values():
@@ -258,7 +293,8 @@ def test_the_accounts_of_pods_that_run_workflow_code_have_no_rights(variant: str
 def test_no_role_in_the_runner_namespace_but_the_brokers(dev: ProgramRun) -> None:
     (role,) = by_kind(dev, "Role")
     assert role["metadata"]["name"] == contract.BROKER_NAME
-    assert [name for name, _ in subjects_bound(dev)] == [contract.BROKER_NAME]
+    assert [name for name, _ in subjects_bound(dev)] == [
+        contract.BROKER_NAME, f"{contract.DEFAULT_BROKER_NAMESPACE}-token-review"]
 
 
 def network_policies(run: ProgramRun) -> dict[str, dict[str, Any]]:
@@ -328,14 +364,19 @@ def test_private_image_gets_a_pull_secret_used_by_every_pod(private_image: Progr
 def test_public_image_needs_no_pull_secret(dev: ProgramRun) -> None:
     names = sorted(r.manifest()["metadata"]["name"]
                    for r in dev.of_type("kubernetes:core/v1:Secret"))
-    assert names == [contract.BROKER_PAT_SECRET_NAME, contract.PAT_SECRET_NAME]
+    assert names == [contract.BROKER_PAT_SECRET_NAME]
 
 
-def test_destroy_removes_the_base_runner_before_its_pat_secret(dev: ProgramRun) -> None:
-    # Pulumi deletes a resource before the resources it depends on.
+def test_destroy_removes_the_base_runners_before_the_broker_and_waits_for_their_pods(
+        dev: ProgramRun) -> None:
+    # Pulumi deletes a resource before the resources it depends on: the broker is still there
+    # to remove the base runners' registrations once their pods are gone.
     deployment = dev.one(DEPLOYMENT, BASE_RUNNER)
-    secret = dev.one("kubernetes:core/v1:Secret", "runners-pat")
-    assert secret.urn in deployment.dependencies
+    # (Depending on the broker component is depending on each of its children.)
+    broker = dev.one(DEPLOYMENT, "broker-deployment")
+    assert broker.urn in deployment.dependencies
+    annotations = deployment.manifest()["metadata"]["annotations"]
+    assert annotations["pulumi.com/deletionPropagationPolicy"] == "foreground"
 
 
 def test_every_kubernetes_object_goes_through_the_explicit_provider(
@@ -370,7 +411,6 @@ def test_dev_declares_the_runner_plane_objects(dev: ProgramRun) -> None:
         "NetworkPolicy/base-runner-to-broker",
         "NetworkPolicy/runner-pods",
         "ResourceQuota/gpu-runners",
-        "Secret/github-runner-pat",
         "ServiceAccount/base-runner",
         "ServiceAccount/gpu-runner",
     ]
@@ -398,5 +438,7 @@ def test_seed_compatibility_binds_the_ci_account_and_relaxes_the_namespace_to_ba
 
 
 def test_without_seed_compatibility_no_human_or_ci_identity_is_bound(dev: ProgramRun) -> None:
-    assert [s["kind"] for _, s in subjects_bound(dev)] == ["ServiceAccount"]
+    # The broker's account only, in its RoleBinding and its TokenReview ClusterRoleBinding.
+    assert [(s["kind"], s["name"]) for _, s in subjects_bound(dev)] == [
+        ("ServiceAccount", contract.BROKER_NAME)] * 2
     assert [b["metadata"]["name"] for b in by_kind(dev, "RoleBinding")] == [contract.BROKER_NAME]
