@@ -482,11 +482,15 @@ def validate_no_rights_for_workflow_pods(args: ResourceValidationArgs,
 
 def validate_workflow_pods_mount_no_token(args: ResourceValidationArgs,
                                          report_violation: ReportViolation) -> None:
-    """Pods that run workflow code mount no ServiceAccount token.
+    """Pods that run workflow code mount no token the Kubernetes API accepts.
 
     A pod of the base runner's or a GPU runner's account sets
     `automountServiceAccountToken: false`: job code then has no credential for the Kubernetes
-    API at all, whatever RBAC says.
+    API at all, whatever RBAC says. The one projected token allowed is the base runner's proof
+    of itself to the broker: account `base-runner`, a single `serviceAccountToken` source whose
+    audience is the broker's base-runner audience (`contract.base_runner_audience` of the
+    GPU_RUNNERS_BROKER_AUDIENCE its containers are given; never empty, which would mean the
+    API server's) and whose `expirationSeconds` is at most BASE_RUNNER_TOKEN_SECONDS.
 
     Args:
         args: The resource being checked.
@@ -496,11 +500,39 @@ def validate_workflow_pods_mount_no_token(args: ResourceValidationArgs,
     if pod_spec is None:
         return
     account = pod_spec.get("serviceAccountName")
-    if account in WORKFLOW_SERVICE_ACCOUNTS and pod_spec.get(
-            "automountServiceAccountToken") is not False:
-        report_violation(f"{_describe(args.resource_type, args.name)} runs workflow code as "
-                         f"'{account}' and may mount its token: set "
-                         f"automountServiceAccountToken: false in the pod spec.", None)
+    if account not in WORKFLOW_SERVICE_ACCOUNTS:
+        return
+    resource = _describe(args.resource_type, args.name)
+    if pod_spec.get("automountServiceAccountToken") is not False:
+        report_violation(f"{resource} runs workflow code as '{account}' and may mount its "
+                         f"token: set automountServiceAccountToken: false in the pod spec.", None)
+    audiences = {_mapping(env).get("value") for _, container in _containers(pod_spec)
+                 for env in _sequence(container.get("env"))
+                 if _mapping(env).get("name") == contract.ENV_BROKER_AUDIENCE}
+    allowed = ({contract.base_runner_audience(str(a)) for a in audiences if a}
+               if account == contract.BASE_RUNNER_SERVICE_ACCOUNT else set())
+    for volume in _sequence(pod_spec.get("volumes")):
+        volume = _mapping(volume)
+        for source in _sequence(_path(volume, "projected", "sources")):
+            if "serviceAccountToken" not in _mapping(source):
+                continue
+            token = _mapping(_mapping(source).get("serviceAccountToken"))
+            where = f"{resource}: volume '{volume.get('name')}'"
+            audience = token.get("audience")
+            expiry = token.get("expirationSeconds")
+            if audience not in allowed or len(allowed) != 1:
+                report_violation(
+                    f"{where} projects a '{account}' token for audience {audience!r}: a pod "
+                    f"that runs workflow code may hold only the base runner's token for the "
+                    f"broker (account '{contract.BASE_RUNNER_SERVICE_ACCOUNT}', audience "
+                    f"'<{contract.ENV_BROKER_AUDIENCE}>{contract.BASE_RUNNER_AUDIENCE_SUFFIX}')"
+                    f", never one the API server accepts.", None)
+            # Numbers reach a policy as floats.
+            elif isinstance(expiry, bool) or not isinstance(expiry, (int, float)) or \
+                    expiry > contract.BASE_RUNNER_TOKEN_SECONDS:
+                report_violation(
+                    f"{where} projects the broker token with expirationSeconds {expiry!r}: set "
+                    f"at most {contract.BASE_RUNNER_TOKEN_SECONDS}.", None)
 
 
 def broker_namespaces(resources: Sequence[PolicyResource]) -> set[str]:
@@ -724,7 +756,8 @@ POLICIES: list[ResourceValidationPolicy | StackValidationPolicy] = [
     ),
     ResourceValidationPolicy(
         name="workflow-pods-mount-no-token",
-        description="Pods that run workflow code mount no ServiceAccount token.",
+        description="Pods that run workflow code mount no ServiceAccount token the API server "
+                    "accepts (the base runner's short-lived token for the broker aside).",
         validate=validate_workflow_pods_mount_no_token,
         enforcement_level=EnforcementLevel.MANDATORY,
     ),

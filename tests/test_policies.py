@@ -628,6 +628,52 @@ def test_gpu_pod_without_a_token_and_the_brokers_pod_with_one_pass() -> None:
                       broker) == []
 
 
+def base_runner_with_token(*, audience: str | None, expiration: int | None = 600,
+                           account: str = contract.BASE_RUNNER_SERVICE_ACCOUNT,
+                           broker_audience: str = "acme-gpu") -> dict[str, Any]:
+    """A base runner Deployment projecting one ServiceAccount token (None: a field left out)."""
+    container = restricted_container()
+    container["env"] = [{"name": contract.ENV_BROKER_AUDIENCE, "value": broker_audience}]
+    token: dict[str, Any] = {"path": "token"}
+    if audience is not None:
+        token["audience"] = audience
+    if expiration is not None:
+        token["expiration_seconds"] = expiration
+    return deployment(service_account_name=account, containers=[container], volumes=[
+        {"name": "broker-identity", "projected": {"sources": [{"service_account_token": token}]}}])
+
+
+def test_the_base_runners_short_lived_broker_token_is_the_one_allowed() -> None:
+    props = base_runner_with_token(audience="acme-gpu/base-runner", expiration=600)
+    assert violations("workflow-pods-mount-no-token", "kubernetes:apps/v1:Deployment",
+                      props) == []
+
+
+@pytest.mark.parametrize(("case", "props"), [
+    ("the API server's audience (none given)", base_runner_with_token(audience=None)),
+    ("another audience", base_runner_with_token(audience="https://kubernetes.default.svc")),
+    ("the jobs' OIDC audience", base_runner_with_token(audience="acme-gpu")),
+    ("another broker's audience", base_runner_with_token(audience="other/base-runner")),
+    ("a GPU runner's account", base_runner_with_token(
+        audience="acme-gpu/base-runner", account=contract.GPU_RUNNER_SERVICE_ACCOUNT)),
+])
+def test_a_workflow_pod_token_for_anything_but_the_broker_is_rejected(
+        case: str, props: dict[str, Any]) -> None:
+    [message] = violations("workflow-pods-mount-no-token", "kubernetes:apps/v1:Deployment",
+                           props, name="br")
+    assert "never one the API server accepts" in message, case
+
+
+@pytest.mark.parametrize("expiration", [601, 3600, None])
+def test_a_broker_token_living_longer_than_600_seconds_is_rejected(
+        expiration: int | None) -> None:
+    props = base_runner_with_token(audience="acme-gpu/base-runner", expiration=expiration)
+    [message] = violations("workflow-pods-mount-no-token", "kubernetes:apps/v1:Deployment",
+                           props, name="br")
+    assert "projects the broker token with expirationSeconds" in message
+    assert message.endswith(": set at most 600.")
+
+
 def broker_namespace_resource() -> PolicyResource:
     return stack_resource(policies.K8S_NAMESPACE, "broker-namespace", wire_props(
         k8s.core.v1.NamespaceInitArgs, {"metadata": {
