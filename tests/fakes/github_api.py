@@ -413,6 +413,20 @@ class FakeGitHub:
                 runner["busy"] = False
             self._changed.notify_all()
 
+    def finish_job(self, name: str) -> None:
+        """The runner named `name` ran its one job: GitHub removes its ephemeral (JIT)
+        registration, as it does after the job of a single-use runner.
+
+        Raises:
+            KeyError: No runner of that name.
+        """
+        with self._changed:
+            runner = self.runner_named(name)
+            if runner is None:
+                raise KeyError(f"finish_job: no runner named {name!r}")
+            del self.runners[runner["id"]]
+            self._changed.notify_all()
+
     def set_run_status(self, run_id: int, status: str, conclusion: str | None = None) -> None:
         """Creates or updates a workflow run; a completed run needs a conclusion, others none."""
         if status not in RUN_STATUSES:
