@@ -2,12 +2,19 @@
 # Entrypoint of the runner image: registers a GitHub Actions self-hosted runner and runs it.
 # It is started in the runner's folder (the image's WORKDIR), next to config.sh and run.sh.
 #
-# RUNNER_MODE chooses one of two modes:
-#   registration (default)  The base runner, and the seed guide's runner pods. Asks the GitHub
-#       REST API for a registration token with a PAT, configures the runner under the pod's
-#       hostname (unique per pod; an offline registration under that name, left by the pod's
-#       earlier container, is replaced, an online one never), runs it, and on INT / TERM stops
-#       it, removes it from GitHub with a fresh remove token and exits 130 / 143.
+# RUNNER_MODE chooses one of three modes:
+#   registration (default)  The seed guide's runner pods. Asks the GitHub REST API for a
+#       registration token with a PAT, configures the runner under the pod's hostname (unique
+#       per pod; an offline registration under that name, left by the pod's earlier container,
+#       is replaced, an online one never), runs it, and on INT / TERM stops it, removes it from
+#       GitHub with a fresh remove token and exits 130 / 143.
+#   broker  The stack's single-use base runner. Shows the runner broker the pod's projected
+#       ServiceAccount token (GPU_RUNNERS_BROKER_TOKEN_FILE) and gets the pod's one JIT config
+#       (POST <GPU_RUNNERS_BROKER_URL>/v1/base-runner/config), then runs it as jit mode does. No
+#       GitHub credential: the broker registers the runner under the pod's name, removes the
+#       registration when the pod goes, and replaces the pod after its one job. The broker is
+#       asked again on 5xx and network errors (the token file is read afresh each time: the
+#       kubelet rotates it); 401, 403 and 409 end the script with one line that says why.
 #   jit  A per-run GPU runner. Runs the single-use JIT config that gpu_runners minted, handed
 #       to the runner in ACTIONS_RUNNER_INPUT_JITCONFIG, never on a command line; there is no
 #       token in its environment and it makes no API call.
@@ -21,6 +28,9 @@
 #   GITHUB_RUNNER_LABEL    comma-separated labels of the runner (the seed guide's name)
 #   RUNNER_EPHEMERAL       true: take one job, then leave GitHub (default false)
 #   RUNNER_JITCONFIG_FILE  jit mode: file holding the encoded JIT config
+#   GPU_RUNNERS_BROKER_URL         broker mode: the broker's URL, e.g. http://<svc>.<ns>.svc:8080
+#   GPU_RUNNERS_BROKER_TOKEN_FILE  broker mode: the projected token (default
+#                          /var/run/secrets/gpu-runners-broker/token)
 #   GITHUB_API_URL         default https://api.github.com
 #   GITHUB_SERVER_URL      default https://github.com
 #   RUNNER_API_RETRY_BASE_SECONDS  first pause between two tries of an API request, doubled per
@@ -33,9 +43,9 @@
 # what is wrong.
 #
 # Exit codes: the runner's own status when it stops by itself; 130 after INT, 143 after TERM;
-# config.sh's status when it fails; 2 a variable or file is missing or invalid; 3 GitHub refused
-# (401, 403, 404, another 4xx) or a live runner already has this pod's name; 4 GitHub could not
-# be reached, or kept failing, within the retry budget.
+# config.sh's status when it fails; 2 a variable or file is missing or invalid; 3 GitHub or the
+# broker refused (401, 403, 404, 409, another 4xx) or a live runner already has this pod's name;
+# 4 GitHub or the broker could not be reached, or kept failing, within the retry budget.
 #
 # The PAT is never printed and never on a command line (curl reads the Authorization header from
 # stdin); it is removed from the environment the runner and its jobs inherit. The one-hour
@@ -45,6 +55,8 @@
 set -euo pipefail
 
 readonly DEFAULT_PAT_FILE=/var/run/secrets/github-runner/token
+readonly DEFAULT_BROKER_TOKEN_FILE=/var/run/secrets/gpu-runners-broker/token
+readonly BROKER_CONFIG_PATH=/v1/base-runner/config
 readonly DEFAULT_API_URL=https://api.github.com
 readonly DEFAULT_SERVER_URL=https://github.com
 readonly API_VERSION=2022-11-28
@@ -94,12 +106,7 @@ read_settings() {
   [[ $server_url =~ ^https?://[^[:space:]]+$ ]] ||
     die 2 "GITHUB_SERVER_URL is '$server_url'; it must be an http(s) URL such as $DEFAULT_SERVER_URL"
 
-  retry_base=${RUNNER_API_RETRY_BASE_SECONDS:-2}
-  max_wait=${RUNNER_API_MAX_WAIT_SECONDS:-120}
-  is_number "$retry_base" ||
-    die 2 "RUNNER_API_RETRY_BASE_SECONDS is '$retry_base'; it must be a number of seconds"
-  is_number "$max_wait" ||
-    die 2 "RUNNER_API_MAX_WAIT_SECONDS is '$max_wait'; it must be a number of seconds"
+  read_retry_settings
 
   local organization=${GITHUB_ORG:-} repository=${GITHUB_REPOSITORY:-}
   if [[ -n $organization ]]; then
@@ -137,6 +144,15 @@ read_settings() {
     false | False | FALSE | 0 | no | '') ephemeral=false ;;
     *) die 2 "RUNNER_EPHEMERAL is '${RUNNER_EPHEMERAL}'; allowed: true, false (or 1, 0)" ;;
   esac
+}
+
+read_retry_settings() {
+  retry_base=${RUNNER_API_RETRY_BASE_SECONDS:-2}
+  max_wait=${RUNNER_API_MAX_WAIT_SECONDS:-120}
+  is_number "$retry_base" ||
+    die 2 "RUNNER_API_RETRY_BASE_SECONDS is '$retry_base'; it must be a number of seconds"
+  is_number "$max_wait" ||
+    die 2 "RUNNER_API_MAX_WAIT_SECONDS is '$max_wait'; it must be a number of seconds"
 }
 
 # Sets `pat` and `pat_source`, and takes GITHUB_RUNNER_PAT out of the environment: the runner's
@@ -188,7 +204,8 @@ fits_budget() { # waited, delay, budget
   awk -v waited="$1" -v delay="$2" -v budget="$3" 'BEGIN { exit !(waited + delay <= budget) }'
 }
 
-# Prints the `message` of a GitHub error body on one line (GitHub's 422 messages span several).
+# Prints the `message` of a GitHub (or broker) error body on one line (GitHub's 422 messages span
+# several).
 github_message() {
   printf '%s' "$1" | jq -r '.message? // empty | gsub("\\s+"; " ")' 2>/dev/null || true
 }
@@ -454,11 +471,102 @@ run_jit() {
   exec ./run.sh
 }
 
+# --- Broker mode --------------------------------------------------------------------------------
+
+# Sets `jit_config` to the pod's one runner config, asking the broker with the pod's token;
+# retried within the retry budget on 5xx, 429 and network errors, fatal on anything else.
+request_base_runner_config() {
+  local url="$broker_url$BROKER_CONFIG_PATH" try=0 waited=0 delay output body status
+  local curl_status message problem token
+  while :; do
+    try=$((try + 1))
+    # Read afresh on every try: the kubelet replaces the token before it expires.
+    [[ -f $token_file && -r $token_file ]] ||
+      die 2 "GPU_RUNNERS_BROKER_TOKEN_FILE names $token_file, which cannot be read (is the projected token volume mounted?)"
+    token=$(<"$token_file")
+    token=${token//[[:space:]]/}
+    [[ -n $token ]] || die 2 "the token file $token_file is empty"
+    curl_status=0
+    output=$(printf 'Authorization: Bearer %s\n' "$token" |
+      curl --silent --request POST --header @- --header 'Accept: application/json' \
+        --user-agent gpu-runners-entrypoint \
+        --connect-timeout 10 --max-time "$REQUEST_TIMEOUT_SECONDS" \
+        --write-out '\n%{http_code}' "$url") || curl_status=$?
+    token=""
+    status=${output##*$'\n'}
+    body=${output%$'\n'*}
+
+    if ((curl_status != 0)); then
+      [[ $RETRYABLE_CURL_CODES == *" $curl_status "* ]] ||
+        die 4 "cannot send POST $url (curl exit status $curl_status)"
+      problem="no answer from the broker (curl exit status $curl_status)"
+    else
+      message=$(github_message "$body")
+      case $status in
+        200)
+          jit_config=$(printf '%s' "$body" | jq -r '.encoded_jit_config // empty' 2>/dev/null) ||
+            jit_config=""
+          [[ -n $jit_config ]] || die 4 "the broker's answer to POST $url holds no runner config"
+          return 0
+          ;;
+        401)
+          die 3 "the broker did not accept the token in $token_file (401${message:+: $message}): the pod's projected volume must hold a ServiceAccount token for the broker's base-runner audience"
+          ;;
+        403)
+          die 3 "the broker refused this pod (403${message:+: $message}): only pods of the base runner Deployment, running as ServiceAccount base-runner, get a runner config"
+          ;;
+        409)
+          die 3 "this pod had its one runner config already (409${message:+: $message}); the broker replaces the pod with a fresh one"
+          ;;
+        429 | 5??)
+          problem="the broker answered $status${message:+: $message}"
+          ;;
+        *)
+          die 3 "the broker answered $status to POST $url${message:+: $message}"
+          ;;
+      esac
+    fi
+
+    ((try < MAX_ATTEMPTS)) || die 4 "gave up on POST $url after $try tries: $problem"
+    delay=$(backoff_seconds "$try")
+    fits_budget "$waited" "$delay" "$max_wait" ||
+      die 4 "gave up on POST $url: $problem, and waiting ${delay}s more would exceed the retry budget of ${max_wait}s (RUNNER_API_MAX_WAIT_SECONDS)"
+    log "POST $url: $problem; trying again in ${delay}s (try $((try + 1)) of $MAX_ATTEMPTS)"
+    pause "$delay"
+    waited=$(awk -v a="$waited" -v b="$delay" 'BEGIN { print a + b }')
+  done
+}
+
+run_broker() {
+  [[ -x ./run.sh ]] || die 2 "$PWD is not a runner folder (no executable run.sh)"
+  # bash as a container's PID 1 ignores signals it has no trap for.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  read_retry_settings
+  broker_url=${GPU_RUNNERS_BROKER_URL:-}
+  broker_url=${broker_url%/}
+  [[ $broker_url =~ ^https?://[^[:space:]]+$ ]] ||
+    die 2 "GPU_RUNNERS_BROKER_URL is '$broker_url'; in broker mode it must be the broker's http(s) URL, e.g. http://gpu-runners-broker.gpu-runners-broker.svc:8080"
+  token_file=${GPU_RUNNERS_BROKER_TOKEN_FILE:-$DEFAULT_BROKER_TOKEN_FILE}
+
+  log "asking the broker at $broker_url for this pod's runner config"
+  request_base_runner_config
+  scrub_credentials
+  log "starting the single-use runner the broker registered for this pod"
+  # As in jit mode: the runner takes the config from ACTIONS_RUNNER_INPUT_JITCONFIG and drops it
+  # from its listener's environment; never on a command line.
+  export ACTIONS_RUNNER_INPUT_JITCONFIG=$jit_config
+  jit_config=""
+  trap - INT TERM
+  exec ./run.sh
+}
+
 main() {
   case ${RUNNER_MODE:-registration} in
     registration) run_registered ;;
+    broker) run_broker ;;
     jit) run_jit ;;
-    *) die 2 "RUNNER_MODE is '${RUNNER_MODE}'; allowed: registration, jit" ;;
+    *) die 2 "RUNNER_MODE is '${RUNNER_MODE}'; allowed: registration, broker, jit" ;;
   esac
 }
 
