@@ -146,7 +146,7 @@ def test_an_unknown_mode_is_refused_listing_the_modes(
 
     assert result.returncode == 2
     assert result.error_lines() == [
-        "entrypoint: error: RUNNER_MODE is 'JIT-config'; allowed: registration, jit"
+        "entrypoint: error: RUNNER_MODE is 'JIT-config'; allowed: registration, broker, jit"
     ]
     assert runner_folder.calls() == []
     assert fake_github.requests == []
