@@ -1941,10 +1941,11 @@ class FakeKubernetes:
                 metadata.pop(server_field, None)
             stored = self._store(plural, obj)
             if plural == "pods":
+                # The volumes exist before anyone can see the pod.
+                self._make_volumes(stored)
                 self._update_quota_usage()
             uid = stored["metadata"]["uid"]
         if plural == "pods":
-            self._make_volumes(stored)
             self._plan(stored)
         elif plural == "secrets" and metadata.get("ownerReferences"):
             self._timeline.call_later(0.05, lambda: self._dangling_owner_check(key, uid))
