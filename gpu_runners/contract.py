@@ -11,11 +11,13 @@ program can both use it.
 #: Namespace the runner plane creates when the stack does not name another.
 DEFAULT_NAMESPACE = "github-runners"
 #: Secret holding the runner PAT, and its key: the seed guide's names, so its manifests work.
+#: Only a seed-compatible stack keeps it in the runner namespace; no pod of the stack mounts it.
 PAT_SECRET_NAME = "github-runner-pat"
 PAT_SECRET_KEY = "token"
-#: Where the base runner mounts the PAT Secret; the PAT file is PAT_MOUNT_DIR/PAT_SECRET_KEY.
+#: Where the seed guide's runner pods mount the PAT Secret (registration mode's default file).
 PAT_MOUNT_DIR = "/var/run/secrets/github-runner"
-#: ServiceAccount of the base runner (and the reaper): the only one bound to the spawn Role.
+#: ServiceAccount of the base runner pods: bound to nothing; its only token is the projected
+#: one for the broker (BASE_RUNNER_TOKEN_*), which the broker checks through TokenReview.
 BASE_RUNNER_SERVICE_ACCOUNT = "base-runner"
 #: ServiceAccount of the per-run GPU pods: no RoleBinding, no mounted token.
 GPU_RUNNER_SERVICE_ACCOUNT = "gpu-runner"
