@@ -18,6 +18,7 @@ from pulumi_kubernetes.core.v1 import EnvVarArgsDict, PodSpecArgsDict
 
 from components.runner_plane import (
     BASE_RUNNER_POD_LABELS,
+    DELETION_PROPAGATION_ANNOTATION,
     KUBE_DNS_EGRESS,
     NAMESPACE_NAME_LABEL,
     SPAWNER_RULES,
@@ -331,7 +332,12 @@ class RunnerBroker(pulumi.ComponentResource):
         k8s.apps.v1.Deployment(
             f"{name}-deployment",
             metadata={**meta(contract.BROKER_NAME),
-                      "annotations": scanner_skips(_SKIP_TOKEN)},
+                      "annotations": {
+                          **scanner_skips(_SKIP_TOKEN),
+                          # Destroy waits for the broker's pod to stop, and so for its last
+                          # sweep of the base runners' registrations, before removing its
+                          # rights and its credential.
+                          DELETION_PROPAGATION_ANNOTATION: "foreground"}},
             spec={
                 # One broker: spawn and delete are idempotent per run through state kept in the
                 # cluster, but the check-then-create that keeps a second request for the same

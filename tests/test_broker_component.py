@@ -365,9 +365,14 @@ def test_public_images_need_no_pull_secret_for_the_broker() -> None:
 def test_destroy_removes_the_broker_before_its_credential_and_its_rights(
         dev: ProgramRun) -> None:
     deployment = dev.one(DEPLOYMENT, "broker-deployment")
-    for needed in ("broker-credential", "broker-spawner-role", "broker-spawner-binding"):
+    for needed in ("broker-credential", "broker-spawner-role", "broker-spawner-binding",
+                   "broker-token-review-role", "broker-token-review-binding"):
         (resource,) = [r for r in dev.resources if r.name == needed]
         assert resource.urn in deployment.dependencies, needed
+    # And waits for the broker's pod to stop (its last sweep of the base runners'
+    # registrations needs its rights and its credential).
+    annotations = deployment.manifest()["metadata"]["annotations"]
+    assert annotations["pulumi.com/deletionPropagationPolicy"] == "foreground"
 
 
 def _broker_objects(run: ProgramRun) -> list[RegisteredResource]:
