@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from gpu_runners import broker_api, contract
+from gpu_runners.broker import base_runners
 from gpu_runners.broker.base_runners import BaseRunnerConfigs
 from tests.broker.broker_harness import ServedBroker, call
 from tests.fakes.github_api import FakeGitHub
@@ -308,3 +309,21 @@ def test_a_stopping_broker_removes_the_registrations_of_base_runners_already_gon
     broker.stop()
 
     assert fake_github.runner_named("base-runner-7c9d5b8f6-z9x8c") is None
+
+
+def test_the_broker_replaces_a_used_pod_by_itself_within_seconds(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_kube: FakeKubernetes,
+    fake_github: FakeGitHub, base_runner_pods: list[str],
+) -> None:
+    broker = make_broker(env, reconcile=True)
+    used = base_runner_pods[0]
+    assert call(broker.url, "POST", CONFIG, token=pod_token(fake_kube, used)).status == 200
+    fake_github.finish_job(used)
+    started = time.monotonic()
+    fake_kube.finish_pod(used, exit_code=0)
+
+    # Far sooner than the kubelet's back-off would restart the container (10 s, 20 s, ...
+    # up to 300 s), and with a fresh pod instead of a consumed config.
+    wait_for(lambda: fake_kube.pod(used) is None, "the used pod replaced", timeout=15)
+    wait_for(lambda: len(fake_kube.pods()) == 2, "a fresh pod", timeout=5)
+    assert time.monotonic() - started < base_runners.REPLACE_INTERVAL_SECONDS + 5
