@@ -152,3 +152,12 @@ def test_a_rotated_app_key_changes_the_secret_and_not_the_broker_pod(
         "spec"]["containers"]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
     assert "subPath" not in mount  # a subPath mount is never refreshed by the kubelet
+
+
+def test_a_rotated_pat_changes_the_brokers_secret_and_not_its_pod() -> None:
+    before = run_program("dev")
+    after = run_program("dev", secrets={**TEST_SECRETS, "runnerPat": "ghp_rotated_runner_pat"})
+    assert (credential_secret(after).inputs["stringData"]
+            == {contract.PAT_SECRET_KEY: "ghp_rotated_runner_pat"})
+    assert (after.one(DEPLOYMENT, "broker-deployment").inputs
+            == before.one(DEPLOYMENT, "broker-deployment").inputs)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gpu_runners import contract
-from gpu_runners.errors import UsageError
+from gpu_runners.errors import GitHubAuthError, UsageError
 from gpu_runners.github_api import GitHubClient, PatFile, RunnerScope
 from gpu_runners.github_app import (
     ORGANIZATION_RUNNER_PERMISSIONS,
@@ -386,3 +386,16 @@ def test_without_an_app_the_pat_file_is_the_source(pat_volume: Path) -> None:
     assert isinstance(source, PatFile)
     token = source.current()
     assert token.value == "ghp_fake" and contract.ENV_PAT_FILE in token.source
+
+
+def test_a_missing_permission_is_explained_in_the_apps_terms(
+        app_github: FakeGitHub, key_file: Path, clock: Clock) -> None:
+    tokens = app_tokens(app_github, key_file, clock, permissions={"actions": "read"})
+    with pytest.raises(GitHubAuthError) as refused:
+        client(app_github, tokens).generate_jit_config("gpu-6-1", ["gpu-6-1"])
+    message = str(refused.value)
+    assert refused.value.status == 403
+    assert f"GitHub App {CLIENT_ID} installation {INSTALLATION_ID}" in message
+    assert "the GitHub App needs the repository permission Administration: read and write" in (
+        message)
+    assert app_github.runner_named("gpu-6-1") is None
