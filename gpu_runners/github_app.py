@@ -14,6 +14,7 @@ and the stack config key to fix.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +39,7 @@ from gpu_runners.github_api import (
     TokenSource,
 )
 
+LOGGER = logging.getLogger(__name__)
 #: Stack config keys, named in errors: what the operator changes to fix the App's set-up.
 CONFIG_APP_ID = "githubAppId"
 CONFIG_INSTALLATION_ID = "githubAppInstallationId"
@@ -186,10 +188,14 @@ class GitHubAppTokens:
                 stale = self._minted
             try:
                 minted = self._mint()
-            except GitHubError:
+            except GitHubError as e:
                 now = self._clock()
                 if stale is not None and now < stale.expires_at - REFRESH_RETRY_SECONDS:
-                    # The old token still works: keep the runs going and try again later.
+                    # The old token still works: keep the runs going and try again later, but
+                    # tell the operator, who has until it expires to fix the cause.
+                    LOGGER.warning("%s: refreshing the installation token failed, the current "
+                                   "one stays in use for %.0f s more: %s", self.app.describe(),
+                                   stale.expires_at - now, e)
                     with self._state:
                         self._retry_at = now + REFRESH_RETRY_SECONDS
                     return stale.token

@@ -8,6 +8,7 @@ narrowed to.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -242,16 +243,22 @@ def test_permissions_beyond_the_installation_are_named(
 
 
 def test_a_github_outage_during_refresh_keeps_the_still_valid_token(
-        app_github: FakeGitHub, key_file: Path, clock: Clock) -> None:
+        app_github: FakeGitHub, key_file: Path, clock: Clock,
+        caplog: pytest.LogCaptureFixture) -> None:
     tokens = app_tokens(app_github, key_file, clock)
     github = client(app_github, tokens)
     list(github.list_runners())
     [first] = app_github.installation_tokens()
     clock.now += 3600 - 200  # due for refresh, 200 s of life left
     app_github.inject("POST", ACCESS_TOKENS, 503, times=FAST_GITHUB_POLICY.attempts)
-    list(github.list_runners())
+    with caplog.at_level("WARNING", logger="gpu_runners.github_app"):
+        list(github.list_runners())
     used = app_github.requests_to(r"/actions/runners$", "GET")[-1].headers["authorization"]
     assert used == f"Bearer {first.value}"
+    [warning] = caplog.messages
+    # GitHub's expires_at has whole seconds: 199 or 200 s are left.
+    assert re.search(r"stays in use for (199|200) s more", warning) and "503" in warning
+    assert first.value not in warning
     clock.now += 31  # past the pause after a failed refresh: GitHub is back
     list(github.list_runners())
     assert tokens.mints == 2
