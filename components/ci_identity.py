@@ -13,8 +13,11 @@ import pulumi_gcp as gcp
 #: Issuer of the OIDC tokens GitHub Actions mints for a job with `id-token: write`.
 GITHUB_OIDC_ISSUER = "https://token.actions.githubusercontent.com"
 #: APIs workload identity federation needs: the pool (iam), the token exchange (sts) and the
-#: impersonation of the service account (iamcredentials).
-REQUIRED_APIS = ("iam.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com")
+#: impersonation of the service account (iamcredentials); and the project's IAM policy
+#: (cloudresourcemanager) for the account's roles. Every resource here waits for them: on a
+#: new project an IAM call before its API is on fails.
+REQUIRED_APIS = ("iam.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com",
+                 "cloudresourcemanager.googleapis.com")
 #: What the CI service account may do in the DVC bucket. objectUser reads, writes, lists and
 #: deletes objects (dvc pull, dvc push, dvc gc); objectAdmin would also let a workflow change
 #: object ACLs and IAM, e.g. make a dataset public, which no pipeline step needs.
@@ -84,12 +87,13 @@ def decode_service_account_key(private_key: str) -> str:
 class CiIdentity(pulumi.ComponentResource):
     """Lets one GitHub repository's workflows act as a CI service account, without a key.
 
-    Creates: the iam, iamcredentials and sts APIs (left on at destroy: other workloads may use
-    them); a workload identity pool and its GitHub OIDC provider, whose attribute condition
-    accepts only tokens of the configured repository; the CI service account with exactly the
-    configured project roles, plus roles/storage.objectUser on the DVC bucket when one is set
-    (a bucket binding, not a project-wide one); the binding that lets the repository's tokens
-    impersonate the account (roles/iam.workloadIdentityUser for
+    Creates: the iam, iamcredentials, sts and cloudresourcemanager APIs, before everything else
+    (left on at destroy: other workloads may use them); a workload identity pool and its GitHub
+    OIDC provider, whose attribute condition accepts only tokens of the configured repository;
+    the CI service account with exactly the configured project roles, plus
+    roles/storage.objectUser on the DVC bucket when one is set (a bucket binding, not a
+    project-wide one); the binding that lets the repository's tokens impersonate the account
+    (roles/iam.workloadIdentityUser for
     principalSet://iam.googleapis.com/<pool>/attribute.repository/<owner>/<repository>); and a
     JSON key only when `create_key` asks for one (seed compatibility).
 
@@ -133,6 +137,7 @@ class CiIdentity(pulumi.ComponentResource):
             for service in REQUIRED_APIS
         ]
 
+        after_apis = pulumi.ResourceOptions(parent=self, depends_on=apis)
         pool = gcp.iam.WorkloadIdentityPool(
             f"{name}-pool",
             project=args.project,
@@ -140,7 +145,7 @@ class CiIdentity(pulumi.ComponentResource):
             display_name="GitHub Actions",
             description=f"GitHub Actions OIDC tokens of {args.github_owner}/"
                         f"{args.github_repository}",
-            opts=pulumi.ResourceOptions(parent=self, depends_on=apis),
+            opts=after_apis,
         )
         provider = gcp.iam.WorkloadIdentityPoolProvider(
             f"{name}-github",
@@ -158,7 +163,7 @@ class CiIdentity(pulumi.ComponentResource):
             # (and GCP refuses a GitHub provider without one).
             attribute_condition=repository_condition(args.github_owner, args.github_repository),
             oidc={"issuer_uri": GITHUB_OIDC_ISSUER},
-            opts=child,
+            opts=after_apis,
         )
 
         account = gcp.serviceaccount.Account(
@@ -168,7 +173,7 @@ class CiIdentity(pulumi.ComponentResource):
             display_name=f"GitHub Actions of {args.github_owner}/{args.github_repository}",
             description="Impersonated by the repository's workflows through workload identity "
                         "federation",
-            opts=pulumi.ResourceOptions(parent=self, depends_on=apis),
+            opts=after_apis,
         )
         for role in roles:
             gcp.projects.IAMMember(
@@ -176,7 +181,7 @@ class CiIdentity(pulumi.ComponentResource):
                 project=args.project,
                 role=role,
                 member=account.member,
-                opts=child,
+                opts=after_apis,
             )
         if args.dvc_bucket:
             gcp.storage.BucketIAMMember(
@@ -184,7 +189,7 @@ class CiIdentity(pulumi.ComponentResource):
                 bucket=args.dvc_bucket,
                 role=DVC_BUCKET_ROLE,
                 member=account.member,
-                opts=child,
+                opts=after_apis,
             )
 
         repository_principals = pool.name.apply(
@@ -195,7 +200,7 @@ class CiIdentity(pulumi.ComponentResource):
             service_account_id=account.name,
             role="roles/iam.workloadIdentityUser",
             member=repository_principals,
-            opts=child,
+            opts=after_apis,
         )
 
         self.service_account_key = None
@@ -203,7 +208,7 @@ class CiIdentity(pulumi.ComponentResource):
             key = gcp.serviceaccount.Key(
                 f"{name}-key",
                 service_account_id=account.name,
-                opts=child,
+                opts=after_apis,
             )
             self.service_account_key = pulumi.Output.secret(
                 key.private_key.apply(decode_service_account_key))

@@ -16,6 +16,10 @@ from gpu_runners import contract
 #: cloud.google.com/gke-accelerator, which users cannot set).
 NODE_ACCELERATOR_LABEL = "gpu-runners/accelerator"
 NODE_OAUTH_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+#: APIs the cluster's resources call, enabled first: on a new project the node service
+#: account (iam) and its project role (cloudresourcemanager) would otherwise race them.
+REQUIRED_APIS = ("container.googleapis.com", "iam.googleapis.com",
+                 "cloudresourcemanager.googleapis.com")
 #: gke-gcloud-auth-plugin's switch from gcloud's active account to application-default
 #: credentials (kubernetes/cloud-provider-gcp, cmd/gke-gcloud-auth-plugin).
 ADC_FLAG = "--use_application_default_credentials"
@@ -80,11 +84,11 @@ def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
 class GkeCluster(pulumi.ComponentResource):
     """A GKE cluster for CI runners: a CPU pool for the base runner, GPU pools from zero.
 
-    Creates the container API enablement, a least-privilege node service account, the cluster
-    (default pool removed, release channel, workload identity, Dataplane V2 so NetworkPolicies
-    are enforced), a CPU pool labelled gpu=false, one GPU pool per config entry (labelled
-    gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers, autoscaled from its minimum,
-    0 by default), and a Kubernetes provider for the cluster.
+    Creates the container, iam and cloudresourcemanager APIs first, a least-privilege node
+    service account, the cluster (default pool removed, release channel, workload identity,
+    Dataplane V2 so NetworkPolicies are enforced), a CPU pool labelled gpu=false, one GPU pool
+    per config entry (labelled gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers,
+    autoscaled from its minimum, 0 by default), and a Kubernetes provider for the cluster.
 
     Outputs: `cluster_name`, `location`, `kubeconfig` (secret, exec-plugin form),
     `node_service_account`; the `provider` attribute is the Kubernetes provider the runner
@@ -101,15 +105,18 @@ class GkeCluster(pulumi.ComponentResource):
         super().__init__("gpu-runners:index:GkeCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
-        container_api = gcp.projects.Service(
-            f"{name}-container-api",
-            project=args.project,
-            service="container.googleapis.com",
-            # Other workloads in the project may use GKE: destroying this stack must not
-            # switch the API off under them.
-            disable_on_destroy=False,
-            opts=child,
-        )
+        apis = {
+            service: gcp.projects.Service(
+                f"{name}-{service.split('.')[0]}-api",
+                project=args.project,
+                service=service,
+                # Other workloads in the project may use these APIs: destroying this stack must
+                # not switch them off under them.
+                disable_on_destroy=False,
+                opts=child,
+            )
+            for service in REQUIRED_APIS
+        }
 
         # Nodes get their own service account with only what nodes need (logs, metrics,
         # pulling GKE's images), not the default compute account's project-wide Editor.
@@ -118,14 +125,15 @@ class GkeCluster(pulumi.ComponentResource):
             project=args.project,
             account_id=f"{args.cluster_name[:24].rstrip('-')}-nodes",
             display_name=f"GKE nodes of {args.cluster_name}",
-            opts=child,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[apis["iam.googleapis.com"]]),
         )
         node_sa_role = gcp.projects.IAMMember(
             f"{name}-nodes-role",
             project=args.project,
             role="roles/container.defaultNodeServiceAccount",
             member=node_sa.email.apply(lambda email: f"serviceAccount:{email}"),
-            opts=child,
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[apis["cloudresourcemanager.googleapis.com"]]),
         )
 
         node_base: gcp.container.NodePoolNodeConfigArgsDict = {
@@ -160,7 +168,7 @@ class GkeCluster(pulumi.ComponentResource):
             resource_labels={"managed-by": "pulumi", "app": contract.PART_OF},
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=[container_api, node_sa_role],
+                depends_on=[apis["container.googleapis.com"], node_sa_role],
                 # These describe only the transient default pool.
                 ignore_changes=["nodeConfig", "initialNodeCount"],
             ),

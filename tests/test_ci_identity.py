@@ -124,14 +124,15 @@ def test_outputs_name_the_provider_and_the_account(keyless: Declared) -> None:
 def test_federation_apis_are_enabled_first_and_left_on_at_destroy(keyless: Declared) -> None:
     services = keyless.of_type(SERVICE)
     assert sorted(s.inputs["service"] for s in services) == [
-        "iam.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com"]
+        "cloudresourcemanager.googleapis.com", "iam.googleapis.com",
+        "iamcredentials.googleapis.com", "sts.googleapis.com"]
     assert all(s.inputs["disableOnDestroy"] is False for s in services)
     assert set(keyless.one(POOL_TYPE).dependencies) == {s.urn for s in services}
 
 
 def test_every_gcp_resource_goes_through_the_explicit_provider(keyless: Declared) -> None:
     gcp_resources = [r for r in keyless.resources if r.custom and r.typ.startswith("gcp:")]
-    assert len(gcp_resources) == 8  # 3 APIs, pool, provider, account, 1 role, impersonation
+    assert len(gcp_resources) == 9  # 4 APIs, pool, provider, account, 1 role, impersonation
     for resource in gcp_resources:
         assert "$pulumi:providers:gcp::gcp::" in resource.provider, resource.name
         assert resource.inputs.get("project", PROJECT) == PROJECT
