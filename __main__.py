@@ -6,21 +6,31 @@ import pulumi_gcp as gcp
 import pulumi_github as github
 import pulumi_kubernetes as k8s
 
+from components.broker import RunnerBroker, RunnerBrokerArgs, broker_url
 from components.ci_identity import CiIdentity, CiIdentityArgs
 from components.cluster import GkeCluster, GkeClusterArgs
 from components.config import load_stack_config
+from components.container_image import (
+    BROKER_IMAGE,
+    RUNNER_IMAGE,
+    ContainerImage,
+    ContainerImageArgs,
+    runner_version,
+)
 from components.repository import (
     RepositorySettings,
     RepositorySettingsArgs,
     SeedCompatibility,
     workflow_variables,
 )
-from components.runner_image import RunnerImage, RunnerImageArgs
+from components.repository_ids import resolve_repository_ids
 from components.runner_plane import RunnerPlane, RunnerPlaneArgs
 from gpu_runners.gpu_pools import GpuPool
 
 config = load_stack_config()
 ci_identity: CiIdentity | None = None
+#: Addresses of the Kubernetes API server, when the stack knows them (it created the cluster).
+api_server_cidrs: list[pulumi.Output[str]] = []
 
 if config.gke:
     gcp_provider = gcp.Provider("gcp", project=config.gcp_project,
@@ -44,6 +54,7 @@ if config.gke:
         opts=pulumi.ResourceOptions(providers=[gcp_provider]),
     )
     kubernetes = cluster.provider
+    api_server_cidrs = [cluster.cluster.endpoint.apply(lambda ip: f"{ip}/32")]
     ci_identity = CiIdentity(
         "ci",
         CiIdentityArgs(
@@ -68,45 +79,92 @@ else:
     kubernetes = k8s.Provider("existing-cluster", context=config.kubeconfig_context,
                               kubeconfig=config.kubeconfig_path or None)
 
-image = RunnerImage(
-    "runner-image",
-    RunnerImageArgs(
-        owner=config.github_owner,
-        repository=config.github_repository,
-        push_token=config.github_token,
-        # The cluster pulls with the PAT it already holds, not with Pulumi's admin token.
-        pull_token=config.runner_pat,
-        prebuilt_ref=config.runner_image,
-        private=config.image_private,
-        build_on_preview=config.build_image_on_preview,
-    ),
-    opts=pulumi.ResourceOptions(providers=[docker_build.Provider("docker-build")]),
-)
+github_provider = github.Provider("github", owner=config.github_owner, token=config.github_token)
+docker_build_provider = docker_build.Provider("docker-build")
+images = {
+    role: ContainerImage(
+        f"{role}-image",
+        ContainerImageArgs(
+            definition=definition,
+            owner=config.github_owner,
+            repository=config.github_repository,
+            push_token=config.github_token,
+            # The cluster pulls with the PAT it already holds, not with Pulumi's admin token.
+            pull_token=config.runner_pat,
+            version=version,
+            prebuilt_ref=prebuilt,
+            private=config.image_private,
+            build_on_preview=config.build_image_on_preview,
+        ),
+        opts=pulumi.ResourceOptions(
+            providers=[docker_build_provider],
+            # The runner image's component was a RunnerImage before the broker image shared it.
+            aliases=[pulumi.Alias(type_="gpu-runners:index:RunnerImage")]
+            if role == "runner" else None,
+        ),
+    )
+    for role, definition, version, prebuilt in (
+        ("runner", RUNNER_IMAGE, runner_version(), config.runner_image),
+        ("broker", BROKER_IMAGE, "", config.broker_image),
+    )
+}
 
 runner_plane = RunnerPlane(
     "runners",
     RunnerPlaneArgs(
         namespace=config.runner_namespace,
         repository=config.repository_full_name,
-        image=image.ref,
+        image=images["runner"].ref,
         runner_pat=config.runner_pat,
-        gpu_pools=[GpuPool(accelerator=pool.accelerator_type,
-                           max_gpus_per_pod=pool.accelerator_count)
-                   for pool in config.gpu_pools],
+        broker_namespace=config.broker_namespace,
+        broker_url=broker_url(config.broker_namespace),
+        broker_audience=config.broker_audience,
         gpu_quota=config.effective_gpu_quota,
         pod_quota=config.pod_quota,
         base_runner_replicas=config.base_runner_replicas,
         base_runner_cpu=config.base_runner_cpu,
         base_runner_memory=config.base_runner_memory,
         egress_cidrs=config.egress_cidrs,
-        reaper_schedule=config.reaper_schedule,
-        max_runtime_minutes=config.max_runtime_minutes,
-        image_pull_config=image.pull_secret_config,
+        image_pull_config=images["runner"].pull_secret_config,
         # The seed guide's workflow applies its GPU pod as the CI service account, with its own
         # pod manifest (no seccomp profile, capabilities kept), which `restricted` would refuse.
         seed_compatibility_user=(ci_identity.service_account_email
                                  if ci_identity is not None and config.seed_compatibility
                                  else None),
+    ),
+    opts=pulumi.ResourceOptions(providers=[kubernetes]),
+)
+
+repository_ids = resolve_repository_ids(config.github_owner, config.github_repository,
+                                        github_provider)
+broker = RunnerBroker(
+    "broker",
+    RunnerBrokerArgs(
+        namespace=config.broker_namespace,
+        image=images["broker"].ref,
+        # Until the GitHub App (issue 12), the broker mints JIT configs with the runner PAT.
+        github_credential=config.runner_pat,
+        runner_namespace=runner_plane.namespace,
+        runner_image=images["runner"].ref,
+        repository=config.repository_full_name,
+        repository_id=repository_ids.repository_id,
+        repository_owner_id=repository_ids.owner_id,
+        gpu_pools=[GpuPool(accelerator=pool.accelerator_type,
+                           max_gpus_per_pod=pool.accelerator_count)
+                   for pool in config.gpu_pools],
+        max_runtime_minutes=config.max_runtime_minutes,
+        gpu_cap_per_repository=config.effective_gpu_cap_per_repository,
+        audience=config.broker_audience,
+        oidc_issuer=config.oidc_issuer,
+        allowed_events=config.broker_allowed_events,
+        allowed_refs=config.broker_allowed_refs,
+        allowed_workflow_refs=config.broker_allowed_workflow_refs,
+        allowed_images=config.allowed_images,
+        reaper_interval_seconds=config.reaper_interval_seconds,
+        egress_cidrs=config.egress_cidrs,
+        api_server_cidrs=api_server_cidrs,
+        runner_image_pull_secret=config.image_private,
+        image_pull_config=images["broker"].pull_secret_config,
     ),
     opts=pulumi.ResourceOptions(providers=[kubernetes]),
 )
@@ -149,11 +207,13 @@ repository = RepositorySettings(
         commit_example_workflow=config.commit_example_workflow,
         seed=seed,
     ),
-    opts=pulumi.ResourceOptions(providers=[
-        github.Provider("github", owner=config.github_owner, token=config.github_token),
-    ]),
+    opts=pulumi.ResourceOptions(providers=[github_provider]),
 )
 
-pulumi.export("runnerImage", image.ref)
+pulumi.export("runnerImage", images["runner"].ref)
+pulumi.export("brokerImage", images["broker"].ref)
 pulumi.export("runnerNamespace", runner_plane.namespace)
+pulumi.export("brokerNamespace", broker.namespace)
+pulumi.export("brokerUrl", broker.url)
+pulumi.export("brokerAudience", broker.audience)
 pulumi.export("repositorySecrets", repository.secret_names)

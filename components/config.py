@@ -21,6 +21,7 @@ from pulumi.runtime.config import is_config_secret
 
 from components.ci_identity import FORBIDDEN_ROLES
 from components.repository import ACTIONS_NAME_RULE, SEED_SECRET_NAMES, is_actions_name
+from gpu_runners import contract
 
 #: Marker used in the stack files for values each user must set before `pulumi up`.
 PLACEHOLDER = "CHANGE_ME"
@@ -95,10 +96,24 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _GITHUB_OWNER = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9]|-(?=[A-Za-z0-9])){0,38}$")
 _GITHUB_REPOSITORY = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
-_CRON = re.compile(r"^(\S+\s+){4}\S+$")
 _IAM_ROLE = re.compile(r"^(roles|projects/[^/]+/roles|organizations/[0-9]+/roles)/[A-Za-z0-9_.]+$")
 _CIDR = re.compile(r"^([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])$")
 _WIF_POOL_ID = re.compile(r"^[a-z0-9-]{4,32}$")
+_DIGEST_PINNED = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
+# An OIDC issuer is compared with the token's `iss` character for character: an https URL
+# without a trailing slash, as GitHub writes its issuers.
+_ISSUER = re.compile(r"^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%-]+)*$")
+_EVENT_NAME = re.compile(r"^[a-z][a-z_]*$")
+#: Audiences the broker must never accept, because a token requested for them is also good
+#: elsewhere: GitHub's default (https://github.com/<owner>, what a token requested without an
+#: audience carries), the audiences Google's workload identity federation accepts by default
+#: (CiIdentity's provider sets no allowed audiences, so it accepts
+#: https://iam.googleapis.com/<provider resource name>, also written //iam.googleapis.com/...),
+#: and the cloud logins' defaults (AWS STS, Azure AD), which a repository may also use.
+_FOREIGN_AUDIENCES = ("https://github.com", "http://github.com", "iam.googleapis.com",
+                      "sts.googleapis.com", "sts.amazonaws.com", "api://azureadtokenexchange")
+#: Namespaces Kubernetes itself uses: the broker's Secret must not sit among their objects.
+_SYSTEM_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 
 
 class StackConfigError(pulumi.RunError):
@@ -163,8 +178,9 @@ class StackConfig:
     github_repository: str
     github_token: pulumi.Output[str]
     runner_pat: pulumi.Output[str]
-    # runner image
+    # images
     runner_image: str
+    broker_image: str
     build_image_on_preview: bool
     image_private: bool
     # runner plane
@@ -175,8 +191,17 @@ class StackConfig:
     gpu_quota: int
     pod_quota: int
     egress_cidrs: tuple[str, ...]
-    reaper_schedule: str
     max_runtime_minutes: int
+    # runner broker
+    broker_namespace: str
+    broker_audience: str
+    oidc_issuer: str
+    broker_allowed_events: tuple[str, ...]
+    broker_allowed_refs: tuple[str, ...]
+    broker_allowed_workflow_refs: tuple[str, ...]
+    allowed_images: tuple[str, ...]
+    gpu_cap_per_repository: int
+    reaper_interval_seconds: int
     # repository settings
     repository_private: bool
     seed_compatibility: bool
@@ -210,6 +235,11 @@ class StackConfig:
     def effective_gpu_quota(self) -> int:
         """The namespace's GPU cap: `gpuQuota`, or every GPU pool at its maximum when 0."""
         return self.gpu_quota or sum(pool.max_gpus for pool in self.gpu_pools)
+
+    @property
+    def effective_gpu_cap_per_repository(self) -> int:
+        """Most GPUs one repository's runs hold at once: `gpuCapPerRepository`, or the quota."""
+        return self.gpu_cap_per_repository or self.effective_gpu_quota
 
 
 class _Reader:
@@ -460,6 +490,51 @@ def _check_status_check(name: str) -> str | None:
     return None if name.strip() else "a non-empty check name"
 
 
+def _check_event(event: str) -> str | None:
+    if event in contract.FORBIDDEN_EVENTS:
+        return ("never allowed: pull_request_target and workflow_run run with the repository's "
+                "rights on behalf of code it did not review")
+    return None if _EVENT_NAME.match(event) else "a GitHub Actions event name such as push"
+
+
+def _check_pattern(pattern: str) -> str | None:
+    if not pattern or any(c.isspace() for c in pattern):
+        return "a non-empty fnmatch pattern without spaces, e.g. refs/heads/main"
+    return None
+
+
+def _check_image_pattern(pattern: str) -> str | None:
+    # The registry host is spelled out, so a pattern cannot widen to every registry ("*").
+    host = pattern.split("/", 1)[0]
+    if (any(c.isspace() for c in pattern) or "/" not in pattern or not host
+            or any(c in host for c in "*?[") or "." not in host and ":" not in host):
+        return ("an image pattern naming its registry, e.g. ghcr.io/acme/cuda-*@sha256:* "
+                "(no wildcard in the registry host)")
+    return None
+
+
+def _check_audience(reader: _Reader, key: str) -> str:
+    audience = reader.string(key, re.compile(r"^\S{1,255}$"),
+                             "an audience string without spaces, e.g. gpu-runners-broker")
+    lowered = audience.lower()
+    foreign = next((f for f in _FOREIGN_AUDIENCES if f in lowered), None)
+    if foreign is not None:
+        reader.problem(key, audience,
+                       f"a token for this audience ({foreign}) is also accepted elsewhere "
+                       "(GitHub's default audience, the workload identity provider, a cloud "
+                       "login): choose one unique to the broker, e.g. "
+                       f"{contract.DEFAULT_BROKER_AUDIENCE}")
+    return audience
+
+
+def _check_prebuilt_image(reader: _Reader, key: str) -> str:
+    image = reader.string(key, required=False)
+    if image and not _DIGEST_PINNED.match(image):
+        reader.problem(key, image,
+                       "a prebuilt image pinned by digest: <name>@sha256:<64 hex digits>")
+    return image
+
+
 def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     """Read and validate the stack's configuration.
 
@@ -513,15 +588,28 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     github_token = reader.secret("githubToken", "a classic PAT with repo, read:org and "
                                  "write:packages scopes, used by Pulumi to manage the repository "
                                  "and push the runner image")
-    runner_pat = reader.secret("runnerPat", "the PAT the base runner uses to register and to mint "
-                               "per-run JIT runner configs (repo scope)")
+    runner_pat = reader.secret("runnerPat", "the PAT the base runner registers with and the "
+                               "broker mints per-run JIT runner configs with (repo scope)")
 
-    runner_image = reader.string("runnerImage", required=False)
-    if runner_image and "@sha256:" not in runner_image:
-        reader.problem("runnerImage", runner_image,
-                       "a prebuilt image pinned by digest: <name>@sha256:<64 hex digits>")
+    runner_image = _check_prebuilt_image(reader, "runnerImage")
+    broker_image = _check_prebuilt_image(reader, "brokerImage")
     namespace = reader.string("runnerNamespace", _DNS_LABEL,
                               "a namespace name: lowercase letters, digits and '-'")
+    broker_namespace = reader.string("brokerNamespace", _DNS_LABEL,
+                                     "a namespace name: lowercase letters, digits and '-'")
+    if broker_namespace and broker_namespace == namespace:
+        reader.problem("brokerNamespace", broker_namespace,
+                       "must differ from runnerNamespace: the broker's credential lives in a "
+                       "namespace where no job runs")
+    elif broker_namespace in _SYSTEM_NAMESPACES:
+        reader.problem("brokerNamespace", broker_namespace,
+                       "a namespace of its own, not one of " + ", ".join(sorted(
+                           _SYSTEM_NAMESPACES)))
+    allowed_events = reader.string_list("brokerAllowedEvents", _check_event)
+    if not allowed_events and not any(p.startswith("brokerAllowedEvents")
+                                      for p in reader.problems):
+        reader.problems.append("brokerAllowedEvents is empty: at least one event, e.g. "
+                               + ", ".join(contract.DEFAULT_ALLOWED_EVENTS))
     max_runtime = reader.integer("maxRuntimeMinutes", minimum=5, maximum=7 * 24 * 60)
 
     required_checks = reader.string_list("requiredStatusChecks", _check_status_check)
@@ -551,6 +639,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         github_token=github_token,
         runner_pat=runner_pat,
         runner_image=runner_image,
+        broker_image=broker_image,
         build_image_on_preview=reader.boolean("buildImageOnPreview"),
         image_private=reader.boolean("imagePrivate"),
         runner_namespace=namespace,
@@ -562,9 +651,20 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         gpu_quota=reader.integer("gpuQuota", minimum=0),
         pod_quota=reader.integer("podQuota", minimum=2),
         egress_cidrs=reader.string_list("egressCidrs", _check_cidr),
-        reaper_schedule=reader.string("reaperSchedule", _CRON,
-                                      "a cron schedule with five fields, e.g. */5 * * * *"),
         max_runtime_minutes=max_runtime,
+        broker_namespace=broker_namespace,
+        broker_audience=_check_audience(reader, "brokerAudience"),
+        oidc_issuer=reader.string("oidcIssuer", _ISSUER,
+                                  "the issuer of the Actions OIDC tokens: an https URL without a "
+                                  f"trailing slash, e.g. {contract.GITHUB_OIDC_ISSUER}"),
+        broker_allowed_events=allowed_events,
+        broker_allowed_refs=reader.string_list("brokerAllowedRefs", _check_pattern),
+        broker_allowed_workflow_refs=reader.string_list("brokerAllowedWorkflowRefs",
+                                                        _check_pattern),
+        allowed_images=reader.string_list("allowedImages", _check_image_pattern),
+        gpu_cap_per_repository=reader.integer("gpuCapPerRepository", minimum=0),
+        reaper_interval_seconds=reader.integer("reaperIntervalSeconds", minimum=30,
+                                               maximum=3600),
         repository_private=reader.boolean("repositoryPrivate"),
         seed_compatibility=reader.boolean("seedCompatibility"),
         branch_protection=reader.boolean("branchProtection"),
@@ -584,6 +684,10 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
             reader.problem("gpuQuota", stack_config.gpu_quota,
                            f"must be 0 (no cap beyond the pools) or >= {largest}, the GPUs of the "
                            "largest node, or no GPU pod could ever start")
+    if stack_config.gpu_cap_per_repository > stack_config.effective_gpu_quota > 0:
+        reader.problem("gpuCapPerRepository", stack_config.gpu_cap_per_repository,
+                       f"must be 0 (the namespace's GPU quota) or <= the quota "
+                       f"({stack_config.effective_gpu_quota}): the quota caps every repository")
     if not gke and stack_config.gpu_quota == 0:
         reader.problem("gpuQuota", 0, "in existing mode, the most GPUs the runner namespace may "
                        "request at once (no GPU pools are declared to derive it from)")

@@ -1,4 +1,4 @@
-"""`RunnerPlane`: the runner namespace, its credentials and RBAC, the base runner, the reaper."""
+"""`RunnerPlane`: the runner namespace, the base runner's registration PAT, the base runner."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_kubernetes as k8s
 from pulumi_kubernetes.core.v1 import (
-    ContainerArgsDict,
     EnvVarArgsDict,
     PodSecurityContextArgsDict,
     PodSpecArgsDict,
@@ -18,10 +17,10 @@ from pulumi_kubernetes.core.v1 import (
 )
 
 from gpu_runners import contract
-from gpu_runners.gpu_pools import GpuPool, format_gpu_pools
 
 #: Time a base runner pod gets after SIGTERM: the runner deregisters from GitHub (a fresh
-#: remove-token and `config.sh remove`), and a spawn in flight removes what it created.
+#: remove-token and `config.sh remove`), and a client call in flight asks the broker to remove
+#: what it created.
 BASE_RUNNER_GRACE_SECONDS = 120
 PAT_VOLUME = "github-runner-pat"
 
@@ -30,8 +29,6 @@ PAT_VOLUME = "github-runner-pat"
 _SKIP_NO_PROBE = ("CKV_K8S_8", "the runner listener serves no endpoint; when it exits the "
                   "container exits and is restarted")
 _SKIP_NO_READINESS = ("CKV_K8S_9", "no Service sends traffic to a runner")
-_SKIP_TOKEN = ("CKV_K8S_38", "it manages GPU runner pods through this token, whose Role is "
-               "limited to the runner namespace")
 _SKIP_UID = ("CKV_K8S_40", "uid 1000 is the runner image's user and the seed guide's; no host "
              "namespace is shared")
 _SKIP_WRITABLE_ROOT = ("CKV_K8S_22", "the Actions runner writes its registration and "
@@ -44,8 +41,10 @@ def scanner_skips(*skips: tuple[str, str]) -> dict[str, str]:
             for i, (check, reason) in enumerate(skips, start=1)}
 
 
-#: The namespace Role of the base runner: exactly what spawning, watching, deleting and reaping
-#: per-run GPU runner pods needs, nothing cluster-wide.
+#: The rights over GPU runner pods and their Secrets, in the runner namespace only: exactly what
+#: spawning, watching, deleting and reaping per-run GPU runner pods needs, nothing cluster-wide.
+#: The broker's Role holds them (components/broker.py); with seed compatibility, also the seed
+#: guide's workflow's. No pod that runs workflow code is bound to them.
 SPAWNER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
     {"api_groups": [""], "resources": ["pods"],
      "verbs": ["create", "get", "list", "watch", "delete"]},
@@ -55,6 +54,19 @@ SPAWNER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
 ]
 
 
+#: The label Kubernetes sets on every namespace to its name: what a NetworkPolicy selects on.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+#: Labels of the base runner's pods: the only pods the broker accepts connections from.
+BASE_RUNNER_POD_LABELS = {contract.LABEL_NAME: contract.BASE_RUNNER_APP,
+                          contract.LABEL_COMPONENT: "runner"}
+#: Egress to kube-dns, which name resolution needs whatever else a NetworkPolicy allows.
+KUBE_DNS_EGRESS: k8s.networking.v1.NetworkPolicyEgressRuleArgsDict = {
+    "to": [{"namespace_selector": {"match_labels": {NAMESPACE_NAME_LABEL: "kube-system"}},
+            "pod_selector": {"match_labels": {"k8s-app": "kube-dns"}}}],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+
+
 @dataclass(frozen=True)
 class RunnerPlaneArgs:
     """The runner plane's settings; built from the stack config by `__main__.py`."""
@@ -62,32 +74,35 @@ class RunnerPlaneArgs:
     namespace: str
     repository: str  # owner/name
     image: pulumi.Input[str]  # digest-pinned
+    #: The base runner's own registration PAT (until it registers as a JIT runner).
     runner_pat: pulumi.Input[str]
-    gpu_pools: Sequence[GpuPool]
+    #: Where the broker runs, and how jobs reach and authenticate to it (the client's env).
+    broker_namespace: str
+    broker_url: str
+    broker_audience: str
     gpu_quota: int
     pod_quota: int
     base_runner_replicas: int = 1
     base_runner_cpu: str = "1"
     base_runner_memory: str = "4Gi"
     egress_cidrs: Sequence[str] = ("0.0.0.0/0",)
-    reaper_schedule: str = "*/5 * * * *"
-    max_runtime_minutes: int = 360
     #: dockerconfigjson for a private image, or None for a public one.
     image_pull_config: pulumi.Input[str] | None = None
     #: Seed compatibility: the Google identity (a service account email) the seed guide's
-    #: workflow runs `kubectl apply` as. It is bound to the spawner Role, and the namespace
-    #: enforces `baseline` (warning and auditing `restricted`), because the guide's own pod
-    #: manifest sets no seccomp profile and drops no capabilities. None keeps `restricted`.
+    #: workflow runs `kubectl apply` as. It gets a spawner Role in the runner namespace, and the
+    #: namespace enforces `baseline` (warning and auditing `restricted`), because the guide's
+    #: own pod manifest sets no seccomp profile and drops no capabilities. None keeps
+    #: `restricted` and declares no Role at all.
     seed_compatibility_user: pulumi.Input[str] | None = None
 
 
-def restricted_pod_security() -> PodSecurityContextArgsDict:
-    """Pod-level settings the `restricted` Pod Security Standard requires, as uid 1000."""
+def restricted_pod_security(uid: int = contract.RUNNER_UID) -> PodSecurityContextArgsDict:
+    """Pod-level settings the `restricted` Pod Security Standard requires, as `uid`."""
     return {
         "run_as_non_root": True,
-        "run_as_user": contract.RUNNER_UID,
-        "run_as_group": contract.RUNNER_UID,
-        "fs_group": contract.RUNNER_UID,
+        "run_as_user": uid,
+        "run_as_group": uid,
+        "fs_group": uid,
         "seccomp_profile": {"type": "RuntimeDefault"},
     }
 
@@ -107,20 +122,21 @@ class RunnerPlane(pulumi.ComponentResource):
     """Everything in the cluster that runs GitHub Actions jobs, in one namespace.
 
     Creates: the namespace (Pod Security `restricted` enforced); the PAT Secret
-    `github-runner-pat` (and a GHCR pull Secret for a private image); a ServiceAccount, Role and
-    RoleBinding for the base runner with only what spawning GPU runner pods needs; a
-    ServiceAccount with no permissions and no token for the GPU pods; the base runner
-    Deployment (label `base-runner`, CPU nodes, PAT mounted as a file); a NetworkPolicy denying
-    ingress and limiting egress; a ResourceQuota capping GPUs and pods; the reaper CronJob.
+    `github-runner-pat` the base runner registers with (and a GHCR pull Secret for a private
+    image); ServiceAccounts for the base runner and the GPU pods, neither bound to any Role and
+    neither with a mounted token, since both run workflow code; the base runner Deployment
+    (label `base-runner`, CPU nodes, PAT mounted as a file, the broker client's settings); a
+    NetworkPolicy denying ingress and limiting egress (the broker's port included); a
+    ResourceQuota capping GPUs and pods. The broker (components/broker.py) alone creates,
+    watches and deletes GPU runner pods here.
 
     Every object goes through the Kubernetes provider the caller passes in `opts.providers`.
 
-    Outputs: `namespace`, `base_runner`, `reaper`.
+    Outputs: `namespace`, `base_runner`.
     """
 
     namespace: pulumi.Output[str]
     base_runner: pulumi.Output[str]
-    reaper: pulumi.Output[str]
 
     def __init__(self, name: str, args: RunnerPlaneArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
@@ -175,7 +191,9 @@ class RunnerPlane(pulumi.ComponentResource):
         base_sa = k8s.core.v1.ServiceAccount(
             f"{name}-base-runner-sa",
             metadata=meta(contract.BASE_RUNNER_SERVICE_ACCOUNT),
-            # Its token is mounted only where it is used: the base runner and reaper pods.
+            # The base runner runs the code of every job that names `base-runner`: its account
+            # is bound to nothing and its token is mounted nowhere. Jobs reach the broker with
+            # their own OIDC token instead.
             automount_service_account_token=False,
             opts=child,
         )
@@ -187,25 +205,27 @@ class RunnerPlane(pulumi.ComponentResource):
             automount_service_account_token=False,
             opts=child,
         )
-        role = k8s.rbac.v1.Role(
-            f"{name}-spawner-role",
-            metadata=meta("gpu-runner-spawner"),
-            rules=SPAWNER_RULES,
-            opts=child,
-        )
-        binding = k8s.rbac.v1.RoleBinding(
-            f"{name}-spawner-binding",
-            metadata=meta("gpu-runner-spawner"),
-            role_ref={"api_group": "rbac.authorization.k8s.io", "kind": "Role",
-                      "name": role.metadata.name},
-            subjects=[{"kind": "ServiceAccount", "name": base_sa.metadata.name,
-                       "namespace": ns}],
-            opts=child,
-        )
         if args.seed_compatibility_user is not None:
+            # The seed guide's documented relaxation: its workflow applies its own GPU pod
+            # manifest with `kubectl` as the CI service account, so that identity (a Google
+            # user, never a pod's account) gets the spawner rights in this namespace.
+            seed_meta: k8s.meta.v1.ObjectMetaArgsDict = {
+                **meta("gpu-runner-spawner"),
+                "annotations": {
+                    contract.ANNOTATION_SEED_COMPATIBILITY: "true",
+                    "kubernetes.io/description": "seed compatibility: the seed guide's workflow "
+                                                 "creates its GPU runner pods with kubectl",
+                },
+            }
+            role = k8s.rbac.v1.Role(
+                f"{name}-spawner-role",
+                metadata=seed_meta,
+                rules=SPAWNER_RULES,
+                opts=child,
+            )
             k8s.rbac.v1.RoleBinding(
                 f"{name}-seed-binding",
-                metadata=meta("seed-guide-workflow"),
+                metadata={**seed_meta, "name": "seed-guide-workflow"},
                 role_ref={"api_group": "rbac.authorization.k8s.io", "kind": "Role",
                           "name": role.metadata.name},
                 subjects=[{"kind": "User", "name": args.seed_compatibility_user,
@@ -224,11 +244,26 @@ class RunnerPlane(pulumi.ComponentResource):
                 "egress": [
                     {"to": [{"ip_block": {"cidr": cidr}} for cidr in args.egress_cidrs]},
                     # Name resolution goes to kube-dns, inside the cluster, whatever the CIDRs.
-                    {"to": [{"namespace_selector": {"match_labels": {
-                        "kubernetes.io/metadata.name": "kube-system"}},
-                             "pod_selector": {"match_labels": {"k8s-app": "kube-dns"}}}],
-                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                    KUBE_DNS_EGRESS,
                 ],
+            },
+            opts=child,
+        )
+        # Policies add up: base runner pods, and only they, may also reach the broker's port,
+        # whatever egressCidrs say (the broker accepts nothing else either).
+        k8s.networking.v1.NetworkPolicy(
+            f"{name}-broker-egress",
+            metadata=meta("base-runner-to-broker"),
+            spec={
+                "pod_selector": {"match_labels": BASE_RUNNER_POD_LABELS},
+                "policy_types": ["Egress"],
+                "egress": [{
+                    "to": [{"namespace_selector": {"match_labels": {
+                        NAMESPACE_NAME_LABEL: args.broker_namespace}},
+                            "pod_selector": {"match_labels": {
+                                contract.LABEL_NAME: contract.BROKER_NAME}}}],
+                    "ports": [{"protocol": "TCP", "port": contract.BROKER_PORT}],
+                }],
             },
             opts=child,
         )
@@ -243,18 +278,17 @@ class RunnerPlane(pulumi.ComponentResource):
             opts=child,
         )
 
-        runtime_env: list[EnvVarArgsDict] = [
+        # What the entrypoint registers with (its own PAT) and what the broker client reads; the
+        # pod knows nothing of the cluster's GPU pools, images or limits: the broker decides.
+        client_env: list[EnvVarArgsDict] = [
+            {"name": contract.ENV_RUNNER_MODE, "value": "registration"},
+            {"name": contract.ENV_RUNNER_LABELS, "value": contract.BASE_RUNNER_LABEL},
             {"name": contract.ENV_REPOSITORY, "value": args.repository},
-            {"name": contract.ENV_NAMESPACE, "value": ns},
-            {"name": contract.ENV_IMAGE, "value": args.image},
             {"name": contract.ENV_PAT_FILE,
              "value": f"{contract.PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"},
-            {"name": contract.ENV_GPU_POOLS, "value": format_gpu_pools(args.gpu_pools)},
-            {"name": contract.ENV_MAX_RUNTIME_MINUTES, "value": str(args.max_runtime_minutes)},
+            {"name": contract.ENV_BROKER_URL, "value": args.broker_url},
+            {"name": contract.ENV_BROKER_AUDIENCE, "value": args.broker_audience},
         ]
-        if pull_secrets:
-            runtime_env.append({"name": contract.ENV_IMAGE_PULL_SECRET,
-                                "value": contract.IMAGE_PULL_SECRET_NAME})
         pat_volume: VolumeArgsDict = {
             "name": PAT_VOLUME,
             # Readable by the runner's group only; the PAT never becomes an env variable.
@@ -262,120 +296,51 @@ class RunnerPlane(pulumi.ComponentResource):
         }
         pat_mount: VolumeMountArgsDict = {"name": PAT_VOLUME, "mount_path": contract.PAT_MOUNT_DIR,
                                           "read_only": True}
+        pod: PodSpecArgsDict = {
+            "termination_grace_period_seconds": BASE_RUNNER_GRACE_SECONDS,
+            "service_account_name": base_sa.metadata.name,
+            "automount_service_account_token": False,
+            "node_selector": {contract.NODE_GPU_LABEL: "false"},
+            "security_context": restricted_pod_security(),
+            "volumes": [pat_volume],
+            "containers": [{
+                "name": "runner",
+                "image": args.image,
+                "image_pull_policy": "IfNotPresent",
+                "env": client_env,
+                "volume_mounts": [pat_mount],
+                "resources": {
+                    "requests": {"cpu": args.base_runner_cpu, "memory": args.base_runner_memory},
+                    "limits": {"cpu": args.base_runner_cpu, "memory": args.base_runner_memory},
+                },
+                "security_context": restricted_container_security(),
+            }],
+        }
+        if pull_secrets:
+            pod["image_pull_secrets"] = pull_secrets
 
-        def runtime_pod(container: ContainerArgsDict, *, restart_policy: str = "Always",
-                        termination_grace_period_seconds: int = 30,
-                        extra_volumes: Sequence[VolumeArgsDict] = ()) -> PodSpecArgsDict:
-            pod: PodSpecArgsDict = {
-                "restart_policy": restart_policy,
-                "termination_grace_period_seconds": termination_grace_period_seconds,
-                "service_account_name": base_sa.metadata.name,
-                "automount_service_account_token": True,
-                "node_selector": {contract.NODE_GPU_LABEL: "false"},
-                "security_context": restricted_pod_security(),
-                "volumes": [pat_volume, *extra_volumes],
-                "containers": [container],
-            }
-            if pull_secrets:
-                pod["image_pull_secrets"] = pull_secrets
-            return pod
-
-        base_labels = {**labels, contract.LABEL_NAME: contract.BASE_RUNNER_APP,
-                       contract.LABEL_COMPONENT: "runner"}
+        base_labels = {**labels, **BASE_RUNNER_POD_LABELS}
         base_runner = k8s.apps.v1.Deployment(
             f"{name}-base-runner",
             metadata={**meta(contract.BASE_RUNNER_APP), "labels": base_labels,
                       "annotations": scanner_skips(_SKIP_NO_PROBE, _SKIP_NO_READINESS,
-                                                   _SKIP_TOKEN, _SKIP_UID, _SKIP_WRITABLE_ROOT)},
+                                                   _SKIP_UID, _SKIP_WRITABLE_ROOT)},
             spec={
                 "replicas": args.base_runner_replicas,
                 "selector": {"match_labels": {contract.LABEL_NAME: contract.BASE_RUNNER_APP}},
                 # A new pod registers before an old one leaves, so jobs always find a runner.
                 "strategy": {"type": "RollingUpdate",
                              "rolling_update": {"max_unavailable": 0, "max_surge": 1}},
-                "template": {
-                    "metadata": {"labels": base_labels},
-                    "spec": runtime_pod(
-                        {
-                            "name": "runner",
-                            "image": args.image,
-                            "image_pull_policy": "IfNotPresent",
-                            "env": [
-                                {"name": contract.ENV_RUNNER_MODE, "value": "registration"},
-                                {"name": contract.ENV_RUNNER_LABELS,
-                                 "value": contract.BASE_RUNNER_LABEL},
-                                *runtime_env,
-                            ],
-                            "volume_mounts": [pat_mount],
-                            "resources": {
-                                "requests": {"cpu": args.base_runner_cpu,
-                                             "memory": args.base_runner_memory},
-                                "limits": {"cpu": args.base_runner_cpu,
-                                           "memory": args.base_runner_memory},
-                            },
-                            "security_context": restricted_container_security(),
-                        },
-                        termination_grace_period_seconds=BASE_RUNNER_GRACE_SECONDS,
-                    ),
-                },
+                "template": {"metadata": {"labels": base_labels}, "spec": pod},
             },
             opts=pulumi.ResourceOptions(
                 parent=self,
-                # Destroy removes the base runner before what it needs to deregister from
-                # GitHub (the PAT) and to clean up (its RBAC).
-                depends_on=[*secrets_needed, binding],
+                # Destroy removes the base runner before the PAT it deregisters from GitHub with.
+                depends_on=secrets_needed,
                 custom_timeouts=pulumi.CustomTimeouts(create="10m", update="10m"),
             ),
         )
 
-        reaper_labels = {**labels, contract.LABEL_NAME: "gpu-runner-reaper",
-                         contract.LABEL_COMPONENT: "reaper"}
-        reaper = k8s.batch.v1.CronJob(
-            f"{name}-reaper",
-            metadata={**meta("gpu-runner-reaper"), "labels": reaper_labels,
-                      "annotations": scanner_skips(_SKIP_TOKEN, _SKIP_UID)},
-            spec={
-                "schedule": args.reaper_schedule,
-                # One reaper at a time: two would race to delete the same leftovers.
-                "concurrency_policy": "Forbid",
-                "starting_deadline_seconds": 300,
-                "successful_jobs_history_limit": 1,
-                "failed_jobs_history_limit": 3,
-                "job_template": {"spec": {
-                    "backoff_limit": 1,
-                    "active_deadline_seconds": 600,
-                    "ttl_seconds_after_finished": 3600,
-                    "template": {
-                        "metadata": {"labels": reaper_labels},
-                        "spec": runtime_pod(
-                            {
-                                "name": "reaper",
-                                "image": args.image,
-                                "image_pull_policy": "IfNotPresent",
-                                "command": ["python3", "-m", "gpu_runners", "reap"],
-                                "env": [*runtime_env,
-                                        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
-                                "volume_mounts": [pat_mount,
-                                                  {"name": "tmp", "mount_path": "/tmp"}],
-                                "resources": {
-                                    "requests": {"cpu": "100m", "memory": "128Mi"},
-                                    "limits": {"cpu": "500m", "memory": "256Mi"},
-                                },
-                                # The reaper only calls APIs: nothing of the image is written.
-                                "security_context": {**restricted_container_security(),
-                                                     "read_only_root_filesystem": True},
-                            },
-                            restart_policy="Never",
-                            extra_volumes=[{"name": "tmp", "empty_dir": {"size_limit": "64Mi"}}],
-                        ),
-                    },
-                }},
-            },
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[*secrets_needed, binding]),
-        )
-
         self.namespace = ns
         self.base_runner = base_runner.metadata.name
-        self.reaper = reaper.metadata.name
-        self.register_outputs({"namespace": self.namespace, "base_runner": self.base_runner,
-                               "reaper": self.reaper})
+        self.register_outputs({"namespace": self.namespace, "base_runner": self.base_runner})

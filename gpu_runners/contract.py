@@ -104,6 +104,9 @@ BROKER_PORT = 8080
 #: where the broker mounts it.
 BROKER_PAT_SECRET_NAME = "github-credential"
 BROKER_PAT_MOUNT_DIR = "/var/run/secrets/github-credential"
+#: The broker image's user (numeric, so that the kubelet can verify runAsNonRoot). Above
+#: 10000, outside the range of host users; the broker writes nothing of its image.
+BROKER_UID = 10001
 #: Audience the jobs' OIDC tokens are requested for unless the stack names another. Never
 #: GitHub's default (https://github.com/<owner>) nor one the workload identity provider accepts.
 DEFAULT_BROKER_AUDIENCE = "gpu-runners-broker"
@@ -162,7 +165,7 @@ ENV_API_MAX_WAIT_SECONDS = "RUNNER_API_MAX_WAIT_SECONDS"
 #: Where a GPU pod mounts its JIT config Secret; the file is JIT_MOUNT_DIR/JIT_SECRET_KEY.
 JIT_MOUNT_DIR = "/var/run/secrets/github-runner-jit"
 JIT_SECRET_KEY = "jitconfig"
-#: Standard GitHub Actions variables, also read outside Actions (the reaper CronJob).
+#: Standard GitHub Actions variables, also read outside Actions (the broker).
 ENV_REPOSITORY = "GITHUB_REPOSITORY"  # owner/name
 ENV_ORGANIZATION = "GITHUB_ORG"  # organisation runner scope instead of a repository
 ENV_API_URL = "GITHUB_API_URL"

@@ -38,6 +38,8 @@ GKE_CLUSTER = "gcp:container/cluster:Cluster"
 GKE_NODE_POOL = "gcp:container/nodePool:NodePool"
 SERVICE_ACCOUNT_KEY = "gcp:serviceaccount/key:Key"
 K8S_NAMESPACE = "kubernetes:core/v1:Namespace"
+ROLE_BINDING = "kubernetes:rbac.authorization.k8s.io/v1:RoleBinding"
+CLUSTER_ROLE_BINDING = "kubernetes:rbac.authorization.k8s.io/v1:ClusterRoleBinding"
 ACTIONS_SECRET = "github:index/actionsSecret:ActionsSecret"
 BRANCH_PROTECTION = "github:index/branchProtection:BranchProtection"
 
@@ -62,6 +64,15 @@ _DIGEST_PINNED = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
 # seccomp profiles it accepts.
 _ADDABLE_CAPABILITIES = frozenset({"NET_BIND_SERVICE"})
 _RESTRICTED_SECCOMP = frozenset({"RuntimeDefault", "Localhost"})
+#: ServiceAccounts of the pods that run workflow code: the base runner runs every job that
+#: names `base-runner`, a GPU runner its run's training job. Neither may hold any right.
+WORKFLOW_SERVICE_ACCOUNTS = frozenset({contract.BASE_RUNNER_SERVICE_ACCOUNT,
+                                       contract.GPU_RUNNER_SERVICE_ACCOUNT})
+#: Groups that take in every ServiceAccount (of the cluster, or with the prefix, of a
+#: namespace), and so the workflow pods' accounts too.
+_EVERY_ACCOUNT_GROUPS = frozenset({"system:serviceaccounts", "system:authenticated",
+                                   "system:unauthenticated"})
+_NAMESPACE_ACCOUNTS_GROUP = "system:serviceaccounts:"
 
 
 # --- reading wire-format properties ------------------------------------------------------------
@@ -440,6 +451,57 @@ def validate_images_pinned_by_digest(args: ResourceValidationArgs,
                              f"use <name>@sha256:<64 hex digits>.", None)
 
 
+def validate_no_rights_for_workflow_pods(args: ResourceValidationArgs,
+                                        report_violation: ReportViolation) -> None:
+    """No RoleBinding or ClusterRoleBinding grants anything to a pod that runs workflow code.
+
+    Job code runs in the base runner and in GPU runner pods; a right given to their
+    ServiceAccounts (or to a group that takes them in) is a right every workflow has. Only the
+    broker, which runs no workflow code, may act on runner pods and their Secrets.
+
+    Args:
+        args: The resource being checked.
+        report_violation: Called with one message per problem found.
+    """
+    if args.resource_type not in (ROLE_BINDING, CLUSTER_ROLE_BINDING):
+        return
+    binding = _describe(args.resource_type, args.name)
+    for subject in _sequence(args.props.get("subjects")):
+        subject = _mapping(subject)
+        kind, name = subject.get("kind"), subject.get("name")
+        if kind == "ServiceAccount" and name in WORKFLOW_SERVICE_ACCOUNTS:
+            report_violation(f"{binding} grants rights to ServiceAccount '{name}', whose pods run "
+                             f"workflow code: only the broker may act on runner pods.", None)
+        elif kind == "Group" and isinstance(name, str) and (
+                name in _EVERY_ACCOUNT_GROUPS or name.startswith(_NAMESPACE_ACCOUNTS_GROUP)):
+            report_violation(f"{binding} grants rights to group '{name}', which takes in the "
+                             f"ServiceAccounts of pods that run workflow code; bind named "
+                             f"accounts instead.", None)
+
+
+def validate_workflow_pods_mount_no_token(args: ResourceValidationArgs,
+                                         report_violation: ReportViolation) -> None:
+    """Pods that run workflow code mount no ServiceAccount token.
+
+    A pod of the base runner's or a GPU runner's account sets
+    `automountServiceAccountToken: false`: job code then has no credential for the Kubernetes
+    API at all, whatever RBAC says.
+
+    Args:
+        args: The resource being checked.
+        report_violation: Called with one message per problem found.
+    """
+    pod_spec = _pod_spec(args)
+    if pod_spec is None:
+        return
+    account = pod_spec.get("serviceAccountName")
+    if account in WORKFLOW_SERVICE_ACCOUNTS and pod_spec.get(
+            "automountServiceAccountToken") is not False:
+        report_violation(f"{_describe(args.resource_type, args.name)} runs workflow code as "
+                         f"'{account}' and may mount its token: set "
+                         f"automountServiceAccountToken: false in the pod spec.", None)
+
+
 # --- GitHub --------------------------------------------------------------------------------------
 
 
@@ -612,6 +674,19 @@ POLICIES: list[ResourceValidationPolicy | StackValidationPolicy] = [
         name="images-pinned-by-digest",
         description="Container images are pinned by sha256 digest.",
         validate=validate_images_pinned_by_digest,
+        enforcement_level=EnforcementLevel.MANDATORY,
+    ),
+    ResourceValidationPolicy(
+        name="no-rights-for-workflow-pods",
+        description="No RoleBinding or ClusterRoleBinding grants anything to the ServiceAccounts "
+                    "of pods that run workflow code (base runner, GPU runners).",
+        validate=validate_no_rights_for_workflow_pods,
+        enforcement_level=EnforcementLevel.MANDATORY,
+    ),
+    ResourceValidationPolicy(
+        name="workflow-pods-mount-no-token",
+        description="Pods that run workflow code mount no ServiceAccount token.",
+        validate=validate_workflow_pods_mount_no_token,
         enforcement_level=EnforcementLevel.MANDATORY,
     ),
     ResourceValidationPolicy(

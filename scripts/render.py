@@ -23,9 +23,14 @@ def render(stack: str, out: Path) -> list[Path]:
     for stale in out.glob("*.yaml"):
         stale.unlink()
     written = []
-    for resource in run_program(stack).kubernetes_objects():
-        manifest = resource.manifest(redact_secrets=True)
-        path = out / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+    manifests = [resource.manifest(redact_secrets=True)
+                 for resource in run_program(stack).kubernetes_objects()]
+    stems = [f"{m['kind'].lower()}-{m['metadata']['name']}" for m in manifests]
+    for manifest, stem in zip(manifests, stems, strict=True):
+        if stems.count(stem) > 1:
+            # The same kind and name in several namespaces (each namespace's pull Secret).
+            stem = f"{stem}-{manifest['metadata']['namespace']}"
+        path = out / f"{stem}.yaml"
         path.write_text(yaml.safe_dump(manifest, sort_keys=False))
         written.append(path)
     return written

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Scan what the stack deploys with checkov, offline: the rendered Kubernetes objects, the runner
-# image's Dockerfile, this repository's workflows and the example ML-repository workflows.
+# and broker images' Dockerfiles, this repository's workflows and the example ML-repository
+# workflows.
 #
 # Usage: scripts/security_scan.sh <rendered-k8s-dir>
 #   <rendered-k8s-dir>  YAML files of the stack's Kubernetes objects
@@ -31,7 +32,7 @@ if [[ ! -d "${rendered}" ]] || ! compgen -G "${rendered}/*.y*ml" > /dev/null; th
          "render them with: python -m scripts.render --stack dev --out <dir>" >&2
     exit 2
 fi
-for required in docker/Dockerfile .github/workflows examples/workflows; do
+for required in docker/Dockerfile docker/broker.Dockerfile .github/workflows examples/workflows; do
     if [[ ! -e "${repo_root}/${required}" ]]; then
         echo "error: ${required} is missing; the scan covers it and skips nothing" >&2
         exit 2
@@ -54,7 +55,7 @@ trap 'rm -rf "${stage}"' EXIT
 mkdir -p "${stage}/rendered" "${stage}/docker" "${stage}/.github/workflows" \
          "${stage}/examples/.github/workflows"
 cp -R "${rendered}/." "${stage}/rendered/"
-cp "${repo_root}/docker/Dockerfile" "${stage}/docker/Dockerfile"
+cp "${repo_root}/docker/Dockerfile" "${repo_root}/docker/broker.Dockerfile" "${stage}/docker/"
 cp -R "${repo_root}/.github/workflows/." "${stage}/.github/workflows/"
 cp -R "${repo_root}/examples/workflows/." "${stage}/examples/.github/workflows/"
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from components.config import ACCELERATORS, StackConfigError
+from gpu_runners import contract
 from tests.harness.mock_stack import (
     PROJECT_FILE,
     TEST_SECRETS,
@@ -79,7 +80,48 @@ BAD_CONFIGS = [
                                                           acceleratorCount=2), "gpuQuota": 1},
      "gpuQuota"),
     ("egress CIDR that is not one", {"egressCidrs": ["github.com"]}, "egressCidrs[0]"),
-    ("reaper schedule with four fields", {"reaperSchedule": "*/5 * * *"}, "reaperSchedule"),
+    ("reaper interval under 30 s", {"reaperIntervalSeconds": 5}, "reaperIntervalSeconds"),
+    ("broker namespace shared with the runners", {"brokerNamespace": "github-runners"},
+     "brokerNamespace"),
+    ("broker namespace of Kubernetes itself", {"brokerNamespace": "kube-system"},
+     "brokerNamespace"),
+    ("broker namespace with capitals", {"brokerNamespace": "Broker"}, "brokerNamespace"),
+    ("GitHub's default audience", {"brokerAudience": "https://github.com/Acme-ML"},
+     "brokerAudience"),
+    ("the workload identity provider's default audience",
+     {"brokerAudience": "https://iam.googleapis.com/projects/123456789012/locations/global/"
+                        "workloadIdentityPools/github-actions/providers/github"},
+     "brokerAudience"),
+    ("the provider's audience without its scheme",
+     {"brokerAudience": "//iam.googleapis.com/projects/1/locations/global/"
+                        "workloadIdentityPools/p/providers/github"}, "brokerAudience"),
+    ("AWS's default audience", {"brokerAudience": "sts.amazonaws.com"}, "brokerAudience"),
+    ("empty audience", {"brokerAudience": ""}, "brokerAudience"),
+    ("audience with a space", {"brokerAudience": "gpu runners"}, "brokerAudience"),
+    ("OIDC issuer over http", {"oidcIssuer": "http://token.actions.githubusercontent.com"},
+     "oidcIssuer"),
+    ("OIDC issuer with a trailing slash",
+     {"oidcIssuer": "https://token.actions.githubusercontent.com/"}, "oidcIssuer"),
+    ("pull_request_target allowed", {"brokerAllowedEvents": ["push", "pull_request_target"]},
+     "brokerAllowedEvents[1]"),
+    ("workflow_run allowed", {"brokerAllowedEvents": ["workflow_run"]},
+     "brokerAllowedEvents[0]"),
+    ("no event allowed", {"brokerAllowedEvents": []}, "brokerAllowedEvents"),
+    ("event name with capitals", {"brokerAllowedEvents": ["Push"]}, "brokerAllowedEvents[0]"),
+    ("ref pattern with a space", {"brokerAllowedRefs": ["refs/heads/ main"]},
+     "brokerAllowedRefs[0]"),
+    ("empty workflow ref pattern", {"brokerAllowedWorkflowRefs": [""]},
+     "brokerAllowedWorkflowRefs[0]"),
+    ("image pattern allowing every registry", {"allowedImages": ["*"]}, "allowedImages[0]"),
+    ("image pattern with a wildcard registry", {"allowedImages": ["*.io/acme/cuda"]},
+     "allowedImages[0]"),
+    ("image pattern without a registry", {"allowedImages": ["pytorch/pytorch:*"]},
+     "allowedImages[0]"),
+    ("negative GPU cap per repository", {"gpuCapPerRepository": -1}, "gpuCapPerRepository"),
+    ("GPU cap per repository above the quota", {"gpuCapPerRepository": 2},
+     "gpuCapPerRepository"),
+    ("prebuilt broker image not pinned by digest",
+     {"brokerImage": "ghcr.io/acme/broker:latest"}, "brokerImage"),
     ("IAM role without the roles/ prefix", {"ciServiceAccountRoles": ["storage.admin"]},
      "ciServiceAccountRoles[0]"),
     ("basic role for the CI account",
@@ -100,6 +142,29 @@ BAD_CONFIGS = [
 def test_bad_config_is_refused_naming_the_key(overrides: dict[str, Any], key: str) -> None:
     problems = config_problems(overrides)
     assert any(p.startswith(key) for p in problems), problems
+
+
+def test_broker_keys_are_all_reported_at_once_before_any_resource() -> None:
+    problems = config_problems({"brokerAudience": "https://github.com/Acme-ML",
+                                "oidcIssuer": "token.actions.githubusercontent.com",
+                                "brokerAllowedEvents": ["workflow_run"],
+                                "allowedImages": ["*"], "reaperIntervalSeconds": 0,
+                                "brokerNamespace": "github-runners"})
+    named = {p.split(" ")[0] for p in problems}
+    assert {"brokerAudience", "oidcIssuer", "brokerAllowedEvents[0]", "allowedImages[0]",
+            "reaperIntervalSeconds", "brokerNamespace"} <= named
+    from pulumi.runtime import settings
+    assert settings.SETTINGS.monitor.infra.resources == []
+
+
+def test_broker_defaults_are_the_contracts() -> None:
+    # Pulumi.yaml holds the defaults the CLI fills in; they must be the runtime's own names.
+    declarations = project_declarations()
+    assert declarations["brokerNamespace"]["default"] == contract.DEFAULT_BROKER_NAMESPACE
+    assert declarations["brokerAudience"]["default"] == contract.DEFAULT_BROKER_AUDIENCE
+    assert declarations["oidcIssuer"]["default"] == contract.GITHUB_OIDC_ISSUER
+    assert declarations["brokerAllowedEvents"]["default"] == list(
+        contract.DEFAULT_ALLOWED_EVENTS)
 
 
 def test_every_problem_is_listed_at_once() -> None:

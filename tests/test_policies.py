@@ -172,9 +172,10 @@ def restricted_container(name: str = "runner", **security: Any) -> dict[str, Any
 
 def runner_pod_spec(*, containers: list[dict[str, Any]] | None = None,
                     **overrides: Any) -> dict[str, Any]:
-    """A pod spec like the base runner's: non-root, RuntimeDefault, the PAT as a file."""
+    """A pod spec like the base runner's: non-root, RuntimeDefault, the PAT as a file, no token."""
     return {
         "service_account_name": contract.BASE_RUNNER_SERVICE_ACCOUNT,
+        "automount_service_account_token": False,
         "node_selector": {contract.NODE_GPU_LABEL: "false"},
         "security_context": {"run_as_non_root": True, "run_as_user": contract.RUNNER_UID,
                              "seccomp_profile": {"type": "RuntimeDefault"}},
@@ -548,6 +549,85 @@ def test_non_workload_resources_are_ignored_by_workload_policies() -> None:
 
 # --- GitHub --------------------------------------------------------------------------------------
 
+# --- pods that run workflow code: no rights, no token ----------------------------------------
+
+
+BROKER_ACCOUNT = {"kind": "ServiceAccount", "name": contract.BROKER_NAME,
+                  "namespace": contract.DEFAULT_BROKER_NAMESPACE}
+
+
+def role_binding(*subjects: dict[str, Any],
+                 cluster_wide: bool = False) -> tuple[str, dict[str, Any]]:
+    """A RoleBinding (or ClusterRoleBinding) of the spawner rules to `subjects`."""
+    if cluster_wide:
+        return policies.CLUSTER_ROLE_BINDING, wire_props(k8s.rbac.v1.ClusterRoleBindingInitArgs, {
+            "metadata": {"name": "spawner"},
+            "role_ref": {"api_group": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": "spawner"},
+            "subjects": list(subjects)})
+    return policies.ROLE_BINDING, wire_props(k8s.rbac.v1.RoleBindingInitArgs, {
+        "metadata": {"name": "spawner", "namespace": contract.DEFAULT_NAMESPACE},
+        "role_ref": {"api_group": "rbac.authorization.k8s.io", "kind": "Role", "name": "spawner"},
+        "subjects": list(subjects)})
+
+
+def test_binding_the_brokers_account_or_the_seed_guides_user_passes() -> None:
+    seed_user = {"kind": "User", "api_group": "rbac.authorization.k8s.io",
+                 "name": "gpu-runners-dev-github-ci@acme-ml-ci.iam.gserviceaccount.com"}
+    for subject in (BROKER_ACCOUNT, seed_user):
+        resource_type, props = role_binding(subject)
+        assert violations("no-rights-for-workflow-pods", resource_type, props) == []
+
+
+@pytest.mark.parametrize("cluster_wide", [False, True], ids=["RoleBinding", "ClusterRoleBinding"])
+@pytest.mark.parametrize("account", sorted(policies.WORKFLOW_SERVICE_ACCOUNTS))
+def test_binding_that_grants_a_workflow_pods_account_anything_is_rejected(
+        account: str, cluster_wide: bool) -> None:
+    resource_type, props = role_binding(
+        BROKER_ACCOUNT, {"kind": "ServiceAccount", "name": account,
+                         "namespace": contract.DEFAULT_NAMESPACE}, cluster_wide=cluster_wide)
+    [message] = violations("no-rights-for-workflow-pods", resource_type, props, name="spawner")
+    kind = "ClusterRoleBinding" if cluster_wide else "RoleBinding"
+    assert message == (f"{kind} 'spawner' grants rights to ServiceAccount '{account}', whose "
+                       f"pods run workflow code: only the broker may act on runner pods.")
+
+
+@pytest.mark.parametrize("group", ["system:serviceaccounts", "system:authenticated",
+                                   f"system:serviceaccounts:{contract.DEFAULT_NAMESPACE}"])
+def test_binding_to_a_group_that_takes_in_every_account_is_rejected(group: str) -> None:
+    resource_type, props = role_binding(
+        {"kind": "Group", "api_group": "rbac.authorization.k8s.io", "name": group})
+    [message] = violations("no-rights-for-workflow-pods", resource_type, props, name="spawner")
+    assert f"grants rights to group '{group}'" in message
+
+
+@pytest.mark.parametrize("resource_type", ["kubernetes:apps/v1:Deployment",
+                                           "kubernetes:batch/v1:CronJob"])
+def test_workflow_pod_that_may_mount_its_token_is_rejected(resource_type: str) -> None:
+    build = WORKLOADS[resource_type]
+    unset = build()
+    pod_spec = policies.POD_SPEC_PATHS[resource_type]
+    template = unset
+    for key in pod_spec:
+        template = template[key]
+    del template["automountServiceAccountToken"]  # the API's default: mounted
+    for props in (unset, build(automount_service_account_token=True)):
+        [message] = violations("workflow-pods-mount-no-token", resource_type, props, name="br")
+        assert message.endswith(f"runs workflow code as '{contract.BASE_RUNNER_SERVICE_ACCOUNT}' "
+                                "and may mount its token: set automountServiceAccountToken: "
+                                "false in the pod spec.")
+    assert violations("workflow-pods-mount-no-token", resource_type,
+                      build(automount_service_account_token=False)) == []
+
+
+def test_gpu_pod_without_a_token_and_the_brokers_pod_with_one_pass() -> None:
+    assert violations("workflow-pods-mount-no-token", "kubernetes:core/v1:Pod", pod()) == []
+    broker = deployment(service_account_name=contract.BROKER_NAME,
+                        automount_service_account_token=True)
+    assert violations("workflow-pods-mount-no-token", "kubernetes:apps/v1:Deployment",
+                      broker) == []
+
+
 SDK_SECRET_OUTPUTS = ["encryptedValue", "plaintextValue", "value", "valueEncrypted"]
 
 
@@ -687,7 +767,7 @@ def test_the_programs_stacks_pass_every_policy(stack: str) -> None:
     types = {r.typ for r in under_policy.resources}
     # The policies had something to check: every resource kind they guard is declared.
     assert {policies.GKE_CLUSTER, policies.GKE_NODE_POOL, policies.K8S_NAMESPACE,
-            "kubernetes:apps/v1:Deployment", "kubernetes:batch/v1:CronJob",
+            "kubernetes:apps/v1:Deployment", policies.ROLE_BINDING,
             policies.BRANCH_PROTECTION} <= types
     assert pack_report(under_policy) == []
 

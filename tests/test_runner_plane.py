@@ -1,4 +1,8 @@
-"""The runner plane: namespace, credentials, RBAC, base runner, reaper, in both cluster modes."""
+"""The runner plane: namespace, the base runner's PAT, the base runner, in both cluster modes.
+
+The base runner runs workflow code: it holds no Kubernetes right and no token, and reaches the
+broker (tests/test_broker_component.py) only through its OIDC-authenticated client.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ PREBUILT = "ghcr.io/acme-ml/vision-models/github-runner@sha256:" + "c" * 64
 EXISTING = {"clusterMode": "existing", "kubeconfigContext": "onprem-admin", "gpuQuota": 4,
             "gcpProject": "", "location": ""}
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
-CRONJOB = "kubernetes:batch/v1:CronJob"
+BASE_RUNNER = "runners-base-runner"
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,19 @@ def pod_templates(run: ProgramRun) -> Iterator[tuple[str, dict[str, Any]]]:
             yield resource.name, manifest["spec"]
 
 
-def by_kind(run: ProgramRun, kind: str) -> list[dict[str, Any]]:
-    return [r.manifest() for r in run.kubernetes_objects() if r.inputs["kind"] == kind]
+def by_kind(run: ProgramRun, kind: str, namespace: str | None = contract.DEFAULT_NAMESPACE
+            ) -> list[dict[str, Any]]:
+    """The objects of one kind, in the runner namespace unless another (or None: any) is named.
+
+    A Namespace counts as in itself; other cluster-scoped objects as in every namespace.
+    """
+    manifests = [r.manifest() for r in run.kubernetes_objects() if r.inputs["kind"] == kind]
+    return [m for m in manifests if namespace is None or m["metadata"].get(
+        "namespace", m["metadata"]["name"] if kind == "Namespace" else namespace) == namespace]
+
+
+def base_runner(run: ProgramRun) -> dict[str, Any]:
+    return run.one(DEPLOYMENT, BASE_RUNNER).manifest()
 
 
 @pytest.mark.parametrize("variant", ["dev", "prod", "private image", "existing cluster"])
@@ -58,7 +73,7 @@ def test_every_kubernetes_object_passes_the_strict_schema(variant: str) -> None:
            "private image": lambda: run_program("dev", {"imagePrivate": True}),
            "existing cluster": lambda: run_program("dev", EXISTING)}[variant]()
     objects = list(run.kubernetes_objects())
-    assert len(objects) >= 10
+    assert len(objects) >= 15
     for resource in objects:
         assert strict_errors(resource.manifest(), KUBERNETES_VERSION) == [], resource.name
 
@@ -68,11 +83,12 @@ def test_every_pod_template_meets_the_restricted_pod_security_standard(
         variant: str, dev: ProgramRun, private_image: ProgramRun) -> None:
     run = dev if variant == "dev" else private_image
     templates = dict(pod_templates(run))
-    assert set(templates) == {"runners-base-runner", "runners-reaper"}
+    uids = {BASE_RUNNER: contract.RUNNER_UID, "broker-deployment": contract.BROKER_UID}
+    assert set(templates) == set(uids)
     for name, spec in templates.items():
         pod_security = spec["securityContext"]
         assert pod_security["runAsNonRoot"] is True, name
-        assert pod_security["runAsUser"] == contract.RUNNER_UID, name
+        assert pod_security["runAsUser"] == uids[name], name
         assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}, name
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), name
         assert not spec.get("hostIPC"), name
@@ -83,21 +99,23 @@ def test_every_pod_template_meets_the_restricted_pod_security_standard(
             assert security["allowPrivilegeEscalation"] is False, name
             assert security.get("privileged", False) is False, name
             assert security["capabilities"] == {"drop": ["ALL"]}, name
-            assert security.get("runAsUser", contract.RUNNER_UID) != 0, name
+            assert security.get("runAsUser", uids[name]) != 0, name
             assert "ports" not in container or all("hostPort" not in p
                                                    for p in container["ports"]), name
 
 
-def test_namespace_enforces_restricted_pod_security(dev: ProgramRun) -> None:
-    (namespace,) = by_kind(dev, "Namespace")
-    assert namespace["metadata"]["name"] == contract.DEFAULT_NAMESPACE
-    labels = namespace["metadata"]["labels"]
-    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert labels["pod-security.kubernetes.io/enforce-version"] == "latest"
+def test_both_namespaces_enforce_restricted_pod_security(dev: ProgramRun) -> None:
+    namespaces = {n["metadata"]["name"]: n for n in by_kind(dev, "Namespace", namespace=None)}
+    assert set(namespaces) == {contract.DEFAULT_NAMESPACE, contract.DEFAULT_BROKER_NAMESPACE}
+    for namespace in namespaces.values():
+        labels = namespace["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        assert labels["pod-security.kubernetes.io/enforce-version"] == "latest"
 
 
 def test_pat_secret_uses_the_seed_names_and_is_a_pulumi_secret(dev: ProgramRun) -> None:
-    (secret,) = [r for r in dev.of_type("kubernetes:core/v1:Secret")]
+    (secret,) = [r for r in dev.of_type("kubernetes:core/v1:Secret")
+                 if r.inputs["metadata"]["namespace"] == contract.DEFAULT_NAMESPACE]
     manifest = secret.manifest()
     assert manifest["metadata"]["name"] == "github-runner-pat"
     assert manifest["stringData"] == {"token": TEST_SECRETS["runnerPat"]}
@@ -121,9 +139,21 @@ def test_pat_reaches_no_env_var_no_plaintext_input_and_no_output(dev: ProgramRun
         assert pat not in json.dumps(value) or name in dev.secret_outputs, name
 
 
+def test_base_runner_mounts_no_secret_but_its_own_registration_pat(dev: ProgramRun,
+                                                                   private_image: ProgramRun
+                                                                   ) -> None:
+    for run in (dev, private_image):
+        spec = base_runner(run)["spec"]["template"]["spec"]
+        mounted = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+        projected = [v for v in spec["volumes"] if "projected" in v]
+        assert mounted == [contract.PAT_SECRET_NAME] and projected == []
+        (container,) = spec["containers"]
+        assert all("secretKeyRef" not in e.get("valueFrom", {}) for e in container["env"])
+        assert "envFrom" not in container
+
+
 def test_base_runner_mounts_the_pat_as_a_read_only_file(dev: ProgramRun) -> None:
-    (deployment,) = by_kind(dev, "Deployment")
-    spec = deployment["spec"]["template"]["spec"]
+    spec = base_runner(dev)["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == contract.PAT_SECRET_NAME
     (container,) = spec["containers"]
@@ -136,7 +166,7 @@ def test_base_runner_mounts_the_pat_as_a_read_only_file(dev: ProgramRun) -> None
 
 def test_base_runner_deployment_listens_for_base_runner_jobs_on_cpu_nodes(
         dev: ProgramRun) -> None:
-    (deployment,) = by_kind(dev, "Deployment")
+    deployment = base_runner(dev)
     assert deployment["spec"]["replicas"] == 1
     spec = deployment["spec"]["template"]["spec"]
     assert spec["nodeSelector"] == {"gpu": "false"}
@@ -147,18 +177,28 @@ def test_base_runner_deployment_listens_for_base_runner_jobs_on_cpu_nodes(
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"},
                                       "limits": {"cpu": "1", "memory": "4Gi"}}
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env[contract.ENV_RUNNER_LABELS] == "base-runner"
-    assert env[contract.ENV_RUNNER_MODE] == "registration"
-    assert env[contract.ENV_REPOSITORY] == "Acme-ML/Vision-Models"
-    assert env[contract.ENV_NAMESPACE] == contract.DEFAULT_NAMESPACE
-    assert env[contract.ENV_IMAGE] == container["image"]
-    assert json.loads(env[contract.ENV_GPU_POOLS]) == [
-        {"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]
+    assert env == {
+        contract.ENV_RUNNER_MODE: "registration",
+        contract.ENV_RUNNER_LABELS: "base-runner",
+        contract.ENV_REPOSITORY: "Acme-ML/Vision-Models",
+        contract.ENV_PAT_FILE: f"{contract.PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}",
+        # The client's settings; the cluster's pools, images and limits are the broker's.
+        contract.ENV_BROKER_URL: dev.outputs["brokerUrl"],
+        contract.ENV_BROKER_AUDIENCE: contract.DEFAULT_BROKER_AUDIENCE,
+    }
+
+
+def test_base_runner_client_follows_the_configured_broker_namespace_and_audience() -> None:
+    run = run_program("dev", {"brokerNamespace": "ci-broker", "brokerAudience": "acme-gpu"})
+    (container,) = base_runner(run)["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env[contract.ENV_BROKER_URL] == "http://gpu-runners-broker.ci-broker.svc:8080"
+    assert env[contract.ENV_BROKER_URL] == run.outputs["brokerUrl"]
+    assert env[contract.ENV_BROKER_AUDIENCE] == "acme-gpu" == run.outputs["brokerAudience"]
 
 
 def test_prod_runs_two_base_runners(run_prod: ProgramRun) -> None:
-    (deployment,) = by_kind(run_prod, "Deployment")
-    assert deployment["spec"]["replicas"] == 2
+    assert base_runner(run_prod)["spec"]["replicas"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -166,43 +206,94 @@ def run_prod() -> ProgramRun:
     return run_program("prod")
 
 
-def test_spawner_role_grants_exactly_what_spawning_needs(dev: ProgramRun) -> None:
-    (role,) = by_kind(dev, "Role")
+def spawner_rules() -> list[dict[str, Any]]:
+    """SPAWNER_RULES as the API server receives them (camelCase keys, plain lists)."""
+    rules: list[dict[str, Any]] = json.loads(json.dumps(SPAWNER_RULES))
+    return [{"apiGroups": r["api_groups"], "resources": r["resources"], "verbs": r["verbs"]}
+            for r in rules]
+
+
+def test_spawner_rules_grant_exactly_what_spawning_needs() -> None:
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"])
-             for r in role["rules"]}
+             for r in spawner_rules()}
     assert rules == {
         (("",), ("pods",)): ["create", "delete", "get", "list", "watch"],
         (("",), ("pods/log",)): ["get"],
         (("",), ("secrets",)): ["create", "delete", "get"],
         (("",), ("events",)): ["get", "list", "watch"],
     }
-    assert len(role["rules"]) == len(SPAWNER_RULES)
-    assert not by_kind(dev, "ClusterRole") and not by_kind(dev, "ClusterRoleBinding")
-    for rule in role["rules"]:
-        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+    assert len(rules) == len(SPAWNER_RULES)
 
 
-def test_only_the_base_runner_account_is_bound_and_gpu_pods_get_no_token(
-        dev: ProgramRun) -> None:
-    (binding,) = by_kind(dev, "RoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount",
-                                    "name": contract.BASE_RUNNER_SERVICE_ACCOUNT,
-                                    "namespace": contract.DEFAULT_NAMESPACE}]
-    accounts = {a["metadata"]["name"]: a for a in by_kind(dev, "ServiceAccount")}
-    assert accounts[contract.GPU_RUNNER_SERVICE_ACCOUNT]["automountServiceAccountToken"] is False
+def subjects_bound(run: ProgramRun) -> list[tuple[str, dict[str, str]]]:
+    """(binding name, subject) of every RoleBinding and ClusterRoleBinding the stack declares."""
+    return [(b["metadata"]["name"], s)
+            for kind in ("RoleBinding", "ClusterRoleBinding")
+            for b in by_kind(run, kind, namespace=None) for s in b.get("subjects", [])]
+
+
+@pytest.mark.parametrize("variant", ["dev", "seed compatibility", "existing cluster"])
+def test_the_accounts_of_pods_that_run_workflow_code_have_no_rights(variant: str) -> None:
+    run = {"dev": lambda: run_program("dev"),
+           "seed compatibility": lambda: run_program("dev", {"seedCompatibility": True}),
+           "existing cluster": lambda: run_program("dev", EXISTING)}[variant]()
+    workflow_accounts = {contract.BASE_RUNNER_SERVICE_ACCOUNT, contract.GPU_RUNNER_SERVICE_ACCOUNT}
+    # No binding names them, nor a group that would take them in.
+    for binding, subject in subjects_bound(run):
+        assert not (subject["kind"] == "ServiceAccount"
+                    and subject["name"] in workflow_accounts), binding
+        assert not (subject["kind"] == "Group"
+                    and subject["name"].startswith(("system:serviceaccounts",
+                                                    "system:authenticated"))), binding
+    assert by_kind(run, "ClusterRoleBinding", namespace=None) == []
+    accounts = {a["metadata"]["name"]: a for a in by_kind(run, "ServiceAccount")}
+    assert set(accounts) == workflow_accounts
+    for account in accounts.values():
+        assert account["automountServiceAccountToken"] is False
+    spec = base_runner(run)["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == contract.BASE_RUNNER_SERVICE_ACCOUNT
+    assert spec["automountServiceAccountToken"] is False
+
+
+def test_no_role_in_the_runner_namespace_but_the_brokers(dev: ProgramRun) -> None:
+    (role,) = by_kind(dev, "Role")
+    assert role["metadata"]["name"] == contract.BROKER_NAME
+    assert [name for name, _ in subjects_bound(dev)] == [contract.BROKER_NAME]
+
+
+def network_policies(run: ProgramRun) -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["name"]: p for p in by_kind(run, "NetworkPolicy")}
 
 
 def test_network_policy_denies_ingress_and_limits_egress(dev: ProgramRun) -> None:
-    (policy,) = by_kind(dev, "NetworkPolicy")
-    spec = policy["spec"]
+    spec = network_policies(dev)["runner-pods"]["spec"]
     assert spec["podSelector"] == {}
     assert spec["policyTypes"] == ["Ingress", "Egress"]
     assert spec["ingress"] == []
     assert spec["egress"][0] == {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}
     run = run_program("dev", {"egressCidrs": ["140.82.112.0/20", "10.0.0.0/8"]})
-    (policy,) = by_kind(run, "NetworkPolicy")
+    policy = network_policies(run)["runner-pods"]
     assert policy["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": "140.82.112.0/20"}},
                                                  {"ipBlock": {"cidr": "10.0.0.0/8"}}]
+
+
+def test_only_base_runner_pods_may_reach_the_brokers_port(dev: ProgramRun) -> None:
+    policies = network_policies(dev)
+    assert set(policies) == {"runner-pods", "base-runner-to-broker"}
+    spec = policies["base-runner-to-broker"]["spec"]
+    template_labels = base_runner(dev)["spec"]["template"]["metadata"]["labels"]
+    selected = spec["podSelector"]["matchLabels"]
+    assert selected.items() <= template_labels.items()
+    assert selected[contract.LABEL_NAME] == contract.BASE_RUNNER_APP
+    assert spec["policyTypes"] == ["Egress"] and "ingress" not in spec
+    assert spec["egress"] == [{
+        "to": [{"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": contract.DEFAULT_BROKER_NAMESPACE}},
+                "podSelector": {"matchLabels": {contract.LABEL_NAME: contract.BROKER_NAME}}}],
+        "ports": [{"protocol": "TCP", "port": contract.BROKER_PORT}],
+    }]
+    # GPU runner pods gain nothing: the only rule that selects them allows no ingress at all.
+    assert policies["runner-pods"]["spec"]["ingress"] == []
 
 
 def test_resource_quota_caps_gpus_at_the_pools_maximum(dev: ProgramRun,
@@ -216,22 +307,15 @@ def test_resource_quota_caps_gpus_at_the_pools_maximum(dev: ProgramRun,
     assert quota["spec"]["hard"]["requests.nvidia.com/gpu"] == "3"
 
 
-def test_reaper_cron_job_runs_reap_one_at_a_time(dev: ProgramRun) -> None:
-    (cron,) = by_kind(dev, "CronJob")
-    spec = cron["spec"]
-    assert spec["schedule"] == "*/5 * * * *"
-    assert spec["concurrencyPolicy"] == "Forbid"
-    assert spec["successfulJobsHistoryLimit"] <= 3 and spec["failedJobsHistoryLimit"] <= 3
-    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == contract.BASE_RUNNER_SERVICE_ACCOUNT
-    assert pod["restartPolicy"] == "Never"
-    (container,) = pod["containers"]
-    assert container["command"] == ["python3", "-m", "gpu_runners", "reap"]
+def test_no_reaper_job_runs_in_the_runner_namespace(dev: ProgramRun) -> None:
+    # The broker reaps, under its own account; no pod here holds the rights to.
+    assert by_kind(dev, "CronJob", namespace=None) == [] and by_kind(dev, "Job") == []
 
 
 def test_private_image_gets_a_pull_secret_used_by_every_pod(private_image: ProgramRun) -> None:
     secrets = {r.manifest()["metadata"]["name"]: r
-               for r in private_image.of_type("kubernetes:core/v1:Secret")}
+               for r in private_image.of_type("kubernetes:core/v1:Secret")
+               if r.inputs["metadata"]["namespace"] == contract.DEFAULT_NAMESPACE}
     pull = secrets[contract.IMAGE_PULL_SECRET_NAME]
     assert pull.inputs["type"] == "kubernetes.io/dockerconfigjson"
     assert pull.is_secret("stringData")
@@ -242,18 +326,16 @@ def test_private_image_gets_a_pull_secret_used_by_every_pod(private_image: Progr
 
 
 def test_public_image_needs_no_pull_secret(dev: ProgramRun) -> None:
-    names = [r.manifest()["metadata"]["name"] for r in dev.of_type("kubernetes:core/v1:Secret")]
-    assert names == [contract.PAT_SECRET_NAME]
+    names = sorted(r.manifest()["metadata"]["name"]
+                   for r in dev.of_type("kubernetes:core/v1:Secret"))
+    assert names == [contract.BROKER_PAT_SECRET_NAME, contract.PAT_SECRET_NAME]
 
 
 def test_destroy_removes_the_base_runner_before_its_pat_secret(dev: ProgramRun) -> None:
     # Pulumi deletes a resource before the resources it depends on.
-    deployment = dev.one(DEPLOYMENT)
-    secret = dev.one("kubernetes:core/v1:Secret")
-    binding = dev.one("kubernetes:rbac.authorization.k8s.io/v1:RoleBinding")
+    deployment = dev.one(DEPLOYMENT, BASE_RUNNER)
+    secret = dev.one("kubernetes:core/v1:Secret", "runners-pat")
     assert secret.urn in deployment.dependencies
-    assert binding.urn in deployment.dependencies
-    assert secret.urn in dev.one(CRONJOB).dependencies
 
 
 def test_every_kubernetes_object_goes_through_the_explicit_provider(
@@ -276,18 +358,18 @@ def test_existing_cluster_mode_registers_no_gcp_resource(existing: ProgramRun) -
 
 
 def _resource_names(objects: list[RegisteredResource]) -> list[str]:
-    return sorted(f"{r.inputs['kind']}/{r.manifest()['metadata']['name']}" for r in objects)
+    return sorted(f"{r.inputs['kind']}/{r.manifest()['metadata']['name']}" for r in objects
+                  if r.inputs["metadata"].get("namespace", r.inputs["metadata"].get("name"))
+                  == contract.DEFAULT_NAMESPACE and r.parent.endswith("::runners"))
 
 
 def test_dev_declares_the_runner_plane_objects(dev: ProgramRun) -> None:
     assert _resource_names(list(dev.kubernetes_objects())) == [
-        "CronJob/gpu-runner-reaper",
         "Deployment/base-runner",
         "Namespace/github-runners",
+        "NetworkPolicy/base-runner-to-broker",
         "NetworkPolicy/runner-pods",
         "ResourceQuota/gpu-runners",
-        "Role/gpu-runner-spawner",
-        "RoleBinding/gpu-runner-spawner",
         "Secret/github-runner-pat",
         "ServiceAccount/base-runner",
         "ServiceAccount/gpu-runner",
@@ -299,6 +381,12 @@ def test_seed_compatibility_binds_the_ci_account_and_relaxes_the_namespace_to_ba
     bindings = {b["metadata"]["name"]: b for b in by_kind(run, "RoleBinding")}
     seed = bindings["seed-guide-workflow"]
     assert seed["roleRef"]["name"] == "gpu-runner-spawner"
+    roles = {r["metadata"]["name"]: r for r in by_kind(run, "Role")}
+    assert roles["gpu-runner-spawner"]["rules"] == spawner_rules()
+    # The relaxation says what it is on the objects themselves.
+    for relaxed in (seed, roles["gpu-runner-spawner"]):
+        assert relaxed["metadata"]["annotations"][contract.ANNOTATION_SEED_COMPATIBILITY] == "true"
+        assert "seed guide" in relaxed["metadata"]["annotations"]["kubernetes.io/description"]
     assert seed["subjects"] == [{"kind": "User", "apiGroup": "rbac.authorization.k8s.io",
                                  "name": "gpu-runners-dev-github-ci@acme-ml-ci.iam"
                                          ".gserviceaccount.com"}]
@@ -310,4 +398,5 @@ def test_seed_compatibility_binds_the_ci_account_and_relaxes_the_namespace_to_ba
 
 
 def test_without_seed_compatibility_no_human_or_ci_identity_is_bound(dev: ProgramRun) -> None:
-    assert [b["metadata"]["name"] for b in by_kind(dev, "RoleBinding")] == ["gpu-runner-spawner"]
+    assert [s["kind"] for _, s in subjects_bound(dev)] == ["ServiceAccount"]
+    assert [b["metadata"]["name"] for b in by_kind(dev, "RoleBinding")] == [contract.BROKER_NAME]

@@ -36,7 +36,8 @@ def secret_names(run: ProgramRun) -> set[str]:
 def test_dev_exports_what_operators_need_and_keeps_the_kubeconfig_secret(dev: ProgramRun) -> None:
     assert set(dev.outputs) == {"clusterName", "clusterLocation", "kubeconfig", "runnerImage",
                                 "runnerNamespace", "repositorySecrets",
-                                "workloadIdentityProvider", "ciServiceAccount"}
+                                "workloadIdentityProvider", "ciServiceAccount", "brokerImage",
+                                "brokerNamespace", "brokerUrl", "brokerAudience"}
     assert dev.secret_outputs == {"kubeconfig"}
     for token in TEST_SECRETS.values():
         assert token not in json.dumps(dev.outputs)
@@ -127,15 +128,17 @@ def test_existing_cluster_mode_declares_only_the_runner_plane_and_github() -> No
     assert "kubeconfig" not in run.outputs
 
 
-def test_the_default_stack_pulls_the_runner_image_with_a_secret(dev: ProgramRun) -> None:
-    # GHCR creates a package private: without a pull Secret the base runner would sit in
-    # ImagePullBackOff until the update times out.
-    (pull_secret,) = [r.manifest() for r in dev.kubernetes_objects()
-                      if r.inputs["kind"] == "Secret"
-                      and r.inputs.get("type") == "kubernetes.io/dockerconfigjson"]
-    name = pull_secret["metadata"]["name"]
-    (deployment,) = [r.manifest() for r in dev.kubernetes_objects()
-                     if r.inputs["kind"] == "Deployment"]
-    assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": name}]
-    assert json.loads(pull_secret["data"][".dockerconfigjson"] if "data" in pull_secret
-                      else pull_secret["stringData"][".dockerconfigjson"])["auths"]["ghcr.io"]
+def test_every_deployment_of_the_default_stack_pulls_with_a_secret(dev: ProgramRun) -> None:
+    # GHCR creates a package private: without a pull Secret the base runner (and the broker)
+    # would sit in ImagePullBackOff until the update times out.
+    manifests = [r.manifest() for r in dev.kubernetes_objects()]
+    pull_secrets = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in manifests
+                    if m["kind"] == "Secret" and m.get("type") == "kubernetes.io/dockerconfigjson"}
+    deployments = [m for m in manifests if m["kind"] == "Deployment"]
+    assert len(deployments) >= 1
+    for deployment in deployments:
+        namespace = deployment["metadata"]["namespace"]
+        (reference,) = deployment["spec"]["template"]["spec"]["imagePullSecrets"]
+        secret = pull_secrets[(namespace, reference["name"])]
+        config = secret.get("stringData", secret.get("data", {}))[".dockerconfigjson"]
+        assert "ghcr.io" in json.loads(config)["auths"], deployment["metadata"]["name"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import pulumi
 import yaml
+from google.protobuf import json_format
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime import stack as pulumi_stack
@@ -41,6 +42,9 @@ TEST_SECRETS: Mapping[str, str] = {
     "runnerPat": "ghp_runner_registration_pat_9876543210",
 }
 FAKE_DIGEST = "sha256:" + "ab" * 32
+#: The numeric ids GitHub answers for the test repository and its owner (an organisation).
+REPOSITORY_ID = 715823406
+OWNER_ID = 129458320
 
 
 def project_declarations() -> dict[str, dict[str, Any]]:
@@ -116,6 +120,8 @@ class RegisteredResource:
     ignore_changes: list[str] = field(default_factory=list)
     additional_secret_outputs: list[str] = field(default_factory=list)
     retain_on_delete: bool = False
+    #: The former identities the resource answers to, e.g. {"type": "<old type token>"}.
+    aliases: list[dict[str, Any]] = field(default_factory=list)
 
     def is_secret(self, path: str) -> bool:
         """Whether the input at `path` (dotted, wire names) or one of its parents is secret."""
@@ -223,9 +229,22 @@ class InfraMocks(pulumi.runtime.Mocks):
 
     def call(self, args: pulumi.runtime.MockCallArgs
              ) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        # The engine's answer carries a list of check failures (the mock monitor iterates it,
+        # so it is [] rather than None).
         self.invokes.append(args)
         if args.token == "gcp:organizations/getProject:getProject":
-            return {"number": "123456789012", "projectId": args.args.get("projectId", "p")}, None
+            return {"number": "123456789012", "projectId": args.args.get("projectId", "p")}, []
+        if args.token == "github:index/getRepository:getRepository":
+            # As the provider answers: the repository's numeric id is a number, the rest names.
+            owner, name = args.args["fullName"].split("/")
+            return {"id": name, "name": name, "fullName": f"{owner}/{name}",
+                    "repoId": REPOSITORY_ID, "nodeId": "R_kgDOKqpyLg", "private": True,
+                    "defaultBranch": "main", "visibility": "private"}, []
+        if args.token == "github:index/getUser:getUser":
+            # GET /users/{name} answers for an organisation too; the data source's id is the
+            # account's numeric id, as a string.
+            return {"id": str(OWNER_ID), "login": args.args["username"],
+                    "nodeId": "O_kgDOB7dNkA", "name": args.args["username"]}, []
         # An invoke the program makes must be answered here, or its result would be silently
         # empty in every test.
         raise LookupError(f"no mock answer for invoke {args.token}")
@@ -250,6 +269,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 registered.ignore_changes = list(request.ignoreChanges)
                 registered.additional_secret_outputs = list(request.additionalSecretOutputs)
                 registered.retain_on_delete = bool(request.retainOnDelete)
+                registered.aliases = [json_format.MessageToDict(alias)
+                                      for alias in request.aliases]
                 break
         return response
 
