@@ -32,6 +32,11 @@ ci_identity: CiIdentity | None = None
 #: Addresses of the Kubernetes API server, when the stack knows them (it created the cluster).
 api_server_cidrs: list[pulumi.Output[str]] = []
 
+github_provider = github.Provider("github", owner=config.github_owner, token=config.github_token)
+# Numeric ids, not names, identify the repository to Google Cloud and to the broker.
+repository_ids = resolve_repository_ids(config.github_owner, config.github_repository,
+                                        github_provider)
+
 if config.gke:
     gcp_provider = gcp.Provider("gcp", project=config.gcp_project,
                                 region=config.location.rsplit("-", 1)[0] if config.zonal
@@ -62,6 +67,8 @@ if config.gke:
             github_owner=config.github_owner,
             github_repository=config.github_repository,
             account_prefix=config.cluster_name,
+            repository_id=repository_ids.repository_id,
+            repository_owner_id=repository_ids.owner_id,
             pool_id=config.workload_identity_pool_id,
             project_roles=config.ci_service_account_roles,
             dvc_bucket=config.dvc_bucket,
@@ -79,7 +86,6 @@ else:
     kubernetes = k8s.Provider("existing-cluster", context=config.kubeconfig_context,
                               kubeconfig=config.kubeconfig_path or None)
 
-github_provider = github.Provider("github", owner=config.github_owner, token=config.github_token)
 docker_build_provider = docker_build.Provider("docker-build")
 images = {
     role: ContainerImage(
@@ -135,8 +141,6 @@ runner_plane = RunnerPlane(
     opts=pulumi.ResourceOptions(providers=[kubernetes]),
 )
 
-repository_ids = resolve_repository_ids(config.github_owner, config.github_repository,
-                                        github_provider)
 broker = RunnerBroker(
     "broker",
     RunnerBrokerArgs(
