@@ -55,6 +55,7 @@ if config.gke:
             node_disk_size_gb=config.node_disk_size_gb,
             gpu_pools=config.gpu_pools,
             gpu_driver_version=config.gpu_driver_version,
+            maintenance=config.maintenance,
         ),
         opts=pulumi.ResourceOptions(providers=[gcp_provider]),
     )

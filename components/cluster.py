@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pulumi
 import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
-from components.config import GpuPool
+from components.config import GpuPool, MaintenanceWindow
 from gpu_runners import contract
 
 #: Node label naming the pool's accelerator, set by this project (GKE adds its own
@@ -40,6 +41,8 @@ class GkeClusterArgs:
     node_disk_size_gb: int
     gpu_pools: Sequence[GpuPool]
     gpu_driver_version: str
+    #: When GKE may upgrade the control plane and drain nodes for node upgrades.
+    maintenance: MaintenanceWindow
 
 
 def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
@@ -81,6 +84,26 @@ def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
     ])
 
 
+#: A Monday long past: the recurring window's first occurrence; only its time of day, its
+#: length and the recurrence matter.
+_WINDOW_ANCHOR = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def maintenance_policy(window: MaintenanceWindow) -> gcp.container.ClusterMaintenancePolicyArgsDict:
+    """The cluster's recurring maintenance window: `window`'s hours on its days, in UTC.
+
+    Without one GKE upgrades nodes whenever it likes, and a node upgrade drains the node: a
+    GPU runner pod is evicted in the middle of its training job.
+    """
+    start = _WINDOW_ANCHOR + timedelta(minutes=window.start_minute)
+    end = start + timedelta(hours=window.hours)
+    return {"recurring_window": {
+        "start_time": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "end_time": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "recurrence": "FREQ=WEEKLY;BYDAY=" + ",".join(window.days),
+    }}
+
+
 class GkeCluster(pulumi.ComponentResource):
     """A GKE cluster for CI runners: a CPU pool for the base runner, GPU pools from zero.
 
@@ -88,7 +111,9 @@ class GkeCluster(pulumi.ComponentResource):
     service account, the cluster (default pool removed, release channel, workload identity,
     Dataplane V2 so NetworkPolicies are enforced), a CPU pool labelled gpu=false, one GPU pool
     per config entry (labelled gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers,
-    autoscaled from its minimum, 0 by default), and a Kubernetes provider for the cluster.
+    autoscaled from its minimum, 0 by default), a recurring maintenance window outside which GKE
+    neither upgrades nor drains nodes (a drain evicts a running GPU job), and a Kubernetes
+    provider for the cluster.
 
     Outputs: `cluster_name`, `location`, `kubeconfig` (secret, exec-plugin form),
     `node_service_account`; the `provider` attribute is the Kubernetes provider the runner
@@ -165,6 +190,7 @@ class GkeCluster(pulumi.ComponentResource):
             networking_mode="VPC_NATIVE",
             ip_allocation_policy={},
             enable_shielded_nodes=True,
+            maintenance_policy=maintenance_policy(args.maintenance),
             resource_labels={"managed-by": "pulumi", "app": contract.PART_OF},
             opts=pulumi.ResourceOptions(
                 parent=self,
