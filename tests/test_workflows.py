@@ -32,6 +32,8 @@ PREVIEW = WORKFLOWS_DIR / "preview.yaml"
 GPU_TRAINING = EXAMPLES_DIR / "gpu-training.yaml"
 
 FORK_GUARD = "github.event.pull_request.head.repo.full_name == github.repository"
+#: The GitHub environment whose required reviewers approve a preview before it gets secrets.
+PREVIEW_ENVIRONMENT = "preview"
 #: The checks this repository's own branch protection requires (README, "This project's CI").
 INFRA_REQUIRED_CHECKS = {"test", "preview (dev)", "preview (prod)"}
 SPAWN = "python3 -m gpu_runners spawn"
@@ -297,6 +299,45 @@ def test_preview_token_reads_code_writes_the_comment_and_mints_an_oidc_token_onl
 
 def test_preview_has_no_job_for_pull_requests_from_forks() -> None:
     assert preview_job()["if"] == FORK_GUARD
+
+
+def fork_preview_job() -> dict[str, Any]:
+    return jobs_of(load_workflow(PREVIEW))["fork-preview"]
+
+
+def test_a_forks_pull_request_still_reports_every_preview_check() -> None:
+    # A job skipped by `if` never expands its matrix: its checks would not report at all.
+    fork = fork_preview_job()
+    assert fork["if"] == FORK_GUARD.replace("==", "!=")
+    assert fork["name"] == preview_job()["name"]
+    assert fork["strategy"]["matrix"]["stack"] == preview_job()["strategy"]["matrix"]["stack"]
+    assert "if" not in fork["steps"][0]  # every step runs: the check ends in success
+    assert check_run_names({"jobs": {"fork-preview": fork}}) == {"preview (dev)",
+                                                                  "preview (prod)"}
+
+
+def test_a_forks_pull_request_runs_nothing_of_its_own_and_holds_nothing() -> None:
+    fork = fork_preview_job()
+    assert fork["permissions"] == {}
+    assert "environment" not in fork
+    assert [step for step in fork["steps"] if "uses" in step] == []
+    texts = list(strings_in(fork))
+    assert not any(SECRET_REFERENCE.search(s) or VARIABLE_REFERENCE.search(s) for s in texts)
+    (step,) = fork["steps"]
+    assert step["run"].startswith("echo \"::notice ")
+
+
+def test_only_the_reviewed_preview_environment_holds_the_passphrase() -> None:
+    # The pull request's own program runs with it: a required reviewer approves each run of
+    # the `preview` environment first, and the secret exists in that environment only.
+    for job_id, job in jobs_of(load_workflow(PREVIEW)).items():
+        secrets = {name for s in strings_in(job) for name in SECRET_REFERENCE.findall(s)}
+        if secrets:
+            assert job.get("environment") == PREVIEW_ENVIRONMENT, job_id
+    assert preview_job()["environment"] == PREVIEW_ENVIRONMENT
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"environment `{PREVIEW_ENVIRONMENT}`" in readme
+    assert "required reviewers" in readme
 
 
 def test_preview_has_one_concurrency_group_per_pull_request() -> None:
