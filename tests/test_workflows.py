@@ -337,7 +337,7 @@ def test_only_the_reviewed_preview_environment_holds_the_passphrase() -> None:
     assert preview_job()["environment"] == PREVIEW_ENVIRONMENT
     readme = (REPO_ROOT / "README.md").read_text()
     assert f"environment `{PREVIEW_ENVIRONMENT}`" in readme
-    assert "required reviewers" in readme
+    assert "required reviewers" in readme.lower()
 
 
 def test_preview_has_one_concurrency_group_per_pull_request() -> None:
