@@ -527,3 +527,34 @@ def test_every_stacks_gpu_pod_outlives_the_example_workflows_setup_and_train_job
         stack = yaml.safe_load(stack_file.read_text())["config"]
         minutes = stack.get("gpu-runners:maxRuntimeMinutes", default)
         assert minutes > budget, f"{stack_file.name}: maxRuntimeMinutes {minutes} <= {budget}"
+
+
+# --- runner-version.yaml -------------------------------------------------------------------------
+
+RUNNER_VERSION = WORKFLOWS_DIR / "runner-version.yaml"
+
+
+def test_the_runner_pin_is_bumped_weekly_by_the_verified_bump_script() -> None:
+    workflow = load_workflow(RUNNER_VERSION)
+    on = triggers(workflow)
+    assert set(on) == {"schedule", "workflow_dispatch"}
+    (schedule,) = on["schedule"]
+    # Weekly: a bump lands well inside GitHub's 30 days, with time for review.
+    assert re.fullmatch(r"\d+ \d+ \* \* [0-6]", schedule["cron"])
+    job = jobs_of(workflow)["bump"]
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
+    bump = job["steps"][step_index(job, "python3 -m scripts.bump_runner")]
+    assert bump["run"] == "python3 -m scripts.bump_runner --dockerfile docker/Dockerfile"
+    opening = job["steps"][step_index(job, "gh pr create")]
+    assert opening["if"] == f"steps.{bump['id']}.outputs.changed == 'true'"
+
+
+def test_the_bump_pushes_without_putting_the_token_in_a_url_or_argument() -> None:
+    job = jobs_of(load_workflow(RUNNER_VERSION))["bump"]
+    for step in job["steps"]:
+        script = str(step.get("run", ""))
+        assert "x-access-token" not in script
+        assert not re.search(r"GH_TOKEN|GITHUB_TOKEN|github\.token|secrets\.", script), script
+    opening = job["steps"][step_index(job, "gh pr create")]
+    assert opening["env"]["GH_TOKEN"] == "${{ github.token }}"
+    assert "gh auth setup-git" in opening["run"]
