@@ -24,7 +24,8 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+# The hashed lock: every dependency at its tested version, each file checked against its hash.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.txt
 
 if [ -z "${PULUMI_BACKEND_URL:-}" ] && ! pulumi whoami >/dev/null 2>&1; then
   mkdir -p .pulumi-state

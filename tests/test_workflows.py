@@ -356,7 +356,7 @@ def test_preview_runs_pulumi_preview_with_the_policy_pack_and_comments_on_the_pr
     assert (REPO_ROOT / "policy" / "PulumiPolicy.yaml").is_file()
     assert inputs["comment-on-pr"] is True
     # The CLI the action installs is the release of the SDK the program pins.
-    sdk = re.search(r"^pulumi==(\S+)$", (REPO_ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    sdk = re.search(r"^pulumi==(\S+)$", (REPO_ROOT / "requirements.in").read_text(), re.MULTILINE)
     assert sdk is not None and str(inputs["pulumi-version"]) == sdk.group(1)
     assert inputs["cloud-url"] == f"${{{{ vars.{contract.INFRA_VAR_PULUMI_BACKEND_URL} }}}}"
     assert pulumi[0]["env"] == {
@@ -393,7 +393,8 @@ def test_preview_creates_the_virtualenvs_the_program_and_the_policy_pack_run_in(
     assert f"{program_venv}/bin/python -m pip install" in script
     assert f"python -m venv policy/{policy_venv}\n" in script
     assert f"policy/{policy_venv}/bin/python -m pip install" in script
-    assert "-r policy/requirements.txt -c constraints.txt" in script
+    assert "--require-hashes -r requirements.txt" in script
+    assert "--require-hashes -r policy/requirements.txt" in script
 
 
 def test_preview_reads_only_the_documented_repository_settings() -> None:

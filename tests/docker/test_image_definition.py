@@ -122,7 +122,7 @@ def test_the_runner_tarball_is_pinned_and_checksum_verified_before_it_is_unpacke
 
 
 def test_runtime_requirements_pin_the_kubernetes_client_the_tests_run_with() -> None:
-    tested = re.search(r"^kubernetes==(\S+)$", (REPO_ROOT / "requirements-dev.txt").read_text(),
+    tested = re.search(r"^kubernetes==(\S+)$", (REPO_ROOT / "requirements-dev.in").read_text(),
                        re.MULTILINE)
     assert tested is not None
     lock = RUNTIME_REQUIREMENTS.read_text()
