@@ -25,6 +25,8 @@ from components.repository import (
 )
 from components.repository_ids import resolve_repository_ids
 from components.runner_plane import RunnerPlane, RunnerPlaneArgs
+from components.seed_gpu_pods import MIN_KUBERNETES_VERSION as SEED_MIN_KUBERNETES_VERSION
+from components.seed_gpu_pods import SeedGuideGpuPods, SeedGuideGpuPodsArgs
 from gpu_runners.gpu_pools import GpuPool
 
 config = load_stack_config()
@@ -56,6 +58,9 @@ if config.gke:
             gpu_pools=config.gpu_pools,
             gpu_driver_version=config.gpu_driver_version,
             maintenance=config.maintenance,
+            # Seed compatibility's MutatingAdmissionPolicy is served from this version on.
+            min_master_version=(SEED_MIN_KUBERNETES_VERSION if config.seed_compatibility
+                                else ""),
         ),
         opts=pulumi.ResourceOptions(providers=[gcp_provider]),
     )
@@ -191,6 +196,10 @@ if config.gke and ci_identity is not None:
             namespace=config.runner_namespace,
             service_account_key=ci_identity.service_account_key,
         )
+        # The guide's GPU pod manifest, applied unchanged, is completed so it gets a GPU node.
+        SeedGuideGpuPods("seed-guide-gpu-pods",
+                         SeedGuideGpuPodsArgs(namespace=runner_plane.namespace),
+                         opts=pulumi.ResourceOptions(providers=[kubernetes]))
     pulumi.export("workloadIdentityProvider", ci_identity.workload_identity_provider)
     pulumi.export("ciServiceAccount", ci_identity.service_account_email)
 else:

@@ -43,6 +43,9 @@ class GkeClusterArgs:
     gpu_driver_version: str
     #: When GKE may upgrade the control plane and drain nodes for node upgrades.
     maintenance: MaintenanceWindow
+    #: Lowest Kubernetes version of the control plane (e.g. "1.36"); empty for the channel's
+    #: default.
+    min_master_version: str = ""
 
 
 def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
@@ -191,6 +194,7 @@ class GkeCluster(pulumi.ComponentResource):
             ip_allocation_policy={},
             enable_shielded_nodes=True,
             maintenance_policy=maintenance_policy(args.maintenance),
+            min_master_version=args.min_master_version or None,
             resource_labels={"managed-by": "pulumi", "app": contract.PART_OF},
             opts=pulumi.ResourceOptions(
                 parent=self,
