@@ -263,3 +263,8 @@ def test_the_frontend_and_every_base_image_are_pinned_by_digest(dockerfile: Path
     images = base_images(dockerfile)
     assert images
     assert [image for image in images if not DIGEST.search(image)] == []
+
+
+def test_both_stages_of_the_runner_image_start_from_the_same_base() -> None:
+    # The runner is unpacked in the first stage and run in the second: one Ubuntu for both.
+    assert len(set(base_images(DOCKERFILE))) == 1
