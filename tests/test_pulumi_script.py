@@ -62,6 +62,9 @@ def test_the_local_fallback_warns_that_ci_and_other_machines_cannot_see_the_stat
     assert "commit Pulumi.dev.yaml" in stderr
     local = f"file://{checkout}/.pulumi-state"
     assert calls[-1] == f"pulumi preview --stack dev backend={local}"
+    # The program's virtualenv gets the hashed lock, nothing else.
+    (install,) = [call for call in calls if call.startswith("python -m pip install")]
+    assert install.endswith("--require-hashes -r requirements.txt")
 
 
 def test_a_configured_backend_is_used_without_a_warning(checkout: Path) -> None:
