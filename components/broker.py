@@ -231,12 +231,13 @@ class RunnerBroker(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         labels = {contract.LABEL_PART_OF: contract.PART_OF}
         pod_labels = {**labels, contract.LABEL_NAME: contract.BROKER_NAME,
-                      contract.LABEL_COMPONENT: "broker"}
+                      contract.LABEL_COMPONENT: contract.BROKER_COMPONENT}
 
         namespace = k8s.core.v1.Namespace(
             f"{name}-namespace",
             metadata={"name": args.namespace, "labels": {
                 **labels,
+                contract.LABEL_COMPONENT: contract.BROKER_COMPONENT,
                 contract.PSA_ENFORCE_LABEL: contract.PSA_LEVEL,
                 "pod-security.kubernetes.io/enforce-version": "latest",
                 "pod-security.kubernetes.io/warn": contract.PSA_LEVEL,

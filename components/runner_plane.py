@@ -125,10 +125,10 @@ class RunnerPlane(pulumi.ComponentResource):
     `github-runner-pat` the base runner registers with (and a GHCR pull Secret for a private
     image); ServiceAccounts for the base runner and the GPU pods, neither bound to any Role and
     neither with a mounted token, since both run workflow code; the base runner Deployment
-    (label `base-runner`, CPU nodes, PAT mounted as a file, the broker client's settings); a
-    NetworkPolicy denying ingress and limiting egress (the broker's port included); a
-    ResourceQuota capping GPUs and pods. The broker (components/broker.py) alone creates,
-    watches and deletes GPU runner pods here.
+    (label `base-runner`, CPU nodes, PAT mounted as a file, the broker client's settings);
+    NetworkPolicies denying all ingress, limiting egress, and letting base runner pods alone
+    reach the broker's port; a ResourceQuota capping GPUs and pods. The broker
+    (components/broker.py) alone creates, watches and deletes GPU runner pods here.
 
     Every object goes through the Kubernetes provider the caller passes in `opts.providers`.
 

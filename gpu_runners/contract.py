@@ -97,6 +97,9 @@ ENV_MAX_RUNTIME_MINUTES = "GPU_RUNNERS_MAX_RUNTIME_MINUTES"
 DEFAULT_BROKER_NAMESPACE = "gpu-runners-broker"
 #: The broker's Deployment, Service and ServiceAccount share this name.
 BROKER_NAME = "gpu-runners-broker"
+#: Value of LABEL_COMPONENT on the broker's namespace and pods; the policy pack finds the broker's
+#: namespace by it.
+BROKER_COMPONENT = "broker"
 #: Port of the broker's Service and container (plain HTTP inside the cluster; only runner pods
 #: may reach it, by NetworkPolicy).
 BROKER_PORT = 8080

@@ -38,6 +38,7 @@ GKE_CLUSTER = "gcp:container/cluster:Cluster"
 GKE_NODE_POOL = "gcp:container/nodePool:NodePool"
 SERVICE_ACCOUNT_KEY = "gcp:serviceaccount/key:Key"
 K8S_NAMESPACE = "kubernetes:core/v1:Namespace"
+ROLE = "kubernetes:rbac.authorization.k8s.io/v1:Role"
 ROLE_BINDING = "kubernetes:rbac.authorization.k8s.io/v1:RoleBinding"
 CLUSTER_ROLE_BINDING = "kubernetes:rbac.authorization.k8s.io/v1:ClusterRoleBinding"
 ACTIONS_SECRET = "github:index/actionsSecret:ActionsSecret"
@@ -502,6 +503,44 @@ def validate_workflow_pods_mount_no_token(args: ResourceValidationArgs,
                          f"automountServiceAccountToken: false in the pod spec.", None)
 
 
+def broker_namespaces(resources: Sequence[PolicyResource]) -> set[str]:
+    """Names of the namespaces the stack declares for the broker (labelled as its component).
+
+    Args:
+        resources: Every resource of the stack.
+
+    Returns:
+        The namespace names; empty when the stack declares no broker.
+    """
+    names = set()
+    for r in resources:
+        if r.resource_type == K8S_NAMESPACE:
+            labels = _mapping(_path(r.props, "metadata", "labels"))
+            if labels.get(contract.LABEL_COMPONENT) == contract.BROKER_COMPONENT:
+                names.add(_path(r.props, "metadata", "name"))
+    return names
+
+
+def validate_broker_namespace_grants_nothing(args: StackValidationArgs,
+                                             report_violation: ReportViolation) -> None:
+    """No Role or RoleBinding lives in the broker's namespace.
+
+    The namespace holds the GitHub credential; the broker reads it from its mounted file, so no
+    one (the broker included) needs a right there, and any Role would be a way to its Secrets.
+
+    Args:
+        args: Every resource of the stack.
+        report_violation: Called with one message per problem found.
+    """
+    namespaces = broker_namespaces(args.resources)
+    for r in args.resources:
+        if r.resource_type in (ROLE, ROLE_BINDING) and _path(
+                r.props, "metadata", "namespace") in namespaces:
+            report_violation(f"{_describe(r.resource_type, r.name)} is in the broker's namespace "
+                             f"'{_path(r.props, 'metadata', 'namespace')}', which holds the GitHub "
+                             f"credential: grant nothing there.", r.urn)
+
+
 # --- GitHub --------------------------------------------------------------------------------------
 
 
@@ -687,6 +726,13 @@ POLICIES: list[ResourceValidationPolicy | StackValidationPolicy] = [
         name="workflow-pods-mount-no-token",
         description="Pods that run workflow code mount no ServiceAccount token.",
         validate=validate_workflow_pods_mount_no_token,
+        enforcement_level=EnforcementLevel.MANDATORY,
+    ),
+    StackValidationPolicy(
+        name="broker-namespace-grants-nothing",
+        description="No Role or RoleBinding lives in the broker's namespace, which holds the "
+                    "GitHub credential.",
+        validate=validate_broker_namespace_grants_nothing,
         enforcement_level=EnforcementLevel.MANDATORY,
     ),
     ResourceValidationPolicy(

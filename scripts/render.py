@@ -22,15 +22,15 @@ def render(stack: str, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.yaml"):
         stale.unlink()
-    written = []
-    manifests = [resource.manifest(redact_secrets=True)
-                 for resource in run_program(stack).kubernetes_objects()]
-    stems = [f"{m['kind'].lower()}-{m['metadata']['name']}" for m in manifests]
-    for manifest, stem in zip(manifests, stems, strict=True):
-        if stems.count(stem) > 1:
-            # The same kind and name in several namespaces (each namespace's pull Secret).
-            stem = f"{stem}-{manifest['metadata']['namespace']}"
-        path = out / f"{stem}.yaml"
+    written: list[Path] = []
+    for resource in run_program(stack).kubernetes_objects():
+        manifest = resource.manifest(redact_secrets=True)
+        # Namespaced objects of one kind may share a name (a pull Secret in each namespace).
+        where = [manifest["metadata"]["namespace"]] if "namespace" in manifest["metadata"] else []
+        path = out / ("-".join([manifest["kind"].lower(), *where,
+                                manifest["metadata"]["name"]]) + ".yaml")
+        if path in written:
+            raise ValueError(f"two objects would be written to {path}")
         path.write_text(yaml.safe_dump(manifest, sort_keys=False))
         written.append(path)
     return written

@@ -22,6 +22,7 @@ from tests.harness.mock_stack import (
     ProgramRun,
     RegisteredResource,
     run_program,
+    stack_settings,
 )
 from tests.test_runner_plane import spawner_rules
 
@@ -35,8 +36,7 @@ GITHUB_PROVIDER = "pulumi:providers:github::github::"
 
 @pytest.fixture(scope="module")
 def dev() -> ProgramRun:
-    # The public-package variant (imagePrivate is on by default; see `private_image`).
-    return run_program("dev", {"imagePrivate": False})
+    return run_program("dev")
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def test_broker_lives_alone_in_a_namespace_enforcing_restricted(dev: ProgramRun)
     assert in_namespace == [
         f"Deployment/{contract.BROKER_NAME}",
         f"NetworkPolicy/{contract.BROKER_NAME}",
+        f"Secret/{contract.IMAGE_PULL_SECRET_NAME}",  # the GHCR package is private by default
         f"Secret/{contract.BROKER_PAT_SECRET_NAME}",
         f"Service/{contract.BROKER_NAME}",
         f"ServiceAccount/{contract.BROKER_NAME}",
@@ -96,7 +97,8 @@ def test_broker_lives_alone_in_a_namespace_enforcing_restricted(dev: ProgramRun)
 def test_credential_is_a_pulumi_secret_mounted_read_only_into_the_broker_only(
         dev: ProgramRun) -> None:
     (secret,) = [r for r in dev.of_type("kubernetes:core/v1:Secret")
-                 if r.inputs["metadata"]["namespace"] == BROKER_NS]
+                 if r.inputs["metadata"]["namespace"] == BROKER_NS
+                 and r.inputs["type"] == "Opaque"]
     assert secret.manifest()["metadata"]["name"] == contract.BROKER_PAT_SECRET_NAME
     assert secret.inputs["stringData"] == {contract.PAT_SECRET_KEY: TEST_SECRETS["runnerPat"]}
     assert secret.is_secret("stringData.token")
@@ -180,7 +182,7 @@ def test_broker_environment_carries_the_resolved_numeric_ids_and_the_default_pol
         contract.ENV_NAMESPACE: RUNNER_NS,
         contract.ENV_IMAGE: dev.outputs["runnerImage"],
         contract.ENV_GPU_POOLS: json.dumps([{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]),
-        contract.ENV_MAX_RUNTIME_MINUTES: "180",
+        contract.ENV_MAX_RUNTIME_MINUTES: str(stack_settings("dev")["maxRuntimeMinutes"]),
         contract.ENV_REPOSITORY: "Acme-ML/Vision-Models",
         # As the tokens' claims carry them: decimal strings, never "715823406.0".
         contract.ENV_REPOSITORY_ID: str(REPOSITORY_ID),
@@ -196,6 +198,8 @@ def test_broker_environment_carries_the_resolved_numeric_ids_and_the_default_pol
         contract.ENV_GPU_CAP_PER_REPOSITORY: "1",
         contract.ENV_REAPER_INTERVAL_SECONDS: "300",
         contract.ENV_BROKER_PORT: str(contract.BROKER_PORT),
+        # GPU runner pods pull the private runner image with the runner namespace's Secret.
+        contract.ENV_IMAGE_PULL_SECRET: contract.IMAGE_PULL_SECRET_NAME,
     }
     assert runner["spec"]["template"]["spec"]["containers"][0]["image"] == broker_env(dev)[
         contract.ENV_IMAGE]
@@ -338,9 +342,13 @@ def test_private_images_give_the_broker_its_pull_secret_and_name_the_runners(
         contract.IMAGE_PULL_SECRET_NAME)
 
 
-def test_public_images_need_no_pull_secret_for_the_broker(dev: ProgramRun) -> None:
-    assert "imagePullSecrets" not in broker_pod(dev)
-    assert contract.ENV_IMAGE_PULL_SECRET not in broker_env(dev)
+def test_public_images_need_no_pull_secret_for_the_broker() -> None:
+    public = run_program("dev", {"imagePrivate": False})
+    assert "imagePullSecrets" not in broker_pod(public)
+    assert contract.ENV_IMAGE_PULL_SECRET not in broker_env(public)
+    assert [r.inputs["metadata"]["name"] for r in public.of_type("kubernetes:core/v1:Secret")
+            if r.inputs["metadata"]["namespace"] == BROKER_NS] == [
+        contract.BROKER_PAT_SECRET_NAME]
 
 
 def test_destroy_removes_the_broker_before_its_credential_and_its_rights(

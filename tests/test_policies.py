@@ -628,6 +628,41 @@ def test_gpu_pod_without_a_token_and_the_brokers_pod_with_one_pass() -> None:
                       broker) == []
 
 
+def broker_namespace_resource() -> PolicyResource:
+    return stack_resource(policies.K8S_NAMESPACE, "broker-namespace", wire_props(
+        k8s.core.v1.NamespaceInitArgs, {"metadata": {
+            "name": contract.DEFAULT_BROKER_NAMESPACE,
+            "labels": {contract.LABEL_COMPONENT: contract.BROKER_COMPONENT,
+                       contract.PSA_ENFORCE_LABEL: contract.PSA_LEVEL}}}))
+
+
+def namespaced_role(namespace: str) -> PolicyResource:
+    return stack_resource(policies.ROLE, "reader", wire_props(k8s.rbac.v1.RoleInitArgs, {
+        "metadata": {"name": "secret-reader", "namespace": namespace},
+        "rules": [{"api_groups": [""], "resources": ["secrets"], "verbs": ["get"]}]}))
+
+
+def test_roles_outside_the_brokers_namespace_pass() -> None:
+    resources = [broker_namespace_resource(), namespaced_role(contract.DEFAULT_NAMESPACE)]
+    assert stack_violations("broker-namespace-grants-nothing", resources) == []
+
+
+def test_role_or_binding_in_the_brokers_namespace_is_rejected() -> None:
+    role = namespaced_role(contract.DEFAULT_BROKER_NAMESPACE)
+    resource_type, props = role_binding(BROKER_ACCOUNT)
+    props["metadata"]["namespace"] = contract.DEFAULT_BROKER_NAMESPACE
+    binding = stack_resource(resource_type, "binding", props)
+    reported = stack_violations("broker-namespace-grants-nothing",
+                                [broker_namespace_resource(), role, binding])
+    assert reported == [
+        (f"Role 'reader' is in the broker's namespace '{contract.DEFAULT_BROKER_NAMESPACE}', "
+         "which holds the GitHub credential: grant nothing there.", role.urn),
+        (f"RoleBinding 'binding' is in the broker's namespace "
+         f"'{contract.DEFAULT_BROKER_NAMESPACE}', which holds the GitHub credential: grant "
+         "nothing there.", binding.urn),
+    ]
+
+
 SDK_SECRET_OUTPUTS = ["encryptedValue", "plaintextValue", "value", "valueEncrypted"]
 
 
@@ -770,6 +805,14 @@ def test_the_programs_stacks_pass_every_policy(stack: str) -> None:
             "kubernetes:apps/v1:Deployment", policies.ROLE_BINDING,
             policies.BRANCH_PROTECTION} <= types
     assert pack_report(under_policy) == []
+
+
+def test_the_pack_finds_the_programs_broker_namespace() -> None:
+    # So that broker-namespace-grants-nothing passing the program's stacks means something.
+    run = mock_stack.run_program("dev", {"brokerNamespace": "ci-broker"})
+    resources = [PolicyResource(r.typ, analyzer_view(r.outputs), r.urn, r.name, options(),
+                                None, None, [], {}) for r in run.resources if r.custom]
+    assert policies.broker_namespaces(resources) == {"ci-broker"}
 
 
 def test_prod_stack_turning_deletion_protection_off_is_stopped() -> None:

@@ -128,17 +128,20 @@ def test_existing_cluster_mode_declares_only_the_runner_plane_and_github() -> No
     assert "kubeconfig" not in run.outputs
 
 
-def test_every_deployment_of_the_default_stack_pulls_with_a_secret(dev: ProgramRun) -> None:
+def test_the_default_stack_pulls_the_runner_image_with_a_secret(dev: ProgramRun) -> None:
     # GHCR creates a package private: without a pull Secret the base runner (and the broker)
     # would sit in ImagePullBackOff until the update times out.
-    manifests = [r.manifest() for r in dev.kubernetes_objects()]
-    pull_secrets = {(m["metadata"]["namespace"], m["metadata"]["name"]): m for m in manifests
-                    if m["kind"] == "Secret" and m.get("type") == "kubernetes.io/dockerconfigjson"}
-    deployments = [m for m in manifests if m["kind"] == "Deployment"]
-    assert len(deployments) >= 1
+    pull_secrets = {r.inputs["metadata"]["namespace"]: r.manifest()
+                    for r in dev.kubernetes_objects()
+                    if r.inputs["kind"] == "Secret"
+                    and r.inputs.get("type") == "kubernetes.io/dockerconfigjson"}
+    assert set(pull_secrets) == {contract.DEFAULT_NAMESPACE, contract.DEFAULT_BROKER_NAMESPACE}
+    deployments = [r.manifest() for r in dev.kubernetes_objects()
+                   if r.inputs["kind"] == "Deployment"]
+    assert len(deployments) == 2
     for deployment in deployments:
-        namespace = deployment["metadata"]["namespace"]
-        (reference,) = deployment["spec"]["template"]["spec"]["imagePullSecrets"]
-        secret = pull_secrets[(namespace, reference["name"])]
-        config = secret.get("stringData", secret.get("data", {}))[".dockerconfigjson"]
-        assert "ghcr.io" in json.loads(config)["auths"], deployment["metadata"]["name"]
+        pull_secret = pull_secrets[deployment["metadata"]["namespace"]]
+        name = pull_secret["metadata"]["name"]
+        assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": name}]
+        assert json.loads(pull_secret["data"][".dockerconfigjson"] if "data" in pull_secret
+                          else pull_secret["stringData"][".dockerconfigjson"])["auths"]["ghcr.io"]

@@ -119,9 +119,9 @@ class RegisteredResource:
     dependencies: list[str] = field(default_factory=list)  # URNs of explicit dependencies
     ignore_changes: list[str] = field(default_factory=list)
     additional_secret_outputs: list[str] = field(default_factory=list)
-    retain_on_delete: bool = False
     #: The former identities the resource answers to, e.g. {"type": "<old type token>"}.
     aliases: list[dict[str, Any]] = field(default_factory=list)
+    retain_on_delete: bool = False
 
     def is_secret(self, path: str) -> bool:
         """Whether the input at `path` (dotted, wire names) or one of its parents is secret."""
@@ -268,9 +268,9 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 registered.dependencies = list(request.dependencies)
                 registered.ignore_changes = list(request.ignoreChanges)
                 registered.additional_secret_outputs = list(request.additionalSecretOutputs)
-                registered.retain_on_delete = bool(request.retainOnDelete)
                 registered.aliases = [json_format.MessageToDict(alias)
                                       for alias in request.aliases]
+                registered.retain_on_delete = bool(request.retainOnDelete)
                 break
         return response
 
