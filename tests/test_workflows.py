@@ -364,6 +364,15 @@ def test_preview_runs_pulumi_preview_with_the_policy_pack_and_comments_on_the_pr
             f"${{{{ secrets.{contract.INFRA_SECRET_PULUMI_CONFIG_PASSPHRASE} }}}}"}
 
 
+def test_preview_stops_first_when_no_shared_state_backend_is_set() -> None:
+    job = preview_job()
+    check = job["steps"][0]
+    assert check["env"] == {
+        "BACKEND": f"${{{{ vars.{contract.INFRA_VAR_PULUMI_BACKEND_URL} }}}}"}
+    assert 'if [ -z "$BACKEND" ]; then' in check["run"] and "exit 1" in check["run"]
+    assert step_index(job, 'if [ -z "$BACKEND" ]') < step_index(job, "pulumi/actions")
+
+
 def test_preview_logs_in_to_google_cloud_keylessly_before_pulumi_runs() -> None:
     job = preview_job()
     auth = steps_using(job, "google-github-actions/auth")
