@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
 
 from tests.fakes.github_app_auth import (
@@ -45,6 +44,7 @@ from tests.fakes.github_app_auth import (
     required_permission,
     token_answer,
 )
+from tests.fakes.loopback_server import LoopbackServer
 
 DOCS = "https://docs.github.com/rest"
 DOCS_RUNNERS = f"{DOCS}/actions/self-hosted-runners"
@@ -82,6 +82,7 @@ FORK_PR_SETTINGS_KEYS = (
     "require_approval_for_fork_pr_workflows",
 )
 MAX_JIT_LABELS = 100  # generate-jitconfig accepts 1 to 100 labels
+
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _int_param(values: list[str] | None, default: int) -> int:
     return number if number > 0 else default
 
 
-class FakeGitHub:
+class FakeGitHub(LoopbackServer):
     """A fake api.github.com for one repository (and optionally one organisation).
 
     Runners live in one pool, served under both the repository and the organisation runner
@@ -180,6 +181,8 @@ class FakeGitHub:
             with 100.
     """
 
+    server_name = "fake-github"
+
     def __init__(
         self,
         *,
@@ -190,6 +193,7 @@ class FakeGitHub:
         private: bool = True,
         page_size_max: int = 100,
     ) -> None:
+        super().__init__()
         if page_size_max < 1:
             raise ValueError(f"page_size_max must be at least 1, got {page_size_max}")
         self.token = token
@@ -240,57 +244,6 @@ class FakeGitHub:
         self._next_label_id = 1
         # One lock for all state: handler threads and the test thread both mutate it.
         self._changed = threading.Condition(threading.RLock())
-        self._stopping = threading.Event()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """The API base URL, `http://127.0.0.1:<port>` (what GITHUB_API_URL is set to)."""
-        if self._server is None:
-            raise RuntimeError("FakeGitHub is not started: call start() or use it in a with block")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> FakeGitHub:
-        """Starts serving on an ephemeral 127.0.0.1 port; returns self."""
-        if self._server is not None:
-            raise RuntimeError("FakeGitHub is already started")
-        self._stopping.clear()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-github",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving; requests sleeping in an injected delay are released at once."""
-        if self._server is None:
-            return
-        self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> FakeGitHub:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- test controls ---------------------------------------------------------------------
 
