@@ -23,7 +23,7 @@ from gpu_runners.github_app import (
     GitHubAppTokens,
     token_source_from_environ,
 )
-from tests.broker.broker_harness import REPOSITORY_ID, ServedBroker, delete, spawn
+from tests.broker.broker_harness import REPOSITORY_ID, BrokerProcess, ServedBroker, delete, spawn
 from tests.fakes.github_api import FakeGitHub, RecordedRequest
 from tests.fakes.github_app_auth import AppKeyPair, new_app_key
 from tests.fakes.kube_api import FakeKubernetes
@@ -131,3 +131,22 @@ def test_a_key_rotated_mid_run_signs_the_next_mint_and_cleanup_works(
     assert delete(app_broker.url, fake_oidc.mint()).status == 200
     assert fake_github.runners == {}
     assert len(fake_github.installation_tokens()) == 2
+
+
+def test_the_broker_process_runs_on_the_app_alone(
+        app_env: dict[str, str], fake_oidc: FakeOidcIssuer, fake_github: FakeGitHub,
+        tmp_path: Path) -> None:
+    # The entry point itself (`python -m gpu_runners.broker`), with the App's variables the
+    # stack sets and no PAT file: it must choose the App and serve a run with its tokens.
+    broker = BrokerProcess(app_env, tmp_path / "broker.log").start()
+    try:
+        started = spawn(broker.url, fake_oidc.mint())
+        removed = delete(broker.url, fake_oidc.mint())
+    finally:
+        broker.stop()
+
+    assert started.last.event == broker_api.READY, started.last
+    assert removed.status == 200
+    assert fake_github.runners == {}
+    assert fake_github.token not in bearer_tokens(fake_github)
+    assert len(fake_github.installation_tokens()) >= 1
