@@ -11,6 +11,7 @@ import pytest
 from components.broker import TOKEN_REVIEW_RULES
 from components.runner_plane import SPAWNER_RULES
 from tests.broker.broker_harness import ServedBroker, broker_environ, serve_broker
+from tests.fakes.fixtures import enforcing_rbac
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.fakes.oidc_issuer import FakeOidcIssuer
@@ -24,18 +25,9 @@ def make_fake_kube(
     """Fake clusters that enforce the broker's rights: its Role in the runner namespace (the
     spawner rules) and its ClusterRole (TokenReview only): a call outside them is refused with
     403 and fails the test."""
-    started: list[FakeKubernetes] = []
-
-    def make(**options: Any) -> FakeKubernetes:
-        options.setdefault("rbac_rules", SPAWNER_RULES)
-        options.setdefault("cluster_rules", TOKEN_REVIEW_RULES)
-        fake = make_fake_kube(**options)
-        started.append(fake)
-        return fake
-
-    yield make
-    forbidden = [request for fake in started for request in fake.forbidden]
-    assert forbidden == [], f"calls outside the broker's Role: {forbidden}"
+    with enforcing_rbac(make_fake_kube, SPAWNER_RULES, "the broker's Role and ClusterRole",
+                        cluster_rules=TOKEN_REVIEW_RULES) as make:
+        yield make
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Pytest fixtures serving the fakes; load them with `pytest_plugins = ["tests.fakes.fixtures"]`."""
 
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,25 @@ def fake_kube(make_fake_kube: Callable[..., FakeKubernetes]) -> FakeKubernetes:
     """A started FakeKubernetes with its defaults: namespace github-runners, three CPU nodes
     (gpu=false), one NVIDIA L4 pool autoscaled from zero, Pod Security restricted."""
     return make_fake_kube()
+
+
+@contextlib.contextmanager
+def enforcing_rbac(
+    make_fake_kube: Callable[..., FakeKubernetes], rules: Sequence[Any], role: str, *,
+    cluster_rules: Sequence[Any] = (),
+) -> Iterator[Callable[..., FakeKubernetes]]:
+    """Wraps `make_fake_kube` so that its clusters enforce `rules` (a Role's) and
+    `cluster_rules` (a ClusterRole's) unless a test gives others; on exit, a call outside them
+    (a 403 the fake recorded) fails the test, naming `role`."""
+    started: list[FakeKubernetes] = []
+
+    def make(**options: Any) -> FakeKubernetes:
+        options.setdefault("rbac_rules", rules)
+        options.setdefault("cluster_rules", cluster_rules)
+        fake = make_fake_kube(**options)
+        started.append(fake)
+        return fake
+
+    yield make
+    forbidden = [request for fake in started for request in fake.forbidden]
+    assert forbidden == [], f"calls outside {role}: {forbidden}"
