@@ -545,6 +545,27 @@ def _check_github_app(reader: _Reader) -> GitHubAppConfig | None:
     return GitHubAppConfig(app_id, installation_id, pulumi.Output.secret(private_key))
 
 
+def _check_runner_pat(reader: _Reader, *, required: bool) -> pulumi.Output[str]:
+    # Optional in Pulumi.yaml (a GitHub App may replace it), so declared with a default and
+    # not `secret: true` (the CLI refuses a secret key with a default): a value stored in
+    # plaintext is refused here instead.
+    key = "runnerPat"
+    value = reader.raw(key) or ""
+    if not value:
+        if required and key not in reader.placeholders:
+            reader.problems.append(
+                f"{key} is not set: the PAT the broker mints runners' JIT configs with when no "
+                "GitHub App is configured (repo scope), that the cluster pulls a private image "
+                "with (read:packages), and that seed compatibility keeps for the guide; set it "
+                f"with `pulumi config set --secret {key}`")
+        return pulumi.Output.secret("")
+    if not is_config_secret(reader.config.full_key(key)):
+        reader.problems.append(
+            f"{key} is stored in plaintext: set it again with `pulumi config set --secret {key}` "
+            "(and revoke it: it is in the stack file's history)")
+    return pulumi.Output.secret(value)
+
+
 def _rsa_private_key_problem(pem: str) -> str | None:
     """Why `pem` is not an RSA private key in PEM form, or None; never quotes the key."""
     try:
@@ -701,11 +722,13 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     github_token = reader.secret("githubToken", "a classic PAT with repo, read:org and "
                                  "write:packages scopes, used by Pulumi to manage the repository "
                                  "and push the runner image")
-    # Required with a GitHub App too: the base runner still registers itself with the PAT.
-    runner_pat = reader.secret("runnerPat", "the PAT the base runner registers with and, "
-                               "without a GitHub App, the broker mints per-run JIT runner "
-                               "configs with (repo scope)")
     github_app = _check_github_app(reader)
+    image_private = reader.boolean("imagePrivate")
+    seed_compatibility = reader.boolean("seedCompatibility")
+    # With a GitHub App the broker needs no PAT; one is still needed to pull a private image
+    # (GHCR takes PATs, not installation tokens) and for the seed guide's manifests.
+    runner_pat = _check_runner_pat(
+        reader, required=github_app is None or image_private or seed_compatibility)
 
     runner_image = _check_prebuilt_image(reader, "runnerImage")
     broker_image = _check_prebuilt_image(reader, "brokerImage")
@@ -759,7 +782,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         runner_image=runner_image,
         broker_image=broker_image,
         build_image_on_preview=reader.boolean("buildImageOnPreview"),
-        image_private=reader.boolean("imagePrivate"),
+        image_private=image_private,
         runner_namespace=namespace,
         base_runner_replicas=reader.integer("baseRunnerReplicas", minimum=1, maximum=20),
         base_runner_cpu=reader.string("baseRunnerCpu", _QUANTITY,
@@ -784,7 +807,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         reaper_interval_seconds=reader.integer("reaperIntervalSeconds", minimum=30,
                                                maximum=3600),
         repository_private=reader.boolean("repositoryPrivate"),
-        seed_compatibility=reader.boolean("seedCompatibility"),
+        seed_compatibility=seed_compatibility,
         branch_protection=reader.boolean("branchProtection"),
         required_approvals=reader.integer("requiredApprovals", minimum=0, maximum=6),
         required_status_checks=required_checks,

@@ -83,12 +83,31 @@ def test_a_plaintext_app_key_is_refused_without_echoing_it(app_key: AppKeyPair) 
     assert all(pem not in p and "PRIVATE KEY" not in p for p in problems)
 
 
-def test_runner_pat_is_still_required_with_an_app(app_key: AppKeyPair) -> None:
-    # The base runner registers itself with it until it gets its config from the broker.
-    problems = registered_after_refusal(APP, secrets={
+@pytest.mark.parametrize("needs", [{"imagePrivate": True},
+                                   {"imagePrivate": False, "seedCompatibility": True}])
+def test_with_an_app_runner_pat_is_required_only_to_pull_a_private_image_or_for_the_seed(
+        app_key: AppKeyPair, needs: dict[str, Any]) -> None:
+    problems = registered_after_refusal({**APP, **needs}, secrets={
         "githubToken": TEST_SECRETS["githubToken"],
         "githubAppPrivateKey": app_key.private_pem.decode()})
     assert [p.split(" ")[0] for p in problems] == ["runnerPat"]
+
+
+def test_a_plaintext_runner_pat_is_refused_without_echoing_it() -> None:
+    problems = registered_after_refusal({"runnerPat": "ghp_plaintextplaintext"},
+                                        secrets={"githubToken": TEST_SECRETS["githubToken"]})
+    assert [p.split(" ")[0] for p in problems] == ["runnerPat"]
+    assert "stored in plaintext" in problems[0]
+    assert all("ghp_plaintextplaintext" not in p for p in problems)
+
+
+def test_with_an_app_and_a_public_image_no_pat_reaches_the_cluster(app_key: AppKeyPair) -> None:
+    run = run_program("dev", {**APP, "imagePrivate": False}, secrets={
+        "githubToken": TEST_SECRETS["githubToken"],
+        "githubAppPrivateKey": app_key.private_pem.decode()})
+    secrets = run.of_type("kubernetes:core/v1:Secret")
+    assert [s.inputs["metadata"]["name"] for s in secrets] == [contract.BROKER_PAT_SECRET_NAME]
+    assert list(credential_secret(run).inputs["stringData"]) == [contract.APP_KEY_SECRET_KEY]
 
 
 # --- the broker ------------------------------------------------------------------------------
