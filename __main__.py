@@ -101,8 +101,8 @@ images = {
             owner=config.github_owner,
             repository=config.github_repository,
             push_token=config.github_token,
-            # The cluster pulls with the PAT it already holds, not with Pulumi's admin token.
-            pull_token=config.runner_pat,
+            # The cluster pulls with a read:packages-only token, not with Pulumi's admin token.
+            pull_token=config.image_pull_token,
             version=version,
             prebuilt_ref=prebuilt,
             private=config.image_private,

@@ -213,6 +213,8 @@ class StackConfig:
     github_repository: str
     github_token: pulumi.Output[str]
     runner_pat: pulumi.Output[str]
+    #: The read:packages PAT the cluster pulls private images with ("" for public images).
+    image_pull_token: pulumi.Output[str]
     #: The broker's GitHub App, or None: the broker then uses runner_pat.
     github_app: GitHubAppConfig | None
     # images
@@ -545,19 +547,16 @@ def _check_github_app(reader: _Reader) -> GitHubAppConfig | None:
     return GitHubAppConfig(app_id, installation_id, pulumi.Output.secret(private_key))
 
 
-def _check_runner_pat(reader: _Reader, *, required: bool) -> pulumi.Output[str]:
-    # Optional in Pulumi.yaml (a GitHub App may replace it), so declared with a default and
-    # not `secret: true` (the CLI refuses a secret key with a default): a value stored in
-    # plaintext is refused here instead.
-    key = "runnerPat"
+def _optional_secret(reader: _Reader, key: str, purpose: str, *,
+                     required: bool) -> pulumi.Output[str]:
+    # Needed only in some setups, so declared in Pulumi.yaml with a default and not
+    # `secret: true` (the CLI refuses a secret key with a default): a value stored in plaintext
+    # is refused here instead.
     value = reader.raw(key) or ""
     if not value:
         if required and key not in reader.placeholders:
             reader.problems.append(
-                f"{key} is not set: the PAT the broker mints runners' JIT configs with when no "
-                "GitHub App is configured (repo scope), that the cluster pulls a private image "
-                "with (read:packages), and that seed compatibility keeps for the guide; set it "
-                f"with `pulumi config set --secret {key}`")
+                f"{key} is not set: {purpose}; set it with `pulumi config set --secret {key}`")
         return pulumi.Output.secret("")
     if not is_config_secret(reader.config.full_key(key)):
         reader.problems.append(
@@ -725,10 +724,20 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     github_app = _check_github_app(reader)
     image_private = reader.boolean("imagePrivate")
     seed_compatibility = reader.boolean("seedCompatibility")
-    # With a GitHub App the broker needs no PAT; one is still needed to pull a private image
-    # (GHCR takes PATs, not installation tokens) and for the seed guide's manifests.
-    runner_pat = _check_runner_pat(
-        reader, required=github_app is None or image_private or seed_compatibility)
+    # With a GitHub App the broker needs no PAT; the seed guide's manifests still read one.
+    runner_pat = _optional_secret(
+        reader, "runnerPat",
+        "the PAT the broker mints runners' JIT configs with when no GitHub App is configured "
+        "(repo scope), and that seed compatibility keeps for the guide",
+        required=github_app is None or seed_compatibility)
+    # GHCR takes PATs, not installation tokens; a token with read:packages alone, so that the
+    # pull Secret in the runner namespace reaches no repository.
+    image_pull_token = _optional_secret(
+        reader, "imagePullToken",
+        "a classic PAT with only the read:packages scope, which the cluster pulls the private "
+        "runner and broker images with (or make the packages public and set imagePrivate "
+        "false)",
+        required=image_private)
 
     runner_image = _check_prebuilt_image(reader, "runnerImage")
     broker_image = _check_prebuilt_image(reader, "brokerImage")
@@ -778,6 +787,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         github_repository=repository,
         github_token=github_token,
         runner_pat=runner_pat,
+        image_pull_token=image_pull_token,
         github_app=github_app,
         runner_image=runner_image,
         broker_image=broker_image,

@@ -4,6 +4,7 @@ broker alone: its key in the broker's Secret, as a Pulumi secret, never in env, 
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -83,19 +84,41 @@ def test_a_plaintext_app_key_is_refused_without_echoing_it(app_key: AppKeyPair) 
     assert all(pem not in p and "PRIVATE KEY" not in p for p in problems)
 
 
-@pytest.mark.parametrize("needs", [{"imagePrivate": True},
-                                   {"imagePrivate": False, "seedCompatibility": True}])
-def test_with_an_app_runner_pat_is_required_only_to_pull_a_private_image_or_for_the_seed(
-        app_key: AppKeyPair, needs: dict[str, Any]) -> None:
-    problems = registered_after_refusal({**APP, **needs}, secrets={
+def test_with_an_app_runner_pat_is_required_only_for_the_seed(app_key: AppKeyPair) -> None:
+    problems = registered_after_refusal({**APP, "seedCompatibility": True}, secrets={
         "githubToken": TEST_SECRETS["githubToken"],
+        "imagePullToken": TEST_SECRETS["imagePullToken"],
         "githubAppPrivateKey": app_key.private_pem.decode()})
     assert [p.split(" ")[0] for p in problems] == ["runnerPat"]
 
 
+def test_a_private_image_needs_the_read_packages_token_not_the_runner_pat(
+        app_key: AppKeyPair) -> None:
+    problems = registered_after_refusal({**APP, "imagePrivate": True}, secrets={
+        "githubToken": TEST_SECRETS["githubToken"],
+        "runnerPat": TEST_SECRETS["runnerPat"],
+        "githubAppPrivateKey": app_key.private_pem.decode()})
+    assert [p.split(" ")[0] for p in problems] == ["imagePullToken"]
+    assert "read:packages" in problems[0]
+
+
+def test_the_pull_secrets_hold_the_read_packages_token_and_no_runner_pat() -> None:
+    run = run_program("dev", {"imagePrivate": True})
+    pulls = [r for r in run.of_type("kubernetes:core/v1:Secret")
+             if r.inputs["type"] == "kubernetes.io/dockerconfigjson"]
+    assert len(pulls) == 2  # the runner and the broker namespaces
+    for secret in pulls:
+        config = json.loads(secret.inputs["stringData"][".dockerconfigjson"])
+        (auth,) = config["auths"].values()
+        decoded = base64.b64decode(auth["auth"]).decode()
+        assert decoded.endswith(":" + TEST_SECRETS["imagePullToken"])
+        assert TEST_SECRETS["runnerPat"] not in decoded
+
+
 def test_a_plaintext_runner_pat_is_refused_without_echoing_it() -> None:
-    problems = registered_after_refusal({"runnerPat": "ghp_plaintextplaintext"},
-                                        secrets={"githubToken": TEST_SECRETS["githubToken"]})
+    problems = registered_after_refusal(
+        {"runnerPat": "ghp_plaintextplaintext"},
+        secrets={key: TEST_SECRETS[key] for key in ("githubToken", "imagePullToken")})
     assert [p.split(" ")[0] for p in problems] == ["runnerPat"]
     assert "stored in plaintext" in problems[0]
     assert all("ghp_plaintextplaintext" not in p for p in problems)

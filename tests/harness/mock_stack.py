@@ -40,6 +40,7 @@ FILLED_PLACEHOLDERS: Mapping[str, str] = {
 TEST_SECRETS: Mapping[str, str] = {
     "githubToken": "ghp_admin_token_for_pulumi_0123456789",
     "runnerPat": "ghp_runner_registration_pat_9876543210",
+    "imagePullToken": "ghp_read_packages_only_5555555555",
 }
 FAKE_DIGEST = "sha256:" + "ab" * 32
 #: The numeric ids GitHub answers for the test repository and its owner (an organisation).
