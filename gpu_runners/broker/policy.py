@@ -110,6 +110,7 @@ def decide(ask: SpawnAsk, claims: RunClaims, settings: BrokerSettings) -> Policy
     pod = RunnerPodOptions(
         namespace=settings.namespace,
         image=_image(ask.image, settings),
+        runner_image=settings.image,
         gpu_count=ask.gpus,
         cpu=ask.cpu or pod_options.DEFAULT_CPU,
         memory=ask.memory or pod_options.DEFAULT_MEMORY,
