@@ -25,12 +25,19 @@ from components.repository import (
 )
 from components.repository_ids import resolve_repository_ids
 from components.runner_plane import RunnerPlane, RunnerPlaneArgs
+from components.seed_gpu_pods import MIN_KUBERNETES_VERSION as SEED_MIN_KUBERNETES_VERSION
+from components.seed_gpu_pods import SeedGuideGpuPods, SeedGuideGpuPodsArgs
 from gpu_runners.gpu_pools import GpuPool
 
 config = load_stack_config()
 ci_identity: CiIdentity | None = None
 #: Addresses of the Kubernetes API server, when the stack knows them (it created the cluster).
 api_server_cidrs: list[pulumi.Output[str]] = []
+
+github_provider = github.Provider("github", owner=config.github_owner, token=config.github_token)
+# Numeric ids, not names, identify the repository to Google Cloud and to the broker.
+repository_ids = resolve_repository_ids(config.github_owner, config.github_repository,
+                                        github_provider)
 
 if config.gke:
     gcp_provider = gcp.Provider("gcp", project=config.gcp_project,
@@ -50,6 +57,10 @@ if config.gke:
             node_disk_size_gb=config.node_disk_size_gb,
             gpu_pools=config.gpu_pools,
             gpu_driver_version=config.gpu_driver_version,
+            maintenance=config.maintenance,
+            # Seed compatibility's MutatingAdmissionPolicy is served from this version on.
+            min_master_version=(SEED_MIN_KUBERNETES_VERSION if config.seed_compatibility
+                                else ""),
         ),
         opts=pulumi.ResourceOptions(providers=[gcp_provider]),
     )
@@ -62,6 +73,8 @@ if config.gke:
             github_owner=config.github_owner,
             github_repository=config.github_repository,
             account_prefix=config.cluster_name,
+            repository_id=repository_ids.repository_id,
+            repository_owner_id=repository_ids.owner_id,
             pool_id=config.workload_identity_pool_id,
             project_roles=config.ci_service_account_roles,
             dvc_bucket=config.dvc_bucket,
@@ -79,7 +92,6 @@ else:
     kubernetes = k8s.Provider("existing-cluster", context=config.kubeconfig_context,
                               kubeconfig=config.kubeconfig_path or None)
 
-github_provider = github.Provider("github", owner=config.github_owner, token=config.github_token)
 docker_build_provider = docker_build.Provider("docker-build")
 images = {
     role: ContainerImage(
@@ -135,8 +147,6 @@ runner_plane = RunnerPlane(
     opts=pulumi.ResourceOptions(providers=[kubernetes]),
 )
 
-repository_ids = resolve_repository_ids(config.github_owner, config.github_repository,
-                                        github_provider)
 broker = RunnerBroker(
     "broker",
     RunnerBrokerArgs(
@@ -186,6 +196,10 @@ if config.gke and ci_identity is not None:
             namespace=config.runner_namespace,
             service_account_key=ci_identity.service_account_key,
         )
+        # The guide's GPU pod manifest, applied unchanged, is completed so it gets a GPU node.
+        SeedGuideGpuPods("seed-guide-gpu-pods",
+                         SeedGuideGpuPodsArgs(namespace=runner_plane.namespace),
+                         opts=pulumi.ResourceOptions(providers=[kubernetes]))
     pulumi.export("workloadIdentityProvider", ci_identity.workload_identity_provider)
     pulumi.export("ciServiceAccount", ci_identity.service_account_email)
 else:

@@ -13,8 +13,11 @@ import pulumi_gcp as gcp
 #: Issuer of the OIDC tokens GitHub Actions mints for a job with `id-token: write`.
 GITHUB_OIDC_ISSUER = "https://token.actions.githubusercontent.com"
 #: APIs workload identity federation needs: the pool (iam), the token exchange (sts) and the
-#: impersonation of the service account (iamcredentials).
-REQUIRED_APIS = ("iam.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com")
+#: impersonation of the service account (iamcredentials); and the project's IAM policy
+#: (cloudresourcemanager) for the account's roles. Every resource here waits for them: on a
+#: new project an IAM call before its API is on fails.
+REQUIRED_APIS = ("iam.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com",
+                 "cloudresourcemanager.googleapis.com")
 #: What the CI service account may do in the DVC bucket. objectUser reads, writes, lists and
 #: deletes objects (dvc pull, dvc push, dvc gc); objectAdmin would also let a workflow change
 #: object ACLs and IAM, e.g. make a dataset public, which no pipeline step needs.
@@ -41,6 +44,11 @@ class CiIdentityArgs:
     github_repository: str
     #: Start of the service account id, unique per stack in the project (the cluster name).
     account_prefix: str
+    #: GitHub's numeric id of the repository and of its owner, as decimal strings (the OIDC
+    #: claims repository_id, repository_owner_id). Ids, not names, decide who may log in: a
+    #: deleted repository's name, or a renamed owner's, can be taken by someone else.
+    repository_id: pulumi.Input[str]
+    repository_owner_id: pulumi.Input[str]
     pool_id: str = "github-actions"
     provider_id: str = "github"
     #: Project roles of the CI service account, e.g. roles/container.clusterViewer.
@@ -67,9 +75,26 @@ def account_id_for(prefix: str) -> str:
     return f"{prefix[:30 - len(_ACCOUNT_SUFFIX)].rstrip('-')}{_ACCOUNT_SUFFIX}"
 
 
-def repository_condition(owner: str, repository: str) -> str:
-    """The provider's attribute condition: only tokens of `owner/repository` are accepted."""
-    return f'assertion.repository == "{owner}/{repository}"'
+def _numeric_id(name: str, value: str) -> str:
+    # The ids are pasted into a CEL condition and a principal: only digits may get there.
+    if not value.isdigit():
+        raise ValueError(f"CiIdentityArgs.{name} = {value!r}: GitHub's numeric id, as decimal "
+                         "digits")
+    return value
+
+
+def repository_condition(repository_id: str, owner_id: str) -> str:
+    """The provider's attribute condition: only tokens of that repository of that owner.
+
+    Args:
+        repository_id: GitHub's numeric repository id (claim `repository_id`).
+        owner_id: GitHub's numeric id of the repository's owner (claim `repository_owner_id`).
+
+    Raises:
+        ValueError: when an id is not decimal digits.
+    """
+    return (f'assertion.repository_id == "{_numeric_id("repository_id", repository_id)}" && '
+            f'assertion.repository_owner_id == "{_numeric_id("repository_owner_id", owner_id)}"')
 
 
 def decode_service_account_key(private_key: str) -> str:
@@ -84,13 +109,14 @@ def decode_service_account_key(private_key: str) -> str:
 class CiIdentity(pulumi.ComponentResource):
     """Lets one GitHub repository's workflows act as a CI service account, without a key.
 
-    Creates: the iam, iamcredentials and sts APIs (left on at destroy: other workloads may use
-    them); a workload identity pool and its GitHub OIDC provider, whose attribute condition
-    accepts only tokens of the configured repository; the CI service account with exactly the
-    configured project roles, plus roles/storage.objectUser on the DVC bucket when one is set
-    (a bucket binding, not a project-wide one); the binding that lets the repository's tokens
-    impersonate the account (roles/iam.workloadIdentityUser for
-    principalSet://iam.googleapis.com/<pool>/attribute.repository/<owner>/<repository>); and a
+    Creates: the iam, iamcredentials, sts and cloudresourcemanager APIs, before everything else
+    (left on at destroy: other workloads may use them); a workload identity pool and its GitHub
+    OIDC provider, whose attribute condition accepts only tokens whose repository_id and
+    repository_owner_id claims are the configured repository's numeric ids; the CI service
+    account with exactly the configured project roles, plus roles/storage.objectUser on the DVC
+    bucket when one is set (a bucket binding, not a project-wide one); the binding that lets the
+    repository's tokens impersonate the account (roles/iam.workloadIdentityUser for
+    principalSet://iam.googleapis.com/<pool>/attribute.repository_id/<repository id>); and a
     JSON key only when `create_key` asks for one (seed compatibility).
 
     A destroyed pool is soft-deleted for 30 days and its id cannot be reused meanwhile: to
@@ -116,6 +142,10 @@ class CiIdentity(pulumi.ComponentResource):
                 f"CiIdentityArgs.project_roles has {', '.join(forbidden)}: basic roles would let "
                 "every branch of the repository control the project; grant predefined roles "
                 "such as roles/container.clusterViewer or roles/storage.objectViewer")
+        for field_name in ("repository_id", "repository_owner_id"):
+            value = getattr(args, field_name)
+            if isinstance(value, str):  # known now: refused before anything is declared
+                _numeric_id(field_name, value)
         account_id = account_id_for(args.account_prefix)
         super().__init__("gpu-runners:index:CiIdentity", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
@@ -133,6 +163,7 @@ class CiIdentity(pulumi.ComponentResource):
             for service in REQUIRED_APIS
         ]
 
+        after_apis = pulumi.ResourceOptions(parent=self, depends_on=apis)
         pool = gcp.iam.WorkloadIdentityPool(
             f"{name}-pool",
             project=args.project,
@@ -140,7 +171,7 @@ class CiIdentity(pulumi.ComponentResource):
             display_name="GitHub Actions",
             description=f"GitHub Actions OIDC tokens of {args.github_owner}/"
                         f"{args.github_repository}",
-            opts=pulumi.ResourceOptions(parent=self, depends_on=apis),
+            opts=after_apis,
         )
         provider = gcp.iam.WorkloadIdentityPoolProvider(
             f"{name}-github",
@@ -152,13 +183,19 @@ class CiIdentity(pulumi.ComponentResource):
                 "google.subject": "assertion.sub",
                 "attribute.repository": "assertion.repository",
                 "attribute.repository_owner": "assertion.repository_owner",
+                "attribute.repository_id": "assertion.repository_id",
+                "attribute.repository_owner_id": "assertion.repository_owner_id",
                 "attribute.ref": "assertion.ref",
             },
             # Without a condition any GitHub repository's token would be accepted by the pool
-            # (and GCP refuses a GitHub provider without one).
-            attribute_condition=repository_condition(args.github_owner, args.github_repository),
+            # (and GCP refuses a GitHub provider without one). By ids: a repository deleted
+            # and re-created under the same name, by anyone, must not inherit the access.
+            attribute_condition=pulumi.Output.all(
+                pulumi.Output.from_input(args.repository_id),
+                pulumi.Output.from_input(args.repository_owner_id),
+            ).apply(lambda ids: repository_condition(ids[0], ids[1])),
             oidc={"issuer_uri": GITHUB_OIDC_ISSUER},
-            opts=child,
+            opts=after_apis,
         )
 
         account = gcp.serviceaccount.Account(
@@ -168,7 +205,7 @@ class CiIdentity(pulumi.ComponentResource):
             display_name=f"GitHub Actions of {args.github_owner}/{args.github_repository}",
             description="Impersonated by the repository's workflows through workload identity "
                         "federation",
-            opts=pulumi.ResourceOptions(parent=self, depends_on=apis),
+            opts=after_apis,
         )
         for role in roles:
             gcp.projects.IAMMember(
@@ -176,7 +213,7 @@ class CiIdentity(pulumi.ComponentResource):
                 project=args.project,
                 role=role,
                 member=account.member,
-                opts=child,
+                opts=after_apis,
             )
         if args.dvc_bucket:
             gcp.storage.BucketIAMMember(
@@ -184,18 +221,19 @@ class CiIdentity(pulumi.ComponentResource):
                 bucket=args.dvc_bucket,
                 role=DVC_BUCKET_ROLE,
                 member=account.member,
-                opts=child,
+                opts=after_apis,
             )
 
-        repository_principals = pool.name.apply(
-            lambda pool_name: f"principalSet://iam.googleapis.com/{pool_name}/attribute."
-                              f"repository/{args.github_owner}/{args.github_repository}")
+        repository_principals = pulumi.Output.all(
+            pool.name, pulumi.Output.from_input(args.repository_id),
+        ).apply(lambda parts: f"principalSet://iam.googleapis.com/{parts[0]}/attribute."
+                              f"repository_id/{_numeric_id('repository_id', parts[1])}")
         gcp.serviceaccount.IAMMember(
             f"{name}-workload-identity-user",
             service_account_id=account.name,
             role="roles/iam.workloadIdentityUser",
             member=repository_principals,
-            opts=child,
+            opts=after_apis,
         )
 
         self.service_account_key = None
@@ -203,7 +241,7 @@ class CiIdentity(pulumi.ComponentResource):
             key = gcp.serviceaccount.Key(
                 f"{name}-key",
                 service_account_id=account.name,
-                opts=child,
+                opts=after_apis,
             )
             self.service_account_key = pulumi.Output.secret(
                 key.private_key.apply(decode_service_account_key))

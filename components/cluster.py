@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pulumi
 import pulumi_gcp as gcp
 import pulumi_kubernetes as k8s
 
-from components.config import GpuPool
+from components.config import GpuPool, MaintenanceWindow
 from gpu_runners import contract
 
 #: Node label naming the pool's accelerator, set by this project (GKE adds its own
 #: cloud.google.com/gke-accelerator, which users cannot set).
 NODE_ACCELERATOR_LABEL = "gpu-runners/accelerator"
 NODE_OAUTH_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+#: APIs the cluster's resources call, enabled first: on a new project the node service
+#: account (iam) and its project role (cloudresourcemanager) would otherwise race them.
+REQUIRED_APIS = ("container.googleapis.com", "iam.googleapis.com",
+                 "cloudresourcemanager.googleapis.com")
 #: gke-gcloud-auth-plugin's switch from gcloud's active account to application-default
 #: credentials (kubernetes/cloud-provider-gcp, cmd/gke-gcloud-auth-plugin).
 ADC_FLAG = "--use_application_default_credentials"
@@ -36,6 +41,11 @@ class GkeClusterArgs:
     node_disk_size_gb: int
     gpu_pools: Sequence[GpuPool]
     gpu_driver_version: str
+    #: When GKE may upgrade the control plane and drain nodes for node upgrades.
+    maintenance: MaintenanceWindow
+    #: Lowest Kubernetes version of the control plane (e.g. "1.36"); empty for the channel's
+    #: default.
+    min_master_version: str = ""
 
 
 def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
@@ -77,14 +87,36 @@ def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
     ])
 
 
+#: A Monday long past: the recurring window's first occurrence; only its time of day, its
+#: length and the recurrence matter.
+_WINDOW_ANCHOR = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def maintenance_policy(window: MaintenanceWindow) -> gcp.container.ClusterMaintenancePolicyArgsDict:
+    """The cluster's recurring maintenance window: `window`'s hours on its days, in UTC.
+
+    Without one GKE upgrades nodes whenever it likes, and a node upgrade drains the node: a
+    GPU runner pod is evicted in the middle of its training job.
+    """
+    start = _WINDOW_ANCHOR + timedelta(minutes=window.start_minute)
+    end = start + timedelta(hours=window.hours)
+    return {"recurring_window": {
+        "start_time": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "end_time": end.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "recurrence": "FREQ=WEEKLY;BYDAY=" + ",".join(window.days),
+    }}
+
+
 class GkeCluster(pulumi.ComponentResource):
     """A GKE cluster for CI runners: a CPU pool for the base runner, GPU pools from zero.
 
-    Creates the container API enablement, a least-privilege node service account, the cluster
-    (default pool removed, release channel, workload identity, Dataplane V2 so NetworkPolicies
-    are enforced), a CPU pool labelled gpu=false, one GPU pool per config entry (labelled
-    gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers, autoscaled from its minimum,
-    0 by default), and a Kubernetes provider for the cluster.
+    Creates the container, iam and cloudresourcemanager APIs first, a least-privilege node
+    service account, the cluster (default pool removed, release channel, workload identity,
+    Dataplane V2 so NetworkPolicies are enforced), a CPU pool labelled gpu=false, one GPU pool
+    per config entry (labelled gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers,
+    autoscaled from its minimum, 0 by default), a recurring maintenance window outside which GKE
+    neither upgrades nor drains nodes (a drain evicts a running GPU job), and a Kubernetes
+    provider for the cluster.
 
     Outputs: `cluster_name`, `location`, `kubeconfig` (secret, exec-plugin form),
     `node_service_account`; the `provider` attribute is the Kubernetes provider the runner
@@ -101,15 +133,18 @@ class GkeCluster(pulumi.ComponentResource):
         super().__init__("gpu-runners:index:GkeCluster", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
-        container_api = gcp.projects.Service(
-            f"{name}-container-api",
-            project=args.project,
-            service="container.googleapis.com",
-            # Other workloads in the project may use GKE: destroying this stack must not
-            # switch the API off under them.
-            disable_on_destroy=False,
-            opts=child,
-        )
+        apis = {
+            service: gcp.projects.Service(
+                f"{name}-{service.split('.')[0]}-api",
+                project=args.project,
+                service=service,
+                # Other workloads in the project may use these APIs: destroying this stack must
+                # not switch them off under them.
+                disable_on_destroy=False,
+                opts=child,
+            )
+            for service in REQUIRED_APIS
+        }
 
         # Nodes get their own service account with only what nodes need (logs, metrics,
         # pulling GKE's images), not the default compute account's project-wide Editor.
@@ -118,14 +153,15 @@ class GkeCluster(pulumi.ComponentResource):
             project=args.project,
             account_id=f"{args.cluster_name[:24].rstrip('-')}-nodes",
             display_name=f"GKE nodes of {args.cluster_name}",
-            opts=child,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[apis["iam.googleapis.com"]]),
         )
         node_sa_role = gcp.projects.IAMMember(
             f"{name}-nodes-role",
             project=args.project,
             role="roles/container.defaultNodeServiceAccount",
             member=node_sa.email.apply(lambda email: f"serviceAccount:{email}"),
-            opts=child,
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[apis["cloudresourcemanager.googleapis.com"]]),
         )
 
         node_base: gcp.container.NodePoolNodeConfigArgsDict = {
@@ -157,10 +193,12 @@ class GkeCluster(pulumi.ComponentResource):
             networking_mode="VPC_NATIVE",
             ip_allocation_policy={},
             enable_shielded_nodes=True,
+            maintenance_policy=maintenance_policy(args.maintenance),
+            min_master_version=args.min_master_version or None,
             resource_labels={"managed-by": "pulumi", "app": contract.PART_OF},
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=[container_api, node_sa_role],
+                depends_on=[apis["container.googleapis.com"], node_sa_role],
                 # These describe only the transient default pool.
                 ignore_changes=["nodeConfig", "initialNodeCount"],
             ),

@@ -153,6 +153,21 @@ class GpuPool:
 
 
 @dataclass(frozen=True)
+class MaintenanceWindow:
+    """When GKE may upgrade the cluster and its nodes: the same hours on some days, in UTC."""
+
+    days: tuple[str, ...]
+    #: Minutes after midnight UTC; the end may be past midnight (end < start).
+    start_minute: int
+    end_minute: int
+
+    @property
+    def hours(self) -> float:
+        """The window's length in hours."""
+        return ((self.end_minute - self.start_minute) % (24 * 60)) / 60
+
+
+@dataclass(frozen=True)
 class StackConfig:
     """Every setting of one stack, validated. Secrets stay `pulumi.Output` secrets."""
 
@@ -170,6 +185,7 @@ class StackConfig:
     node_disk_size_gb: int
     gpu_pools: tuple[GpuPool, ...]
     gpu_driver_version: str
+    maintenance: MaintenanceWindow
     # existing-cluster mode
     kubeconfig_context: str
     kubeconfig_path: str
@@ -474,6 +490,35 @@ def _check_actions_secrets(reader: _Reader) -> Mapping[str, pulumi.Output[str]]:
     return secrets
 
 
+WEEKDAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
+_WINDOW = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def _check_maintenance(reader: _Reader) -> MaintenanceWindow:
+    days = reader.string_list("maintenanceDays", lambda day: None if day in WEEKDAYS else
+                              "a day of the week: " + " ".join(WEEKDAYS))
+    window = reader.string("maintenanceWindowUtc", _WINDOW,
+                           "HH:MM-HH:MM in UTC, e.g. 02:00-08:00")
+    match = _WINDOW.match(window)
+    numbers = [int(part) for part in match.groups()] if match else [2, 0, 8, 0]
+    maintenance = MaintenanceWindow(days=tuple(dict.fromkeys(days)),
+                                    start_minute=numbers[0] * 60 + numbers[1],
+                                    end_minute=numbers[2] * 60 + numbers[3])
+    if match and maintenance.hours < 4:
+        # GKE counts only contiguous windows of four hours or more.
+        reader.problem("maintenanceWindowUtc", window, "at least 4 hours long")
+    # Any 32 days hold each weekday at least 4 times; GKE refuses less than 48 hours in 32 days.
+    elif match and days and 4 * len(maintenance.days) * maintenance.hours < 48:
+        reader.problem("maintenanceDays", list(days),
+                       f"with {maintenance.hours:g}-hour windows, at least "
+                       f"{-(-48 // (4 * maintenance.hours)):g} days: GKE needs 48 hours of "
+                       "maintenance in any 32 days")
+    if not days and not any(p.startswith("maintenanceDays") for p in reader.problems):
+        reader.problems.append("maintenanceDays is empty: GKE needs maintenance days, e.g. "
+                               '["SA", "SU"]')
+    return maintenance
+
+
 def _check_role(role: str) -> str | None:
     if role in FORBIDDEN_ROLES:
         return ("not a basic role: any branch of the repository can impersonate the CI service "
@@ -632,6 +677,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         node_disk_size_gb=disk,
         gpu_pools=gpu_pools,
         gpu_driver_version=driver,
+        maintenance=_check_maintenance(reader),
         kubeconfig_context=kubeconfig_context,
         kubeconfig_path=kubeconfig_path,
         github_owner=owner,

@@ -106,9 +106,10 @@ class ContainerImageArgs:
 class ContainerImage(pulumi.ComponentResource):
     """One of this project's images, built for linux/amd64 and pushed to GHCR.
 
-    Tags: the content tag (and the version, when given); the registry keeps a build cache next
-    to the image. Nothing is built during `pulumi preview` unless asked (PR checks have no
-    Docker). With a prebuilt reference, nothing is built at all.
+    Tags: the content tag (and the version, when given). No build cache is imported from or
+    exported to the registry: a cache tag is mutable, and whoever can push to the package could
+    plant layers the next build would reuse unverified. Nothing is built during `pulumi preview`
+    unless asked (PR checks have no Docker). With a prebuilt reference, nothing is built at all.
 
     Outputs: `ref`, the digest-pinned reference the pods use (a content change rolls them);
     `pull_secret_config`, a dockerconfigjson for a private package (secret), or None.
@@ -126,7 +127,6 @@ class ContainerImage(pulumi.ComponentResource):
             self.ref = pulumi.Output.from_input(args.prebuilt_ref)
         else:
             repository = image_repository(args.owner, args.repository, definition.name)
-            cache = f"{repository}:buildcache"
             tags = [f"{repository}:{tag}" for tag in (args.version,
                                                        content_tag(definition.sources)) if tag]
             labels = {"org.opencontainers.image.source":
@@ -145,9 +145,6 @@ class ContainerImage(pulumi.ComponentResource):
                 push=True,
                 registries=[{"address": REGISTRY, "username": args.owner,
                              "password": args.push_token}],
-                cache_from=[{"registry": {"ref": cache}}],
-                cache_to=[{"registry": {"ref": cache, "mode": docker_build.CacheMode.MAX,
-                                        "image_manifest": True, "oci_media_types": True}}],
                 build_on_preview=args.build_on_preview,
                 opts=pulumi.ResourceOptions(
                     parent=self,

@@ -1,4 +1,4 @@
-# syntax=docker/dockerfile:1
+# syntax=docker/dockerfile:1.19@sha256:b6afd42430b15f2d2a4c5a02b919e98a525b785b1aaff16747d2f623364e39b6
 # checkov:skip=CKV_DOCKER_2: Kubernetes ignores image HEALTHCHECKs; the broker's pod probes /healthz and /readyz instead.
 # The runner broker's image: the runtime module gpu_runners/ and the broker's dependencies, pinned
 # with hashes, on a slim Python; no Actions runner, no compilers. The broker Deployment runs it

@@ -18,9 +18,9 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "==> creating $venv"
   "$python" -m venv "$venv"
 fi
-echo "==> installing pinned dependencies"
+echo "==> installing the locked dependencies (hashes checked)"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-  -r requirements-dev.txt -c constraints.txt
+  --require-hashes -r requirements-dev.txt
 export PATH="$PWD/$venv/bin:$PATH"
 
 echo "==> ruff"

@@ -15,6 +15,8 @@ from tests.test_repository import Declared, declare
 PROJECT = "acme-ml-ci"
 POOL = "projects/123456789012/locations/global/workloadIdentityPools/github-actions"
 EMAIL = f"gpu-runners-dev-github-ci@{PROJECT}.iam.gserviceaccount.com"
+#: GitHub's numeric ids of Acme-ML/Vision-Models and of Acme-ML, as the OIDC claims carry them.
+REPOSITORY_ID, OWNER_ID = "715823406", "129458320"
 
 SERVICE = "gcp:projects/service:Service"
 POOL_TYPE = "gcp:iam/workloadIdentityPool:WorkloadIdentityPool"
@@ -31,6 +33,8 @@ def identity_args(**overrides: Any) -> CiIdentityArgs:
     values: dict[str, Any] = {
         "project": PROJECT, "github_owner": "Acme-ML", "github_repository": "Vision-Models",
         "account_prefix": "gpu-runners-dev",
+        "repository_id": pulumi.Output.from_input(REPOSITORY_ID),
+        "repository_owner_id": OWNER_ID,
         "project_roles": ["roles/container.clusterViewer"],
     }
     return CiIdentityArgs(**{**values, **overrides})
@@ -50,13 +54,18 @@ def keyless() -> Declared:
     return declare_identity()
 
 
-def test_oidc_provider_accepts_only_the_repository_in_its_original_case(
+def test_oidc_provider_accepts_only_tokens_of_the_repositorys_and_owners_numeric_ids(
         keyless: Declared) -> None:
     provider = keyless.one(PROVIDER_TYPE).inputs
-    # GitHub's tokens carry the repository as GitHub spells it, and the comparison is exact:
-    # lower-casing the configured name would lock the repository out.
-    assert provider["attributeCondition"] == 'assertion.repository == "Acme-ML/Vision-Models"'
-    assert provider["attributeMapping"]["attribute.repository"] == "assertion.repository"
+    # Ids, not names: a repository deleted and re-created under the same name (by anyone, in
+    # an owner account of the same name) gets new ids and no access.
+    assert provider["attributeCondition"] == (
+        f'assertion.repository_id == "{REPOSITORY_ID}" && '
+        f'assertion.repository_owner_id == "{OWNER_ID}"')
+    assert "Vision-Models" not in provider["attributeCondition"]
+    assert provider["attributeMapping"]["attribute.repository_id"] == "assertion.repository_id"
+    assert provider["attributeMapping"]["attribute.repository_owner_id"] == (
+        "assertion.repository_owner_id")
     assert provider["attributeMapping"]["google.subject"] == "assertion.sub"
     assert provider["oidc"] == {"issuerUri": "https://token.actions.githubusercontent.com"}
     assert provider["workloadIdentityPoolId"] == "github-actions"
@@ -69,9 +78,16 @@ def test_only_the_repositorys_tokens_may_impersonate_the_ci_account(keyless: Dec
     assert binding == {
         "serviceAccountId": f"projects/{PROJECT}/serviceAccounts/{EMAIL}",
         "role": "roles/iam.workloadIdentityUser",
-        "member": f"principalSet://iam.googleapis.com/{POOL}/attribute.repository/"
-                  "Acme-ML/Vision-Models",
+        "member": f"principalSet://iam.googleapis.com/{POOL}/attribute.repository_id/"
+                  f"{REPOSITORY_ID}",
     }
+
+
+@pytest.mark.parametrize("field", ["repository_id", "repository_owner_id"])
+def test_an_id_that_is_not_decimal_digits_is_refused(field: str) -> None:
+    # It would be pasted into the CEL condition: `1" || true || "` must never get there.
+    with pytest.raises(ValueError, match=f"CiIdentityArgs.{field} = "):
+        declare_identity(**{field: '1" || true || "'})
 
 
 def test_ci_account_gets_exactly_the_configured_project_roles() -> None:
@@ -124,14 +140,15 @@ def test_outputs_name_the_provider_and_the_account(keyless: Declared) -> None:
 def test_federation_apis_are_enabled_first_and_left_on_at_destroy(keyless: Declared) -> None:
     services = keyless.of_type(SERVICE)
     assert sorted(s.inputs["service"] for s in services) == [
-        "iam.googleapis.com", "iamcredentials.googleapis.com", "sts.googleapis.com"]
+        "cloudresourcemanager.googleapis.com", "iam.googleapis.com",
+        "iamcredentials.googleapis.com", "sts.googleapis.com"]
     assert all(s.inputs["disableOnDestroy"] is False for s in services)
     assert set(keyless.one(POOL_TYPE).dependencies) == {s.urn for s in services}
 
 
 def test_every_gcp_resource_goes_through_the_explicit_provider(keyless: Declared) -> None:
     gcp_resources = [r for r in keyless.resources if r.custom and r.typ.startswith("gcp:")]
-    assert len(gcp_resources) == 8  # 3 APIs, pool, provider, account, 1 role, impersonation
+    assert len(gcp_resources) == 9  # 4 APIs, pool, provider, account, 1 role, impersonation
     for resource in gcp_resources:
         assert "$pulumi:providers:gcp::gcp::" in resource.provider, resource.name
         assert resource.inputs.get("project", PROJECT) == PROJECT

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 import yaml
 
@@ -158,3 +160,34 @@ def test_kubernetes_provider_uses_the_cluster_kubeconfig_as_a_secret(dev: Progra
     provider = dev.one("pulumi:providers:kubernetes")
     assert provider.is_secret("kubeconfig")
     assert "gke-gcloud-auth-plugin" in provider.inputs["kubeconfig"]
+
+
+def test_gke_upgrades_and_drains_nodes_only_in_the_weekend_window_by_default(
+        dev: ProgramRun) -> None:
+    # A node upgrade drains the node: without a window a GPU job is evicted mid-training.
+    window = dev.one(CLUSTER).inputs["maintenancePolicy"]["recurringWindow"]
+    assert window == {"startTime": "2024-01-01T02:00:00Z", "endTime": "2024-01-01T08:00:00Z",
+                      "recurrence": "FREQ=WEEKLY;BYDAY=SA,SU"}
+    # The pools keep auto-upgrade on (security patches), inside that window.
+    assert all(p.inputs["management"]["autoUpgrade"] is True for p in gpu_pools(dev))
+
+
+def test_a_window_past_midnight_ends_the_next_day() -> None:
+    run = run_program("dev", {"maintenanceDays": ["FR", "SA", "SU"],
+                              "maintenanceWindowUtc": "22:00-04:00"})
+    window = run.one(CLUSTER).inputs["maintenancePolicy"]["recurringWindow"]
+    assert (window["startTime"], window["endTime"]) == ("2024-01-01T22:00:00Z",
+                                                        "2024-01-02T04:00:00Z")
+    assert window["recurrence"] == "FREQ=WEEKLY;BYDAY=FR,SA,SU"
+
+
+def test_gke_would_accept_every_stacks_window() -> None:
+    # GKE refuses less than 48 hours of maintenance in any 32 days (each weekday occurs at
+    # least 4 times), counting only windows of 4 hours or more.
+    for run in (run_program("dev"), run_program("prod")):
+        window = run.one(CLUSTER).inputs["maintenancePolicy"]["recurringWindow"]
+        start = datetime.fromisoformat(window["startTime"])
+        hours = (datetime.fromisoformat(window["endTime"]) - start).total_seconds() / 3600
+        days = window["recurrence"].split("BYDAY=")[1].split(",")
+        assert hours >= 4
+        assert 4 * len(days) * hours >= 48

@@ -976,8 +976,10 @@ def test_pack_imports_only_what_its_requirements_install() -> None:
     output = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, check=True,
                             capture_output=True, text=True, timeout=60).stdout
     modules = set(json.loads(output)) - set(sys.stdlib_module_names) - {"policy", "gpu_runners"}
+    # The pins; policy/requirements.txt is their hashed lock (tests/test_requirement_locks.py).
     allowed = _distribution_closure(
-        (REPO_ROOT / "policy" / "requirements.txt").read_text().split())
+        [line for line in (REPO_ROOT / "policy" / "requirements.in").read_text().splitlines()
+         if not line.startswith("#")])
     providers = packages_distributions()
     outside = sorted(m for m in modules if not m.startswith("_")
                      and not {_canonical(d) for d in providers.get(m, [])} & allowed)

@@ -103,6 +103,7 @@ def declare_with_ci_identity(*, seed: bool) -> Declared:
             "ci",
             CiIdentityArgs(project="acme-ml-ci", github_owner=OWNER,
                            github_repository=REPOSITORY, account_prefix="gpu-runners-dev",
+                           repository_id="715823406", repository_owner_id="129458320",
                            project_roles=["roles/container.clusterViewer"], create_key=seed),
             opts=pulumi.ResourceOptions(providers=[gcp.Provider("gcp", project="acme-ml-ci")]),
         )

@@ -32,6 +32,8 @@ PREVIEW = WORKFLOWS_DIR / "preview.yaml"
 GPU_TRAINING = EXAMPLES_DIR / "gpu-training.yaml"
 
 FORK_GUARD = "github.event.pull_request.head.repo.full_name == github.repository"
+#: The GitHub environment whose required reviewers approve a preview before it gets secrets.
+PREVIEW_ENVIRONMENT = "preview"
 #: The checks this repository's own branch protection requires (README, "This project's CI").
 INFRA_REQUIRED_CHECKS = {"test", "preview (dev)", "preview (prod)"}
 SPAWN = "python3 -m gpu_runners spawn"
@@ -299,6 +301,45 @@ def test_preview_has_no_job_for_pull_requests_from_forks() -> None:
     assert preview_job()["if"] == FORK_GUARD
 
 
+def fork_preview_job() -> dict[str, Any]:
+    return jobs_of(load_workflow(PREVIEW))["fork-preview"]
+
+
+def test_a_forks_pull_request_still_reports_every_preview_check() -> None:
+    # A job skipped by `if` never expands its matrix: its checks would not report at all.
+    fork = fork_preview_job()
+    assert fork["if"] == FORK_GUARD.replace("==", "!=")
+    assert fork["name"] == preview_job()["name"]
+    assert fork["strategy"]["matrix"]["stack"] == preview_job()["strategy"]["matrix"]["stack"]
+    assert "if" not in fork["steps"][0]  # every step runs: the check ends in success
+    assert check_run_names({"jobs": {"fork-preview": fork}}) == {"preview (dev)",
+                                                                  "preview (prod)"}
+
+
+def test_a_forks_pull_request_runs_nothing_of_its_own_and_holds_nothing() -> None:
+    fork = fork_preview_job()
+    assert fork["permissions"] == {}
+    assert "environment" not in fork
+    assert [step for step in fork["steps"] if "uses" in step] == []
+    texts = list(strings_in(fork))
+    assert not any(SECRET_REFERENCE.search(s) or VARIABLE_REFERENCE.search(s) for s in texts)
+    (step,) = fork["steps"]
+    assert step["run"].startswith("echo \"::notice ")
+
+
+def test_only_the_reviewed_preview_environment_holds_the_passphrase() -> None:
+    # The pull request's own program runs with it: a required reviewer approves each run of
+    # the `preview` environment first, and the secret exists in that environment only.
+    for job_id, job in jobs_of(load_workflow(PREVIEW)).items():
+        secrets = {name for s in strings_in(job) for name in SECRET_REFERENCE.findall(s)}
+        if secrets:
+            assert job.get("environment") == PREVIEW_ENVIRONMENT, job_id
+    assert preview_job()["environment"] == PREVIEW_ENVIRONMENT
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"environment `{PREVIEW_ENVIRONMENT}`" in readme
+    assert "required reviewers" in readme.lower()
+
+
 def test_preview_has_one_concurrency_group_per_pull_request() -> None:
     concurrency = load_workflow(PREVIEW)["concurrency"]
     assert EXPRESSION.findall(concurrency["group"]) == ["github.event.pull_request.number"]
@@ -315,12 +356,21 @@ def test_preview_runs_pulumi_preview_with_the_policy_pack_and_comments_on_the_pr
     assert (REPO_ROOT / "policy" / "PulumiPolicy.yaml").is_file()
     assert inputs["comment-on-pr"] is True
     # The CLI the action installs is the release of the SDK the program pins.
-    sdk = re.search(r"^pulumi==(\S+)$", (REPO_ROOT / "requirements.txt").read_text(), re.MULTILINE)
+    sdk = re.search(r"^pulumi==(\S+)$", (REPO_ROOT / "requirements.in").read_text(), re.MULTILINE)
     assert sdk is not None and str(inputs["pulumi-version"]) == sdk.group(1)
     assert inputs["cloud-url"] == f"${{{{ vars.{contract.INFRA_VAR_PULUMI_BACKEND_URL} }}}}"
     assert pulumi[0]["env"] == {
         "PULUMI_CONFIG_PASSPHRASE":
             f"${{{{ secrets.{contract.INFRA_SECRET_PULUMI_CONFIG_PASSPHRASE} }}}}"}
+
+
+def test_preview_stops_first_when_no_shared_state_backend_is_set() -> None:
+    job = preview_job()
+    check = job["steps"][0]
+    assert check["env"] == {
+        "BACKEND": f"${{{{ vars.{contract.INFRA_VAR_PULUMI_BACKEND_URL} }}}}"}
+    assert 'if [ -z "$BACKEND" ]; then' in check["run"] and "exit 1" in check["run"]
+    assert step_index(job, 'if [ -z "$BACKEND" ]') < step_index(job, "pulumi/actions")
 
 
 def test_preview_logs_in_to_google_cloud_keylessly_before_pulumi_runs() -> None:
@@ -352,7 +402,8 @@ def test_preview_creates_the_virtualenvs_the_program_and_the_policy_pack_run_in(
     assert f"{program_venv}/bin/python -m pip install" in script
     assert f"python -m venv policy/{policy_venv}\n" in script
     assert f"policy/{policy_venv}/bin/python -m pip install" in script
-    assert "-r policy/requirements.txt -c constraints.txt" in script
+    assert "--require-hashes -r requirements.txt" in script
+    assert "--require-hashes -r policy/requirements.txt" in script
 
 
 def test_preview_reads_only_the_documented_repository_settings() -> None:
@@ -487,3 +538,34 @@ def test_every_stacks_gpu_pod_outlives_the_example_workflows_setup_and_train_job
         stack = yaml.safe_load(stack_file.read_text())["config"]
         minutes = stack.get("gpu-runners:maxRuntimeMinutes", default)
         assert minutes > budget, f"{stack_file.name}: maxRuntimeMinutes {minutes} <= {budget}"
+
+
+# --- runner-version.yaml -------------------------------------------------------------------------
+
+RUNNER_VERSION = WORKFLOWS_DIR / "runner-version.yaml"
+
+
+def test_the_runner_pin_is_bumped_weekly_by_the_verified_bump_script() -> None:
+    workflow = load_workflow(RUNNER_VERSION)
+    on = triggers(workflow)
+    assert set(on) == {"schedule", "workflow_dispatch"}
+    (schedule,) = on["schedule"]
+    # Weekly: a bump lands well inside GitHub's 30 days, with time for review.
+    assert re.fullmatch(r"\d+ \d+ \* \* [0-6]", schedule["cron"])
+    job = jobs_of(workflow)["bump"]
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
+    bump = job["steps"][step_index(job, "python3 -m scripts.bump_runner")]
+    assert bump["run"] == "python3 -m scripts.bump_runner --dockerfile docker/Dockerfile"
+    opening = job["steps"][step_index(job, "gh pr create")]
+    assert opening["if"] == f"steps.{bump['id']}.outputs.changed == 'true'"
+
+
+def test_the_bump_pushes_without_putting_the_token_in_a_url_or_argument() -> None:
+    job = jobs_of(load_workflow(RUNNER_VERSION))["bump"]
+    for step in job["steps"]:
+        script = str(step.get("run", ""))
+        assert "x-access-token" not in script
+        assert not re.search(r"GH_TOKEN|GITHUB_TOKEN|github\.token|secrets\.", script), script
+    opening = job["steps"][step_index(job, "gh pr create")]
+    assert opening["env"]["GH_TOKEN"] == "${{ github.token }}"
+    assert "gh auth setup-git" in opening["run"]

@@ -122,7 +122,7 @@ def test_the_runner_tarball_is_pinned_and_checksum_verified_before_it_is_unpacke
 
 
 def test_runtime_requirements_pin_the_kubernetes_client_the_tests_run_with() -> None:
-    tested = re.search(r"^kubernetes==(\S+)$", (REPO_ROOT / "requirements-dev.txt").read_text(),
+    tested = re.search(r"^kubernetes==(\S+)$", (REPO_ROOT / "requirements-dev.in").read_text(),
                        re.MULTILINE)
     assert tested is not None
     lock = RUNTIME_REQUIREMENTS.read_text()
@@ -227,3 +227,44 @@ def test_the_image_has_the_commands_the_seed_guides_jobs_run(command: str, packa
     assert package in apt_packages(final_stage(DOCKERFILE)), (
         f"the seed guide's setup-runner job runs {command}, which the Ubuntu package {package} "
         "provides")
+
+
+# --- Supply chain -------------------------------------------------------------------------------
+
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+
+
+def base_images(dockerfile: Path) -> list[str]:
+    """Every FROM image of a Dockerfile, ARG defaults substituted; earlier stages left out."""
+    steps = instructions(dockerfile)
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", "\n".join(steps), re.MULTILINE))
+    stages: set[str] = set()
+    images = []
+    for step in steps:
+        match = re.match(r"^FROM (?:--platform=\S+ )?(\S+)(?: AS (\S+))?$", step)
+        if match is None:
+            continue
+        image = re.sub(r"\$\{(\w+)\}|\$(\w+)",
+                       lambda m: defaults.get(m.group(1) or m.group(2), m.group(0)),
+                       match.group(1))
+        if image not in stages:
+            images.append(image)
+        if match.group(2):
+            stages.add(match.group(2))
+    return images
+
+
+@pytest.mark.parametrize("dockerfile", sorted(DOCKER_DIR.glob("*Dockerfile")),
+                         ids=lambda p: p.name)
+def test_the_frontend_and_every_base_image_are_pinned_by_digest(dockerfile: Path) -> None:
+    # A tag can be moved to other content by whoever controls it; a digest cannot.
+    first_line = dockerfile.read_text().splitlines()[0]
+    assert re.fullmatch(r"# syntax=docker/dockerfile:[0-9.]+@sha256:[0-9a-f]{64}", first_line)
+    images = base_images(dockerfile)
+    assert images
+    assert [image for image in images if not DIGEST.search(image)] == []
+
+
+def test_both_stages_of_the_runner_image_start_from_the_same_base() -> None:
+    # The runner is unpacked in the first stage and run in the second: one Ubuntu for both.
+    assert len(set(base_images(DOCKERFILE))) == 1
