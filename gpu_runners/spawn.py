@@ -255,10 +255,10 @@ def spawn(
                   admission=admission).run()
 
 
-#: Entered around each pod create. It may raise QuotaExceededError (or a subclass) to refuse
-#: the create for now, which spawn waits out like a ResourceQuota refusal; it is held while
-#: the create is sent, so a check it makes and the create are one step for whoever else
-#: enters it. An exception of the create passes through it.
+#: Entered just before each pod create is sent and left once it is answered (an exception of
+#: the create passes through it). It may raise QuotaExceededError (or a subclass) to refuse
+#: the create for now, which spawn waits out like a ResourceQuota refusal; so it can check a
+#: limit and reserve room for the pod atomically, and give the room back if the create fails.
 PodAdmission = Callable[[], AbstractContextManager[object]]
 
 
@@ -432,8 +432,12 @@ class _Spawn:
                         event.type == "MODIFIED" and phase in ("Succeeded", "Failed")
                     ):
                         return
-            except (urllib3.exceptions.HTTPError, KubernetesError):
-                return  # a dropped or expired watch: try the create again
+            except urllib3.exceptions.HTTPError:
+                return  # the window's read timeout, or a dropped watch: try the create again
+            except KubernetesError as e:
+                if e.status != 410:
+                    raise
+                return  # the resumed version is too old to watch from: try the create again
             self._check_cancel()
             if self.cancel is None or self.clock() >= until:
                 return

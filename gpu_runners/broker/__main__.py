@@ -20,7 +20,7 @@ from kubernetes.client import ApiClient
 from gpu_runners import contract
 from gpu_runners.broker.app import broker_app
 from gpu_runners.broker.oidc import OidcVerifier
-from gpu_runners.broker.runs import WORKER_THREADS, RunOperations
+from gpu_runners.broker.runs import CALL_THREADS, SPAWN_THREADS, RunOperations
 from gpu_runners.broker.settings import BrokerSettings
 from gpu_runners.errors import GpuRunnersError
 from gpu_runners.github_api import GitHubClient, RunnerScope, load_token
@@ -30,6 +30,9 @@ LOGGER = logging.getLogger("gpu_runners.broker")
 #: Seconds uvicorn waits for open requests after SIGTERM before cancelling them (streams
 #: end at once on their own; this bounds a slow list or delete).
 GRACEFUL_SHUTDOWN_SECONDS = 10
+#: Connections to the Kubernetes API kept for reuse: a spawn holds up to three streams (its
+#: pod watch, its event watch, its runner's log) besides its calls.
+KUBE_CONNECTIONS = 4 * SPAWN_THREADS + CALL_THREADS
 
 
 class _BrokerServer(uvicorn.Server):
@@ -75,9 +78,9 @@ def main() -> int:
 
 
 def _pooled(api: ApiClient) -> ApiClient:
-    """The same configuration with a connection pool sized for every worker thread."""
+    """The same configuration with a connection pool sized for every spawn's streams."""
     configuration = api.configuration
-    configuration.connection_pool_maxsize = WORKER_THREADS
+    configuration.connection_pool_maxsize = KUBE_CONNECTIONS
     return ApiClient(configuration)
 
 

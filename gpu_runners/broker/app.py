@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -30,7 +31,7 @@ from gpu_runners.broker.metrics import BrokerMetrics
 from gpu_runners.broker.oidc import RunClaims, TokenRejectedError
 from gpu_runners.broker.policy import ImageResolver, decide, run_identity
 from gpu_runners.broker.reconcile import reconcile_forever
-from gpu_runners.broker.runs import RunClients, RunOperations, error_code
+from gpu_runners.broker.runs import SPAWN_THREADS, RunClients, RunOperations, error_code
 from gpu_runners.broker.settings import BrokerSettings
 from gpu_runners.broker_api import ProtocolError, RunnerView, SpawnAsk
 from gpu_runners.errors import GpuRunnersError
@@ -38,6 +39,8 @@ from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
 from gpu_runners.listing import pod_row
 from gpu_runners.run_identity import run_key_from_labels
+
+LOGGER = logging.getLogger(__name__)
 
 
 class TokenVerifier(Protocol):
@@ -71,6 +74,7 @@ def broker_app(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     heartbeat_seconds: float = broker_api.HEARTBEAT_SECONDS,
     reconcile: bool = True,
+    spawn_threads: int = SPAWN_THREADS,
     images: ImageResolver | None = None,
 ) -> Starlette:
     """The whole broker on the given clients: metrics, GPU cap, operations, routes, reaper.
@@ -84,6 +88,7 @@ def broker_app(
         now: Wall clock (UTC), for ages and GPU-seconds.
         heartbeat_seconds: Quiet seconds before a stream sends a heartbeat.
         reconcile: Run the reaper loop every `settings.reaper_interval_seconds`.
+        spawn_threads: Most spawns running at once; more wait for a thread.
         images: Resolves asked images; by default their registries, with the credentials of
             the stack's pull Secret.
 
@@ -94,7 +99,8 @@ def broker_app(
     cap = RepositoryGpuCap(kube, settings.namespace, settings.gpu_cap_per_repository,
                            on_wait=lambda kind: metrics.waits.labels(kind=kind).inc())
     operations = RunOperations(RunClients(kube=kube, github=github, namespace=settings.namespace,
-                                          gpu_cap=cap, metrics=metrics, now=now))
+                                          gpu_cap=cap, metrics=metrics, now=now),
+                               spawn_threads=spawn_threads)
     app = build_app(settings=settings, verifier=verifier, operations=operations,
                     metrics=metrics, heartbeat_seconds=heartbeat_seconds, reconcile=reconcile,
                     images=images or PullSecretRegistry(lambda: pull_config(kube, settings)))
@@ -155,6 +161,14 @@ def build_app(
                 code = error_code(e)
                 return JSONResponse(broker_api.error_body(code, str(e)),
                                     status_code=broker_api.ERROR_STATUS.get(code, 500))
+            except Exception as e:
+                # Still the API's error body, so the client reports it instead of a protocol
+                # error; the traceback goes to the log only.
+                LOGGER.exception("%s %s failed", request.method, request.url.path)
+                return JSONResponse(
+                    broker_api.error_body(broker_api.INTERNAL,
+                                          f"internal error ({type(e).__name__})"),
+                    status_code=broker_api.ERROR_STATUS[broker_api.INTERNAL])
         return endpoint
 
     async def authenticate(request: Request) -> RunClaims:
@@ -178,8 +192,8 @@ def build_app(
         try:
             return SpawnAsk.from_json(json.loads(body or b"{}"))
         except ValueError as e:  # ProtocolError is one; so is malformed JSON
-            field = e.field_name if isinstance(e, ProtocolError) else "body"
-            raise _RefusedError(broker_api.USAGE, f"request {field}: {e}") from None
+            where = "" if isinstance(e, ProtocolError) else "body: "
+            raise _RefusedError(broker_api.USAGE, f"request {where}{e}") from None
 
     async def post_runner(request: Request) -> Response:
         # The size first: a large body is refused before a token is spent on it.

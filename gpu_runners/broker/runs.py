@@ -12,8 +12,9 @@ the cluster and on GitHub, labelled by run, and spawn adopts them. A client that
 does not cancel its spawn (the job may reconnect; a cancelled job sends DELETE), and a broker
 that stops does not clean up.
 
-The blocking work (spawn, delete, listing) runs in worker threads, bounded by a capacity
-limiter; the event loop only moves events.
+The blocking work runs in worker threads: the spawns in threads of their own (each holds one
+for its whole wait), the short calls (token checks, deletes, lists) in others, so that waiting
+spawns can never hold up a DELETE. The event loop only moves events.
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ from gpu_runners.spawn import spawn
 T = TypeVar("T")
 LOGGER = logging.getLogger(__name__)
 
-#: Worker threads for blocking work: every concurrent run's spawn holds one for its whole
-#: wait, so this bounds the runs in flight, with room for deletes and lists beside them.
-WORKER_THREADS = 256
+#: Worker threads for spawns: each holds one for its whole wait, so this bounds the spawns
+#: in flight; more wait their turn (their streams send heartbeats meanwhile).
+SPAWN_THREADS = 256
+#: Worker threads for the short blocking calls (token checks, deletes, lists, reaper passes),
+#: apart from the spawns' so that a full house of waiting spawns never holds up a DELETE.
+CALL_THREADS = 32
+#: Every worker thread the broker may run: what its connection pools are sized for.
+WORKER_THREADS = SPAWN_THREADS + CALL_THREADS
 #: Longest a DELETE waits for the run's spawn to stop and clean up before deleting anyway.
 SPAWN_STOP_SECONDS = 30.0
 
@@ -127,7 +133,8 @@ class SpawnOperation:
         """
         index = 0
         wakeup = asyncio.Event()
-        self._wakeups.add(wakeup)
+        with self._lock:
+            self._wakeups.add(wakeup)
         try:
             while True:
                 with self._lock:
@@ -154,7 +161,8 @@ class SpawnOperation:
                 if not done:
                     yield StreamEvent(broker_api.HEARTBEAT).encode()
         finally:
-            self._wakeups.discard(wakeup)
+            with self._lock:
+                self._wakeups.discard(wakeup)
 
 
 @dataclass(frozen=True)
@@ -172,10 +180,12 @@ class RunClients:
 class RunOperations:
     """Starts, joins and stops each run's operations; one per broker."""
 
-    def __init__(self, clients: RunClients, *, worker_threads: int = WORKER_THREADS,
+    def __init__(self, clients: RunClients, *, spawn_threads: int = SPAWN_THREADS,
+                 call_threads: int = CALL_THREADS,
                  spawn_stop_seconds: float = SPAWN_STOP_SECONDS) -> None:
         self.clients = clients
-        self.limiter = anyio.CapacityLimiter(worker_threads)
+        self._spawn_limiter = anyio.CapacityLimiter(spawn_threads)
+        self._call_limiter = anyio.CapacityLimiter(call_threads)
         self.closing = asyncio.Event()
         #: The event loop serving the app, once it has started (for signal handlers).
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -187,8 +197,8 @@ class RunOperations:
         self._lock = threading.Lock()
 
     async def in_thread(self, work: Callable[[], T]) -> T:
-        """Runs blocking work in a worker thread, within the limiter."""
-        return await to_thread.run_sync(work, limiter=self.limiter)
+        """Runs a short blocking call in a worker thread (not one of the spawns')."""
+        return await to_thread.run_sync(work, limiter=self._call_limiter)
 
     # --- spawn -----------------------------------------------------------------------------
 
@@ -213,7 +223,8 @@ class RunOperations:
 
     async def _run_spawn(self, operation: SpawnOperation, decision: PolicyDecision) -> None:
         try:
-            await self.in_thread(lambda: self._spawn_blocking(operation, decision))
+            await to_thread.run_sync(lambda: self._spawn_blocking(operation, decision),
+                                     limiter=self._spawn_limiter)
         finally:
             operation.publish(StreamEvent(broker_api.FAILED, error=broker_api.INTERNAL,
                                           message="the spawn ended without an outcome"))
@@ -300,7 +311,8 @@ class RunOperations:
         """A live view of (run id, attempt) of the runs with an operation in flight."""
         return BusyRuns(self)
 
-    def _busy(self) -> set[tuple[int, int]]:
+    def runs_in_flight(self) -> set[tuple[int, int]]:
+        """(run id, attempt) of the runs with a spawn or a delete in flight now."""
         with self._lock:
             keys = set(self._spawns) | set(self._deletes)
         return {(key.run_id, key.attempt) for key in keys}
@@ -317,10 +329,10 @@ class BusyRuns:
         self._operations = operations
 
     def __contains__(self, item: object) -> bool:
-        return item in self._operations._busy()
+        return item in self._operations.runs_in_flight()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(self._operations._busy())
+        return iter(self._operations.runs_in_flight())
 
     def __len__(self) -> int:
-        return len(self._operations._busy())
+        return len(self._operations.runs_in_flight())

@@ -218,6 +218,10 @@ class BrokerProcess:
                 raise RuntimeError(f"the broker did not start:\n{self._log_path.read_text()}")
             time.sleep(0.05)
 
+    def log_text(self) -> str:
+        """What the broker processes of this log wrote (stdout and stderr)."""
+        return self._log_path.read_text()
+
     def kill(self) -> None:
         """SIGKILL: no cleanup, no graceful anything."""
         if self.process is not None and self.process.poll() is None:

@@ -189,6 +189,23 @@ def test_a_broker_killed_mid_delete_is_recovered_by_a_delete_or_the_reaper(
     _assert_nothing_left(fake_kube, fake_github)
 
 
+def test_the_broker_logs_one_line_per_request_and_never_a_token_or_credential(
+    brokers: Callable[..., BrokerProcess], fake_github: FakeGitHub, fake_oidc: FakeOidcIssuer,
+) -> None:
+    broker = brokers()
+    token = fake_oidc.mint()
+    assert spawn(broker.url, token).last.event == broker_api.READY
+    assert spawn(broker.url, "forged." + token.split(".", 1)[1]).status == 401
+    broker.terminate()
+
+    log = broker.log_text()
+    assert log.count('"POST /v1/runner HTTP/1.1" 200') == 1
+    assert log.count('"POST /v1/runner HTTP/1.1" 401') == 1
+    for secret in (token, token.split(".")[1], token.split(".")[2], fake_github.token,
+                   *fake_github.jit_configs.values()):
+        assert secret not in log
+
+
 def test_sigterm_ends_open_streams_and_cleans_up_nothing(
     brokers: Callable[..., BrokerProcess], fake_kube: FakeKubernetes,
     fake_github: FakeGitHub, fake_oidc: FakeOidcIssuer,

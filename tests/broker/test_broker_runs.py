@@ -12,13 +12,21 @@ import math
 import threading
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 
 from gpu_runners import broker_api, contract
-from tests.broker.broker_harness import Answer, ServedBroker, delete, spawn
+from tests.broker.broker_harness import (
+    Answer,
+    ServedBroker,
+    broker_environ,
+    delete,
+    serve_broker,
+    spawn,
+)
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.fakes.oidc_issuer import FakeOidcIssuer
-from tests.runtime.fake_wiring import wait_until
+from tests.runtime.fake_wiring import bring_runners_online, wait_until
 
 JIT_PATH = r"/generate-jitconfig$"
 
@@ -186,3 +194,99 @@ def _metrics(broker: ServedBroker) -> bytes:
         return connection.getresponse().read()
     finally:
         connection.close()
+
+
+def test_a_quiet_stream_sends_heartbeats_until_the_runner_is_online(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes,
+) -> None:
+    broker = make_broker(env, heartbeat_seconds=0.1)
+    fake_kube.runner_connect_delay = 1.0
+
+    answer = spawn(broker.url, fake_oidc.mint())
+
+    kinds = [event.event for event in answer.events or ()]
+    assert kinds.count(broker_api.HEARTBEAT) >= 3
+    assert kinds[-1] == broker_api.READY
+    assert kinds.index(broker_api.HEARTBEAT) > kinds.index(broker_api.PROGRESS)
+
+
+def test_a_delete_is_served_while_every_spawn_thread_is_taken(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub,
+) -> None:
+    broker = make_broker(env, spawn_threads=1, heartbeat_seconds=0.1)
+    fake_kube.runner_connect_delay = math.inf  # the first spawn holds the only thread
+    first, first_answers = _in_background(lambda: spawn(broker.url, fake_oidc.mint(run_id="1")))
+    wait_until(lambda: fake_github.runner_named("gpu-1-1") is not None, what="the first spawn")
+    second, second_answers = _in_background(
+        lambda: spawn(broker.url, fake_oidc.mint(run_id="2")))
+    wait_until(lambda: len(broker.operations.runs_in_flight()) == 2, what="the second run")
+    fake_kube.runner_connect_delay = 0.0
+
+    removed = delete(broker.url, fake_oidc.mint(run_id="1"))
+    first.join(30)
+    second.join(30)
+
+    assert removed.status == 200
+    assert first_answers[0].last.error == broker_api.CANCELLED
+    assert second_answers[0].last.event == broker_api.READY
+    assert [p["metadata"]["name"] for p in fake_kube.pods()] == ["gpu-2-1"]
+
+
+def test_a_finished_runner_pod_no_longer_counts_against_the_gpu_cap(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes,
+) -> None:
+    env[contract.ENV_GPU_CAP_PER_REPOSITORY] = "1"
+    broker = make_broker(env)
+    assert spawn(broker.url, fake_oidc.mint(run_id="1")).last.event == broker_api.READY
+    fake_kube.finish_pod("gpu-1-1")  # its one job is done; the pod stays until reaped
+
+    answer = spawn(broker.url, fake_oidc.mint(run_id="2"), {"timeoutSeconds": 10})
+
+    assert answer.last.event == broker_api.READY
+    assert sorted(p["metadata"]["name"] for p in fake_kube.pods()) == ["gpu-1-1", "gpu-2-1"]
+
+
+def test_delete_of_a_spawn_waiting_for_the_cap_stops_it_with_nothing_created(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub,
+) -> None:
+    env[contract.ENV_GPU_CAP_PER_REPOSITORY] = "1"
+    broker = make_broker(env)
+    assert spawn(broker.url, fake_oidc.mint(run_id="1")).last.event == broker_api.READY
+    thread, answers = _in_background(lambda: spawn(broker.url, fake_oidc.mint(run_id="2")))
+    wait_until(lambda: b'kind="cap"' in _metrics(broker), what="the second run to wait")
+
+    removed = delete(broker.url, fake_oidc.mint(run_id="2"))
+    thread.join(10)
+
+    assert not thread.is_alive()
+    assert removed.body == {"pods": [], "secrets": [], "registrations": []}
+    assert answers[0].last.error == broker_api.CANCELLED
+    assert [p["metadata"]["name"] for p in fake_kube.pods()] == ["gpu-1-1"]
+    assert [r["name"] for r in fake_github.runners.values()] == ["gpu-1-1"]
+
+
+def test_a_spawn_refused_by_the_resource_quota_waits_and_is_counted(
+    make_fake_kube: Callable[..., FakeKubernetes], fake_github: FakeGitHub,
+    fake_oidc: FakeOidcIssuer, tmp_path: Path,
+) -> None:
+    quota_kube = make_fake_kube(gpu_quota=1)
+    bring_runners_online(quota_kube, fake_github)
+    served = serve_broker(broker_environ(quota_kube, fake_github, fake_oidc, tmp_path),
+                          quota_kube, fake_github, reconcile=False)
+    try:
+        assert spawn(served.url, fake_oidc.mint(run_id="1")).last.event == broker_api.READY
+        thread, answers = _in_background(
+            lambda: spawn(served.url, fake_oidc.mint(run_id="2"), {"timeoutSeconds": 30}))
+        wait_until(lambda: b'kind="quota"' in _metrics(served), what="a quota wait")
+        delete(served.url, fake_oidc.mint(run_id="1"))
+        thread.join(30)
+    finally:
+        served.stop()
+
+    assert answers[0].last.event == broker_api.READY
+    assert any("waiting for GPU quota" in line and "exceeded quota" in line
+               for line in answers[0].progress)

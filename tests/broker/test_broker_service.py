@@ -195,3 +195,18 @@ def test_a_failing_reaper_pass_does_not_stop_the_loop(
                                outcome="failed") >= 1, timeout=15, what="a failed pass")
     wait_until(lambda: _metric(broker, "gpu_runners_broker_reap_passes_total",
                                outcome="ok") >= 1, timeout=15, what="a later pass to succeed")
+
+
+def test_an_unexpected_failure_is_answered_with_the_api_s_error_body(
+    broker: ServedBroker, fake_oidc: FakeOidcIssuer, fake_kube: FakeKubernetes,
+) -> None:
+    # A list whose items are not objects: the Kubernetes client's models cannot take it.
+    fake_kube.inject("GET", "/api/v1/namespaces/*/pods", 200,
+                     body={"kind": "PodList", "apiVersion": "v1", "metadata": {},
+                           "items": [{"metadata": "not an object"}]})
+
+    listed = call(broker.url, "GET", broker_api.RUNNERS_PATH, token=fake_oidc.mint())
+
+    assert listed.status == 500
+    assert listed.body["error"] == broker_api.INTERNAL
+    assert listed.body["message"].startswith("internal error (")

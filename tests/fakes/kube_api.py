@@ -26,7 +26,9 @@ What it emulates, for what `gpu_runners` uses:
   terminates, and the kubelet's 400 while the container waits. A started runner container
   prints what the Actions runner prints, then "Listening for Jobs" once it has connected
   (`PodScript.connect_delay`); `on_runner_listening` and `append_log` drive it.
-- Faults injected per method and path: a status, a delay, or a dropped connection.
+- Faults injected per method and path: a status, a delay, or a dropped connection; and
+  callbacks on chosen requests, before or after they are applied (`on_request`), e.g. to
+  kill a client between two steps.
 
 Deliberately stricter than a real API server: unknown fields are rejected (422) instead of
 dropped with a warning, so a misspelt field fails the test; GKE's ExtendedResourceToleration
@@ -1021,7 +1023,8 @@ class FakeKubernetes:
 
     Start it (`start()` or `with`), write a kubeconfig with `write_kubeconfig`, and point the
     official client at it. Inspect the state with `pods()`, `secrets()`, `events()`, `nodes()`
-    and `requests`; drive it with `inject`, `on_pod_running`, `finish_pod` and `seed`.
+    and `requests`; drive it with `inject`, `on_request`, `on_pod_running`, `finish_pod` and
+    `seed`.
     """
 
     def __init__(

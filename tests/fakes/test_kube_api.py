@@ -259,6 +259,35 @@ def test_creating_a_taken_name_is_409_already_exists(core: client.CoreV1Api) -> 
     assert status_of(taken.value)["message"] == 'secrets "jit-1" already exists'
 
 
+def test_a_request_hook_after_sees_the_object_applied_and_runs_once(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api,
+) -> None:
+    seen: list[tuple[str, str, list[str]]] = []
+    fake_kube.on_request("POST", r"/api/v1/namespaces/[^/]+/secrets", lambda method, path: (
+        seen.append((method, path, [s["metadata"]["name"] for s in fake_kube.secrets()]))))
+
+    core.create_namespaced_secret(NS, secret("jit-1"))
+    core.create_namespaced_secret(NS, secret("jit-2"))
+
+    assert seen == [("POST", f"/api/v1/namespaces/{NS}/secrets", ["jit-1"])]
+
+
+def test_a_request_hook_before_that_raises_leaves_the_request_unapplied(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api,
+) -> None:
+    def refuse(method: str, path: str) -> None:
+        raise ConnectionAbortedError(f"{method} {path}")
+
+    fake_kube.on_request("POST", r"/api/v1/namespaces/[^/]+/secrets", refuse, after=False)
+
+    with pytest.raises(client.ApiException) as failed:
+        core.create_namespaced_secret(NS, secret("jit-1"))
+
+    assert failed.value.status == 500
+    assert fake_kube.secrets() == []
+    fake_kube.errors.clear()  # the raised callback is reported there, as the test intends
+
+
 def test_deleting_a_missing_pod_is_404_not_found(core: client.CoreV1Api) -> None:
     with pytest.raises(client.ApiException) as missing:
         core.delete_namespaced_pod("gpu-9-1", NS)
