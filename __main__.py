@@ -170,6 +170,7 @@ broker = RunnerBroker(
         allowed_refs=config.broker_allowed_refs,
         allowed_workflow_refs=config.broker_allowed_workflow_refs,
         allowed_images=config.allowed_images,
+        require_image_digests=config.require_image_digests,
         reaper_interval_seconds=config.reaper_interval_seconds,
         egress_cidrs=config.egress_cidrs,
         api_server_cidrs=api_server_cidrs,

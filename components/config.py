@@ -216,6 +216,7 @@ class StackConfig:
     broker_allowed_refs: tuple[str, ...]
     broker_allowed_workflow_refs: tuple[str, ...]
     allowed_images: tuple[str, ...]
+    require_image_digests: bool
     gpu_cap_per_repository: int
     reaper_interval_seconds: int
     # repository settings
@@ -708,6 +709,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         broker_allowed_workflow_refs=reader.string_list("brokerAllowedWorkflowRefs",
                                                         _check_pattern),
         allowed_images=reader.string_list("allowedImages", _check_image_pattern),
+        require_image_digests=reader.boolean("requireImageDigests"),
         gpu_cap_per_repository=reader.integer("gpuCapPerRepository", minimum=0),
         reaper_interval_seconds=reader.integer("reaperIntervalSeconds", minimum=30,
                                                maximum=3600),
