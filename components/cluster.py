@@ -46,6 +46,9 @@ class GkeClusterArgs:
     #: Lowest Kubernetes version of the control plane (e.g. "1.36"); empty for the channel's
     #: default.
     min_master_version: str = ""
+    #: GKE image streaming on every pool: images in Artifact Registry (the mirror) start
+    #: before they are fully pulled.
+    image_streaming: bool = False
 
 
 def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
@@ -115,8 +118,8 @@ class GkeCluster(pulumi.ComponentResource):
     Dataplane V2 so NetworkPolicies are enforced), a CPU pool labelled gpu=false, one GPU pool
     per config entry (labelled gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers,
     autoscaled from its minimum, 0 by default), a recurring maintenance window outside which GKE
-    neither upgrades nor drains nodes (a drain evicts a running GPU job), and a Kubernetes
-    provider for the cluster.
+    neither upgrades nor drains nodes (a drain evicts a running GPU job), image streaming on
+    every pool when asked, and a Kubernetes provider for the cluster.
 
     Outputs: `cluster_name`, `location`, `kubeconfig` (secret, exec-plugin form),
     `node_service_account`; the `provider` attribute is the Kubernetes provider the runner
@@ -175,6 +178,10 @@ class GkeCluster(pulumi.ComponentResource):
                 "enable_integrity_monitoring": True,
             },
         }
+        if args.image_streaming:
+            # Streams only images served by Artifact Registry (registry_mirror); others are
+            # pulled whole as before. COS_CONTAINERD, above, is what streaming runs on.
+            node_base["gcfs_config"] = {"enabled": True}
 
         self.cluster = gcp.container.Cluster(
             f"{name}-cluster",

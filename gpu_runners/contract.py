@@ -138,6 +138,8 @@ ENV_ALLOWED_WORKFLOW_REFS = "GPU_RUNNERS_ALLOWED_WORKFLOW_REFS"
 ENV_ALLOWED_IMAGES = "GPU_RUNNERS_ALLOWED_IMAGES"
 #: "true": an asked image must name a digest; else its tag is resolved to one at spawn.
 ENV_REQUIRE_IMAGE_DIGESTS = "GPU_RUNNERS_REQUIRE_IMAGE_DIGESTS"
+#: JSON object: upstream registry host -> mirror prefix job images are pulled through.
+ENV_REGISTRY_MIRRORS = "GPU_RUNNERS_REGISTRY_MIRRORS"
 #: Most GPUs one repository's runners may hold at once.
 ENV_GPU_CAP_PER_REPOSITORY = "GPU_RUNNERS_GPU_CAP_PER_REPOSITORY"
 ENV_REAPER_INTERVAL_SECONDS = "GPU_RUNNERS_REAPER_INTERVAL_SECONDS"

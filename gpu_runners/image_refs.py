@@ -9,6 +9,7 @@ written for another registry.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gpu_runners.errors import UsageError
@@ -120,3 +121,19 @@ def normalize_pattern(pattern: str) -> str:
     if _is_host(first):
         return pattern
     return f"{DOCKER_HUB}/{pattern}"
+
+
+def mirrored_reference(reference: str, prefixes: Mapping[str, str]) -> str:
+    """`reference` (registry/path[:tag][@digest], normalized) pulled through the mirror of its
+    registry, or unchanged when its registry has none.
+
+    A mirror (an Artifact Registry remote repository) serves the upstream's manifests byte for
+    byte, so the digest a reference pins stays valid through it.
+
+    Args:
+        reference: e.g. ghcr.io/acme/train@sha256:..., docker.io/library/python@sha256:...
+        prefixes: Upstream host -> mirror prefix (<region>-docker.pkg.dev/<project>/<repo>).
+    """
+    host, _, path = reference.partition("/")
+    prefix = prefixes.get(host)
+    return f"{prefix}/{path}" if prefix and path else reference

@@ -195,6 +195,9 @@ def test_broker_environment_carries_the_resolved_numeric_ids_and_the_default_pol
         contract.ENV_ALLOWED_WORKFLOW_REFS: "[]",
         contract.ENV_ALLOWED_IMAGES: "[]",
         contract.ENV_REQUIRE_IMAGE_DIGESTS: "false",
+        # Image streaming is on by default in GKE mode: job images come through the mirror.
+        contract.ENV_REGISTRY_MIRRORS: (
+            '{"ghcr.io": "us-central1-docker.pkg.dev/acme-ml-ci/gpu-runners-dev-ghcr-io"}'),
         # gpuCapPerRepository 0: the namespace's GPU quota (one L4 in dev).
         contract.ENV_GPU_CAP_PER_REPOSITORY: "1",
         contract.ENV_REAPER_INTERVAL_SECONDS: "300",

@@ -22,7 +22,12 @@ from gpu_runners.broker_api import SpawnAsk
 from gpu_runners.errors import GpuRunnersError, UsageError
 from gpu_runners.github_api import DEFAULT_RUNNER_GROUP_ID
 from gpu_runners.gpu_pools import check_gpu_request, parse_gpu_types
-from gpu_runners.image_refs import ImageReference, normalize_pattern, parse_image_reference
+from gpu_runners.image_refs import (
+    ImageReference,
+    mirrored_reference,
+    normalize_pattern,
+    parse_image_reference,
+)
 from gpu_runners.pod_options import RunnerPodOptions
 from gpu_runners.run_identity import RunIdentity
 from gpu_runners.spawn import (
@@ -126,8 +131,10 @@ def decide(ask: SpawnAsk, claims: RunClaims, settings: BrokerSettings,
     image, image_env = settings.image, {}
     if ask.image is not None and ask.image != settings.image:
         resolved = _job_image(ask.image, settings, images)
-        image, image_env = resolved.reference, dict(resolved.env)
-        notes.append(f"image {ask.image} runs as {resolved.reference}, the runner injected")
+        # Resolved upstream; pulled (and streamed) through the stack's mirror of its registry.
+        image = mirrored_reference(resolved.reference, settings.registry_mirrors)
+        image_env = dict(resolved.env)
+        notes.append(f"image {ask.image} runs as {image}, the runner injected")
         if resolved.runs_as_root:
             notes.append(
                 f"image {ask.image} declares USER {resolved.user or 'root (none set)'}; the job "
