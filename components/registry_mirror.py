@@ -27,6 +27,10 @@ UPSTREAM_URIS: Mapping[str, str] = {
 READER_ROLE = "roles/artifactregistry.reader"
 SECRET_ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"  # noqa: S105 - a role name
 ARTIFACT_REGISTRY_API = "artifactregistry.googleapis.com"
+#: The Container File System API serves image streaming; GKE streams nothing without it.
+STREAMING_API = "containerfilesystem.googleapis.com"
+#: What a custom node service account needs in the project holding the images to stream them.
+STREAMING_ROLE = "roles/serviceusage.serviceUsageConsumer"
 _SECRET_VERSION = re.compile(r"^projects/([^/]+)/secrets/([^/]+)/versions/[^/]+$")
 
 
@@ -73,9 +77,11 @@ def mirror_prefix(region: str, project: str, prefix: str, host: str) -> str:
 class RegistryMirror(pulumi.ComponentResource):
     """Artifact Registry remote repositories mirroring ghcr.io (and Docker Hub, nvcr.io).
 
-    Creates the Artifact Registry API, one Docker remote repository per upstream (private
-    upstreams with username and Secret Manager password, the Artifact Registry service agent
-    allowed to read that secret), and the nodes' service account as reader of each.
+    Creates the Artifact Registry and Container File System (streaming) APIs, one Docker remote
+    repository per upstream (private upstreams with username and Secret Manager password, the
+    Artifact Registry service agent allowed to read that secret), the nodes' service account as
+    reader of each and as service usage consumer of the project (what streaming asks of a
+    custom node account).
 
     Outputs: `prefixes`, upstream host -> `<region>-docker.pkg.dev/<project>/<repository>`.
     """
@@ -85,10 +91,18 @@ class RegistryMirror(pulumi.ComponentResource):
     def __init__(self, name: str, args: RegistryMirrorArgs,
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("gpu-runners:index:RegistryMirror", name, None, opts)
+        # Other workloads may use these APIs: destroying the stack keeps them on.
         api = gcp.projects.Service(
             f"{name}-api", project=args.project, service=ARTIFACT_REGISTRY_API,
-            # Other workloads may use Artifact Registry: destroying the stack keeps it on.
             disable_on_destroy=False, opts=pulumi.ResourceOptions(parent=self))
+        gcp.projects.Service(
+            f"{name}-streaming-api", project=args.project, service=STREAMING_API,
+            disable_on_destroy=False, opts=pulumi.ResourceOptions(parent=self))
+        reader_member = pulumi.Output.from_input(args.reader).apply(
+            lambda email: f"serviceAccount:{email}")
+        gcp.projects.IAMMember(
+            f"{name}-streaming-nodes", project=args.project, role=STREAMING_ROLE,
+            member=reader_member, opts=pulumi.ResourceOptions(parent=self))
         prefixes: dict[str, str] = {}
         for host in args.upstreams:
             role = host.replace(".", "-")
@@ -114,8 +128,7 @@ class RegistryMirror(pulumi.ComponentResource):
                 location=args.region,
                 repository=repository.name,
                 role=READER_ROLE,
-                member=pulumi.Output.from_input(args.reader).apply(
-                    lambda email: f"serviceAccount:{email}"),
+                member=reader_member,
                 opts=pulumi.ResourceOptions(parent=self),
             )
             prefixes[host] = mirror_prefix(args.region, args.project, args.name_prefix, host)

@@ -53,6 +53,16 @@ def test_the_nodes_service_account_reads_each_mirror(dev: ProgramRun) -> None:
     assert reader.inputs["location"] == "us-central1"
 
 
+def test_streaming_has_its_api_and_the_nodes_may_use_it(dev: ProgramRun) -> None:
+    services = {r.inputs["service"] for r in dev.of_type("gcp:projects/service:Service")}
+    node_account = dev.one(NODE_SA, "gke-nodes").outputs["email"]
+    roles = {(r.inputs["role"], r.inputs["member"])
+             for r in dev.of_type("gcp:projects/iAMMember:IAMMember")}
+
+    assert {"artifactregistry.googleapis.com", "containerfilesystem.googleapis.com"} <= services
+    assert ("roles/serviceusage.serviceUsageConsumer", f"serviceAccount:{node_account}") in roles
+
+
 def test_every_pool_streams_images(dev: ProgramRun) -> None:
     pools = dev.of_type(NODE_POOL)
 
@@ -106,6 +116,8 @@ def test_image_streaming_off_leaves_no_mirror_and_no_streaming() -> None:
     run = run_program("dev", {"imageStreaming": False})
 
     assert run.of_type(REPOSITORY) == [] and run.of_type(READER) == []
+    assert "containerfilesystem.googleapis.com" not in {
+        r.inputs["service"] for r in run.of_type("gcp:projects/service:Service")}
     assert all("gcfsConfig" not in p.inputs["nodeConfig"] for p in run.of_type(NODE_POOL))
     assert json.loads(broker_env(run)[contract.ENV_REGISTRY_MIRRORS]) == {}
 
