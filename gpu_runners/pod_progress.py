@@ -30,13 +30,19 @@ from gpu_runners.runner_injection import INIT_CONTAINER as INJECTION_INIT_CONTAI
 #: ErrImagePull alone is not final: the kubelet retries, and a registry hiccup recovers; the
 #: BackOff that follows a failed retry is.
 IMAGE_PULL_FAILURES = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+#: How the job's image reached the node (SpawnResult.image_pull).
+PULL_CACHED = "cached"  # the kubelet's "already present on machine"
+PULL_STREAMED = "streamed"  # GKE image streaming's ImageStreaming event
+PULL_FULL = "pulled"  # downloaded in full before the container started
 
 
 class Stage(enum.Enum):
     """The stages `spawn` reports, in the order a pod goes through them."""
 
     CREATED = "created"
+    SCALE_UP = "scale-up triggered"
     SCHEDULED = "scheduled"
+    PULLING = "image pulling"
     IMAGE_PULLED = "image pulled"
     RUNNING = "container running"
     ONLINE = "runner online"
@@ -87,6 +93,9 @@ class PodProgress:
         #: Whether the job runs in a team's image with the runner injected (an init container
         #: copies it in); such a pod ending early is usually the image's doing.
         self.injected_runner = False
+        #: How the runner container's image came: PULL_CACHED, PULL_STREAMED, PULL_FULL, or ""
+        #: while unknown.
+        self.image_pull = ""
 
     @property
     def container_running(self) -> bool:
@@ -171,11 +180,15 @@ class PodProgress:
             return []  # an earlier pod of the same name, or another object
         reason, raw = event.reason or "", event.message or ""
         message = _clip(raw)
+        field_path = involved.field_path or ""
+        if field_path and field_path != f"spec.containers{{{contract.GPU_RUNNER_CONTAINER}}}":
+            return []  # the init container's pull of the runner image is not the job's
         if reason == "FailedScheduling" and not self.node_name:
             return self._unschedulable(message, now)
         if reason == "TriggeredScaleUp":
             self._scale_up_triggered = True
             self.node_added = True
+            self.reached.setdefault(Stage.SCALE_UP, now)
             if self.node_name:
                 return []  # pod and event streams raced: the binding was read first
             return self._tell(f"autoscaler is adding a GPU node: {message}")
@@ -186,7 +199,15 @@ class PodProgress:
         if reason == "Scheduled":
             node = message.rsplit(" to ", 1)[-1] if " to " in message else ""
             return self._scheduled(node, now) if node else []
+        if reason == "Pulling":
+            self.reached.setdefault(Stage.PULLING, now)
+            return []
+        if reason == "ImageStreaming":
+            self.image_pull = PULL_STREAMED
+            return []
         if reason == "Pulled":
+            if not self.image_pull:
+                self.image_pull = PULL_CACHED if "already present" in raw else PULL_FULL
             return self._reach(Stage.IMAGE_PULLED, f"image pulled ({message})", now)
         if reason == "Failed" and raw.startswith("Failed to pull image"):
             # 'Failed to pull image "<ref>": <why>' (not the "Error: ErrImagePull" after it);
