@@ -186,6 +186,9 @@ VAR_RUNNER_NAMESPACE = "GPU_RUNNERS_NAMESPACE"
 VAR_BASE_RUNNER_LABEL = "GPU_RUNNERS_BASE_LABEL"
 VAR_WORKLOAD_IDENTITY_PROVIDER = "GCP_WORKLOAD_IDENTITY_PROVIDER"
 VAR_CI_SERVICE_ACCOUNT = "GCP_CI_SERVICE_ACCOUNT"
+#: Set by the ML repository's maintainers, not by the stack: the image the example workflow's
+#: train job runs in (spawn --image); unset, it runs in the runner image.
+VAR_TRAINING_IMAGE = "GPU_TRAINING_IMAGE"
 #: The branch the stack protects in that repository (pull requests, checks, no force pushes);
 #: the policy pack requires its protection.
 PROTECTED_BRANCH = "main"
