@@ -46,17 +46,20 @@ from gpu_runners import contract
 #: Where the runner image keeps the runner folder (docker/Dockerfile copies it there; it is
 #: the image's WORKDIR and the runner user's home).
 RUNNER_IMAGE_RUNNER_DIR = "/home/runner"
-#: Where the job container finds the copied runner. Under `/__`, like the Actions runner's own
-#: container mounts (/__w, /__e), so that it cannot collide with a directory of the image.
-INJECTED_RUNNER_DIR = "/__runner"
+#: Where the runner's emptyDir is mounted. Under `/__`, like the Actions runner's own container
+#: mounts (/__w, /__e), so that it cannot collide with a directory of the image.
+INJECTED_VOLUME_DIR = "/__runner"
+#: The copied runner folder, inside the emptyDir: created by the copy, so owned by uid 1000. The
+#: emptyDir's own root belongs to root, and `cp -a` onto it would fail to set its times and mode.
+INJECTED_RUNNER_DIR = f"{INJECTED_VOLUME_DIR}/runner"
 #: The job's HOME: the image's own home directories may not exist or belong to root.
 INJECTED_HOME = "/__home"
 #: The listener, executed without a shell. run.sh would only loop it for self-updates, which a
 #: pinned, single-use runner never does.
 LISTENER_COMMAND = (f"{INJECTED_RUNNER_DIR}/bin/Runner.Listener", "run")
-#: Copies the whole runner folder, modes kept; coreutils' cp is in the runner image, so no
-#: shell is needed there either.
-COPY_COMMAND = ("cp", "-a", f"{RUNNER_IMAGE_RUNNER_DIR}/.", f"{INJECTED_RUNNER_DIR}/")
+#: Copies the whole runner folder (dot files, modes and links kept) to a new directory;
+#: coreutils' cp is in the runner image, so no shell is needed there either.
+COPY_COMMAND = ("cp", "-a", RUNNER_IMAGE_RUNNER_DIR, INJECTED_RUNNER_DIR)
 INIT_CONTAINER = "inject-runner"
 RUNNER_VOLUME = "runner"
 HOME_VOLUME = "home"
@@ -138,7 +141,7 @@ def init_container(
         command=list(COPY_COMMAND),
         resources=V1ResourceRequirements(limits=dict(resources), requests=dict(resources)),
         volume_mounts=[
-            V1VolumeMount(name=RUNNER_VOLUME, mount_path=INJECTED_RUNNER_DIR),
+            V1VolumeMount(name=RUNNER_VOLUME, mount_path=INJECTED_VOLUME_DIR),
             V1VolumeMount(name=jit_volume, mount_path=contract.JIT_MOUNT_DIR, read_only=True),
         ],
         security_context=restricted_context(),
@@ -148,7 +151,7 @@ def init_container(
 def job_mounts() -> list[V1VolumeMount]:
     """The job container's mounts of the copied runner and of its HOME."""
     return [
-        V1VolumeMount(name=RUNNER_VOLUME, mount_path=INJECTED_RUNNER_DIR),
+        V1VolumeMount(name=RUNNER_VOLUME, mount_path=INJECTED_VOLUME_DIR),
         V1VolumeMount(name=HOME_VOLUME, mount_path=INJECTED_HOME),
     ]
 

@@ -2,9 +2,10 @@
 container's start of the listener, in a stand-in runner folder.
 
 Paths are the pod's own, moved under a temporary directory: the runner image's /home/runner
-becomes <tmp>/runner-image/home/runner and the emptyDir <tmp>/empty-dir. Each command is the
-exact argv of the pod spec with those two prefixes replaced, started without a shell, with
-exactly the pod's environment (the Secret reference resolved as the kubelet does).
+becomes <tmp>/runner-image/home/runner, the emptyDir /__runner <tmp>/empty-dir, HOME's emptyDir
+<tmp>/home-empty-dir. Each command is the exact argv of the pod spec with those prefixes
+replaced, started without a shell, with exactly the pod's environment (the Secret reference
+resolved as the kubelet does).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class PodPaths:
         """A path (or argv item) of the pod, as it is under the temporary root."""
         for pod_path, here in (
             (runner_injection.RUNNER_IMAGE_RUNNER_DIR, self.runner_image_dir),
-            (runner_injection.INJECTED_RUNNER_DIR, self.empty_dir),
+            (runner_injection.INJECTED_VOLUME_DIR, self.empty_dir),
             (runner_injection.INJECTED_HOME, self.home),
         ):
             if text.startswith(pod_path):
@@ -93,12 +94,14 @@ def test_the_init_containers_copy_brings_the_whole_runner_folder_with_its_modes(
 
     run_init_copy(injected_pod({}), paths)
 
-    listener = paths.empty_dir / "bin" / "Runner.Listener"
-    assert os.access(listener, os.X_OK)
-    assert (paths.empty_dir / "externals" / "node20" / "bin" / "node").read_bytes() == (
-        b"\x7fELF stand-in")
-    assert (paths.empty_dir / ".credentials").exists()
-    assert (paths.empty_dir / "run.sh").stat().st_mode == (source.path / "run.sh").stat().st_mode
+    # The copy makes its own directory in the emptyDir: the emptyDir's root is not the pod
+    # user's, so its times and mode could not be set.
+    assert [p.name for p in paths.empty_dir.iterdir()] == ["runner"]
+    copied = paths.empty_dir / "runner"
+    assert os.access(copied / "bin" / "Runner.Listener", os.X_OK)
+    assert (copied / "externals" / "node20" / "bin" / "node").read_bytes() == b"\x7fELF stand-in"
+    assert (copied / ".credentials").exists()
+    assert (copied / "run.sh").stat().st_mode == (source.path / "run.sh").stat().st_mode
 
 
 def test_the_listener_starts_in_an_image_with_no_shell_at_all(tmp_path: Path) -> None:
@@ -113,7 +116,7 @@ def test_the_listener_starts_in_an_image_with_no_shell_at_all(tmp_path: Path) ->
     result = start_job(pod, paths)
 
     assert result.returncode == 0, result.stderr
-    copied = RunnerFolder(paths.empty_dir, create=False)
+    copied = RunnerFolder(paths.empty_dir / "runner", create=False)
     (start,) = copied.starts("Runner.Listener")
     assert start["argv"] == ["run"]
     env = start["env"]
@@ -143,7 +146,7 @@ def test_the_listener_is_the_containers_own_process_and_its_argv_holds_no_config
     process = subprocess.Popen(argv, env=container_env(job, paths),
                                cwd=paths.local(job["workingDir"]), start_new_session=True)
     try:
-        copied = RunnerFolder(paths.empty_dir, create=False)
+        copied = RunnerFolder(paths.empty_dir / "runner", create=False)
         wait_until(lambda: bool(copied.calls("Runner.Listener", "listening")), "listener up")
         (start,) = copied.starts("Runner.Listener")
         cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()

@@ -18,6 +18,7 @@ from gpu_runners.runner_injection import (
     INIT_CONTAINER,
     INJECTED_HOME,
     INJECTED_RUNNER_DIR,
+    INJECTED_VOLUME_DIR,
     search_path,
 )
 from gpu_runners.spawn import spawn
@@ -74,8 +75,8 @@ def test_the_init_container_copies_the_runner_from_the_runner_image_into_an_empt
 
     assert init["name"] == INIT_CONTAINER
     assert init["image"] == IMAGE
-    assert init["command"] == ["cp", "-a", "/home/runner/.", f"{INJECTED_RUNNER_DIR}/"]
-    assert volumes[mounts[INJECTED_RUNNER_DIR]["name"]]["emptyDir"] == {}
+    assert init["command"] == ["cp", "-a", "/home/runner", "/__runner/runner"]
+    assert volumes[mounts[INJECTED_VOLUME_DIR]["name"]]["emptyDir"] == {}
     # The Secret mount holds the pod until spawn has created the Secret.
     assert volumes[mounts[contract.JIT_MOUNT_DIR]["name"]]["secret"]["secretName"] == (
         "gpu-4242-3-jit")
@@ -89,7 +90,7 @@ def test_the_job_container_runs_the_teams_image_and_execs_the_listener_without_a
     container = job_container(injected_pod())
 
     assert container["image"] == JOB_IMAGE
-    assert container["command"] == [f"{INJECTED_RUNNER_DIR}/bin/Runner.Listener", "run"]
+    assert container["command"] == ["/__runner/runner/bin/Runner.Listener", "run"]
     assert container["args"] == []  # the image's CMD must not be appended
     assert container["workingDir"] == INJECTED_RUNNER_DIR
 
@@ -115,8 +116,9 @@ def test_home_and_the_work_directory_are_on_empty_dirs_and_the_runner_needs_no_i
 
     assert env["HOME"] == INJECTED_HOME
     assert volumes[mounts[INJECTED_HOME]]["emptyDir"] == {}
-    # The runner's _work directory is inside the copied runner folder.
-    assert volumes[mounts[INJECTED_RUNNER_DIR]]["emptyDir"] == {}
+    # The runner's _work directory is inside the copied runner folder, on the emptyDir.
+    assert INJECTED_RUNNER_DIR.startswith(INJECTED_VOLUME_DIR + "/")
+    assert volumes[mounts[INJECTED_VOLUME_DIR]]["emptyDir"] == {}
     assert env["DOTNET_SYSTEM_GLOBALIZATION_INVARIANT"] == "1"
 
 
