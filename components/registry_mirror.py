@@ -27,10 +27,7 @@ UPSTREAM_URIS: Mapping[str, str] = {
 READER_ROLE = "roles/artifactregistry.reader"
 SECRET_ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"  # noqa: S105 - a role name
 ARTIFACT_REGISTRY_API = "artifactregistry.googleapis.com"
-#: The Container File System API serves image streaming; GKE streams nothing without it.
-STREAMING_API = "containerfilesystem.googleapis.com"
-#: What a custom node service account needs in the project holding the images to stream them.
-STREAMING_ROLE = "roles/serviceusage.serviceUsageConsumer"
+SECRET_MANAGER_API = "secretmanager.googleapis.com"  # noqa: S105 - an API name
 _SECRET_VERSION = re.compile(r"^projects/([^/]+)/secrets/([^/]+)/versions/[^/]+$")
 
 
@@ -77,11 +74,11 @@ def mirror_prefix(region: str, project: str, prefix: str, host: str) -> str:
 class RegistryMirror(pulumi.ComponentResource):
     """Artifact Registry remote repositories mirroring ghcr.io (and Docker Hub, nvcr.io).
 
-    Creates the Artifact Registry and Container File System (streaming) APIs, one Docker remote
-    repository per upstream (private upstreams with username and Secret Manager password, the
-    Artifact Registry service agent allowed to read that secret), the nodes' service account as
-    reader of each and as service usage consumer of the project (what streaming asks of a
-    custom node account).
+    Creates the Artifact Registry API (and Secret Manager's, for private upstreams), one Docker
+    remote repository per upstream (private upstreams with username and Secret Manager
+    password, the Artifact Registry service agent allowed to read that secret), and the nodes'
+    service account as reader of each. Streaming itself (its API, the nodes' role, the pools'
+    gcfs_config) is GkeCluster's.
 
     Outputs: `prefixes`, upstream host -> `<region>-docker.pkg.dev/<project>/<repository>`.
     """
@@ -95,21 +92,21 @@ class RegistryMirror(pulumi.ComponentResource):
         api = gcp.projects.Service(
             f"{name}-api", project=args.project, service=ARTIFACT_REGISTRY_API,
             disable_on_destroy=False, opts=pulumi.ResourceOptions(parent=self))
-        gcp.projects.Service(
-            f"{name}-streaming-api", project=args.project, service=STREAMING_API,
-            disable_on_destroy=False, opts=pulumi.ResourceOptions(parent=self))
+        secrets_api = gcp.projects.Service(
+            f"{name}-secretmanager-api", project=args.project, service=SECRET_MANAGER_API,
+            disable_on_destroy=False, opts=pulumi.ResourceOptions(parent=self),
+        ) if args.credentials else None
         reader_member = pulumi.Output.from_input(args.reader).apply(
             lambda email: f"serviceAccount:{email}")
-        gcp.projects.IAMMember(
-            f"{name}-streaming-nodes", project=args.project, role=STREAMING_ROLE,
-            member=reader_member, opts=pulumi.ResourceOptions(parent=self))
         prefixes: dict[str, str] = {}
         for host in args.upstreams:
             role = host.replace(".", "-")
             credentials = args.credentials.get(host)
             needed: list[pulumi.Resource] = [api]
             if credentials is not None:
-                needed.append(self._secret_access(f"{name}-{role}", args.project, credentials))
+                assert secrets_api is not None  # created whenever there are credentials
+                needed.append(self._secret_access(f"{name}-{role}", args.project, credentials,
+                                                  secrets_api))
             repository = gcp.artifactregistry.Repository(
                 f"{name}-{role}",
                 project=args.project,
@@ -135,8 +132,8 @@ class RegistryMirror(pulumi.ComponentResource):
         self.prefixes = pulumi.Output.from_input(prefixes)
         self.register_outputs({"prefixes": self.prefixes})
 
-    def _secret_access(self, name: str, project: str,
-                       credentials: UpstreamCredentials) -> pulumi.Resource:
+    def _secret_access(self, name: str, project: str, credentials: UpstreamCredentials,
+                       secrets_api: pulumi.Resource) -> pulumi.Resource:
         match = _SECRET_VERSION.fullmatch(credentials.password_secret_version)
         assert match is not None  # config.py validated the form
         # The parent's gcp provider: the program disables default providers.
@@ -151,7 +148,7 @@ class RegistryMirror(pulumi.ComponentResource):
             secret_id=match[2],
             role=SECRET_ACCESSOR_ROLE,
             member=service_agent,
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[secrets_api]),
         )
 
 
