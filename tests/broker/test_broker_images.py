@@ -7,6 +7,7 @@ registration exists, and a refusal by pattern or by the digest rule before any r
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -234,3 +235,22 @@ def test_a_private_image_is_resolved_with_the_stacks_pull_secret(
     assert pod is not None
     assert pod["spec"]["containers"][0]["image"] == f"{fake_registry.host}/acme/private@{digest}"
     assert fake_registry.password not in str(refused.body)
+
+
+def test_a_resolved_image_is_pulled_through_the_stacks_mirror_of_its_registry(
+    broker_for: BrokerFor, fake_oidc: FakeOidcIssuer, fake_kube: FakeKubernetes,
+    fake_registry: FakeOciRegistry,
+) -> None:
+    digest = fake_registry.add_image("acme/trainer", "2.4")
+    mirror = "us-central1-docker.pkg.dev/acme-ml-ci/gpu-runners-dev-ghcr-io"
+    broker = broker_for('["ghcr.io/acme/*"]', **{
+        contract.ENV_REGISTRY_MIRRORS: json.dumps({"ghcr.io": mirror})})
+
+    answer = spawn(broker.url, fake_oidc.mint(), {"image": "ghcr.io/acme/trainer:2.4"})
+
+    assert answer.last.event == "ready"
+    pod = fake_kube.pod("gpu-123-1")
+    assert pod is not None
+    # Resolved at ghcr.io, pulled (and streamed) from the mirror under the same digest.
+    assert pod["spec"]["containers"][0]["image"] == f"{mirror}/acme/trainer@{digest}"
+    assert fake_registry.requests[0].path == "/v2/acme/trainer/manifests/2.4"
