@@ -17,6 +17,7 @@ from kubernetes.client import V1ObjectMeta, V1Secret
 
 from gpu_runners import broker_api, contract
 from gpu_runners.broker.image_registry import PullSecretRegistry
+from gpu_runners.broker.settings import BrokerSettings, SettingsError
 from tests.broker.broker_harness import ServedBroker, spawn
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
@@ -254,3 +255,17 @@ def test_a_resolved_image_is_pulled_through_the_stacks_mirror_of_its_registry(
     # Resolved at ghcr.io, pulled (and streamed) from the mirror under the same digest.
     assert pod["spec"]["containers"][0]["image"] == f"{mirror}/acme/trainer@{digest}"
     assert fake_registry.requests[0].path == "/v2/acme/trainer/manifests/2.4"
+
+
+def test_malformed_image_settings_are_refused_naming_their_variables(env: dict[str, str]) -> None:
+    broken = {**env, contract.ENV_REQUIRE_IMAGE_DIGESTS: "yes",
+              contract.ENV_REGISTRY_MIRRORS: '["ghcr.io"]'}
+
+    with pytest.raises(SettingsError) as refused:
+        BrokerSettings.from_environ(broken)
+
+    assert refused.value.problems == [
+        f"{contract.ENV_REQUIRE_IMAGE_DIGESTS}: 'yes' is not true or false",
+        f"""{contract.ENV_REGISTRY_MIRRORS}: '["ghcr.io"]' is not a JSON object of non-empty """
+        "strings",
+    ]

@@ -6,8 +6,10 @@ out a token anonymously for public repositories and only with Basic credentials 
 ones; manifests are served by tag or digest, with `Docker-Content-Digest`, and a tag points to
 an OCI index (linux/amd64 and linux/arm64) whose entries point to image manifests and configs.
 
-`tamper` makes the registry serve other bytes under a digest (a compromised mirror), and
-`announce_wrong_digest` send a digest header that does not match the body.
+`tamper` makes the registry serve other bytes under a digest (a compromised mirror),
+`announce_wrong_digest` send a digest header that does not match the body, and
+`redirect_blobs_to_storage` answer blob requests with a redirect to signed storage on another
+host (as ghcr.io and Docker Hub do), which refuses any request carrying an Authorization header.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class FakeOciRegistry:
         self._tokens: dict[str, str] = {}  # token -> repository it may pull
         self._tampered: dict[str, bytes] = {}
         self._wrong_digest_header = False
+        self._blob_storage = False
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -110,6 +113,11 @@ class FakeOciRegistry:
             self._tampered[digest] = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                                                  "config": {"digest": "sha256:" + "0" * 64},
                                                  "layers": ["evil"]}).encode()
+
+    def redirect_blobs_to_storage(self) -> None:
+        """Blob requests get a 307 to `http://localhost:<port>/storage/<digest>` (another host
+        name than the registry's 127.0.0.1), served only without an Authorization header."""
+        self._blob_storage = True
 
     def announce_wrong_digest(self) -> None:
         """Sends a `Docker-Content-Digest` header that does not match the manifest's bytes."""
@@ -179,6 +187,14 @@ class FakeOciRegistry:
         parts = urllib.parse.urlsplit(raw_path)
         if parts.path == "/token":
             return self._token(urllib.parse.parse_qs(parts.query), headers)
+        if parts.path.startswith("/storage/"):
+            if headers.get("Authorization"):
+                # What signed-URL storage answers to a second credential.
+                return 400, {}, b"<Error>Only one auth mechanism allowed</Error>"
+            digest = parts.path.removeprefix("/storage/")
+            blob = next((r.blobs[digest] for r in self._repositories.values()
+                         if digest in r.blobs), None)
+            return (200, {}, blob) if blob is not None else (404, {}, b"")
         match = _MANIFEST_PATH.fullmatch(parts.path)
         if match is None:
             return 404, {}, b'{"errors":[{"code":"NAME_UNKNOWN"}]}'
@@ -194,6 +210,9 @@ class FakeOciRegistry:
         repo = self._repositories.get(name)
         if repo is None:
             return 404, {}, b'{"errors":[{"code":"NAME_UNKNOWN"}]}'
+        if kind == "blobs" and self._blob_storage and ref in repo.blobs:
+            port = self.host.rsplit(":", 1)[1]
+            return 307, {"Location": f"http://localhost:{port}/storage/{ref}"}, b""
         if kind == "blobs":
             blob = repo.blobs.get(ref)
             return (200, {"Content-Type": "application/octet-stream"}, blob) if blob else (
