@@ -185,8 +185,13 @@ broker = RunnerBroker(
     RunnerBrokerArgs(
         namespace=config.broker_namespace,
         image=images["broker"].ref,
-        # Until the GitHub App (issue 12), the broker mints JIT configs with the runner PAT.
-        github_credential=config.runner_pat,
+        # The GitHub App when configured (short-lived installation tokens, the App's narrow
+        # permissions), else the runner PAT.
+        github_credential=(config.github_app.private_key if config.github_app is not None
+                           else config.runner_pat),
+        github_app_id=config.github_app.app_id if config.github_app is not None else None,
+        github_app_installation_id=(config.github_app.installation_id
+                                    if config.github_app is not None else None),
         runner_namespace=runner_plane.namespace,
         runner_image=runner_image_ref,
         repository=config.repository_full_name,

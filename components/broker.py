@@ -62,7 +62,8 @@ class RunnerBrokerArgs:
     namespace: str
     #: The broker image, digest-pinned.
     image: pulumi.Input[str]
-    #: The GitHub credential (a PAT with repo scope) the broker mints JIT runner configs with.
+    #: The GitHub credential the broker mints JIT runner configs with: a GitHub App's private
+    #: key (PEM) when `github_app_id` is given, else a PAT with repo scope.
     github_credential: pulumi.Input[str]
     #: The runner namespace, as the runner plane's output, so the Role follows its namespace.
     runner_namespace: pulumi.Input[str]
@@ -98,6 +99,25 @@ class RunnerBrokerArgs:
     runner_image_pull_secret: bool = False
     #: dockerconfigjson for a private broker image, or None for a public one.
     image_pull_config: pulumi.Input[str] | None = None
+    #: The GitHub App the broker authenticates as (client ID or App ID) and its installation;
+    #: both or neither. Without them `github_credential` is a PAT.
+    github_app_id: str | None = None
+    github_app_installation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.github_app_id is None) != (self.github_app_installation_id is None):
+            raise ValueError("RunnerBrokerArgs: give github_app_id and "
+                             "github_app_installation_id together, or neither")
+
+    @property
+    def credential_key(self) -> str:
+        """The key of the broker's credential Secret: the App's private key, or the PAT."""
+        return contract.APP_KEY_SECRET_KEY if self.github_app_id else contract.PAT_SECRET_KEY
+
+    @property
+    def credential_file(self) -> str:
+        """Where the broker reads its credential, in its mount of that Secret."""
+        return f"{contract.BROKER_PAT_MOUNT_DIR}/{self.credential_key}"
 
 
 def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
@@ -110,8 +130,7 @@ def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
         {"name": contract.ENV_REPOSITORY, "value": args.repository},
         {"name": contract.ENV_REPOSITORY_ID, "value": args.repository_id},
         {"name": contract.ENV_REPOSITORY_OWNER_ID, "value": args.repository_owner_id},
-        {"name": contract.ENV_PAT_FILE,
-         "value": f"{contract.BROKER_PAT_MOUNT_DIR}/{contract.PAT_SECRET_KEY}"},
+        *_credential_environment(args),
         {"name": contract.ENV_OIDC_ISSUER, "value": args.oidc_issuer},
         {"name": contract.ENV_BROKER_AUDIENCE, "value": args.audience},
         {"name": contract.ENV_ALLOWED_EVENTS, "value": ",".join(args.allowed_events)},
@@ -133,6 +152,21 @@ def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
         env.append({"name": contract.ENV_IMAGE_PULL_SECRET,
                     "value": contract.IMAGE_PULL_SECRET_NAME})
     return env
+
+
+def _credential_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
+    """Where the broker finds its credential: the App's ids and key file, or the PAT file.
+
+    The ids are not secret; the key and the PAT stay in the mounted file.
+    """
+    if args.github_app_id is None or args.github_app_installation_id is None:
+        return [{"name": contract.ENV_PAT_FILE, "value": args.credential_file}]
+    return [
+        {"name": contract.ENV_GITHUB_APP_ID, "value": args.github_app_id},
+        {"name": contract.ENV_GITHUB_APP_INSTALLATION_ID,
+         "value": args.github_app_installation_id},
+        {"name": contract.ENV_GITHUB_APP_PRIVATE_KEY_FILE, "value": args.credential_file},
+    ]
 
 
 def broker_pod_spec(args: RunnerBrokerArgs, account: pulumi.Input[str],
@@ -216,7 +250,8 @@ class RunnerBroker(pulumi.ComponentResource):
     """The runner broker: a Deployment and its Service in a namespace of its own.
 
     Creates: the namespace (Pod Security `restricted` enforced); the Secret holding the GitHub
-    credential, mounted read-only as a file into the broker and nowhere else (and a GHCR pull
+    credential (the GitHub App's private key, or the PAT), mounted read-only as a file into the
+    broker and nowhere else (and a GHCR pull
     Secret for a private image); the broker's ServiceAccount, whose token the broker uses; a
     Role with exactly the spawner rules in the runner namespace, bound to that account (no Role
     in the broker's namespace: nothing but the broker's mount reaches its Secrets); the
@@ -258,12 +293,14 @@ class RunnerBroker(pulumi.ComponentResource):
         def meta(object_name: str) -> k8s.meta.v1.ObjectMetaArgsDict:
             return {"name": object_name, "namespace": ns, "labels": pod_labels}
 
-        # A changed credential replaces the Secret; its name is fixed, so delete first.
+        # A rotated key or PAT updates this Secret in place and nothing else: the kubelet
+        # refreshes the mounted file and the broker re-reads it, so runs in progress go on.
+        # (Should it ever be replaced, its name is fixed, so delete first.)
         credential = k8s.core.v1.Secret(
             f"{name}-credential",
             metadata=meta(contract.BROKER_PAT_SECRET_NAME),
             type="Opaque",
-            string_data={contract.PAT_SECRET_KEY: args.github_credential},
+            string_data={args.credential_key: args.github_credential},
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
         )
         needed: list[pulumi.Resource] = [credential]

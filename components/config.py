@@ -17,6 +17,9 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import pulumi
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pulumi.runtime.config import is_config_secret
 
 from components.ci_identity import FORBIDDEN_ROLES
@@ -115,6 +118,11 @@ _EVENT_NAME = re.compile(r"^[a-z][a-z_]*$")
 #: and the cloud logins' defaults (AWS STS, Azure AD), which a repository may also use.
 _FOREIGN_AUDIENCES = ("https://github.com", "http://github.com", "iam.googleapis.com",
                       "sts.googleapis.com", "sts.amazonaws.com", "api://azureadtokenexchange")
+#: A GitHub App's client ID (Iv1.<hex> for older Apps, Iv23li... for newer) or numeric App ID.
+_GITHUB_APP_ID = re.compile(r"^([1-9][0-9]{0,18}|Iv[0-9A-Za-z.]{4,40})$")
+_INSTALLATION_ID = re.compile(r"^[1-9][0-9]{0,18}$")
+#: The keys of the GitHub App the broker authenticates as: all of them, or none.
+GITHUB_APP_KEYS = ("githubAppId", "githubAppInstallationId", "githubAppPrivateKey")
 #: Namespaces Kubernetes itself uses: the broker's Secret must not sit among their objects.
 _SYSTEM_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
 
@@ -153,6 +161,17 @@ class GpuPool:
     def max_gpus(self) -> int:
         """The most GPUs this pool can hold at once."""
         return self.max_nodes * self.accelerator_count
+
+
+@dataclass(frozen=True)
+class GitHubAppConfig:
+    """The GitHub App the broker authenticates as, from the githubApp* keys."""
+
+    #: Client ID or numeric App ID: the App JWT's `iss`.
+    app_id: str
+    installation_id: str
+    #: PEM of one of the App's private keys, a Pulumi secret.
+    private_key: pulumi.Output[str]
 
 
 @dataclass(frozen=True)
@@ -197,6 +216,8 @@ class StackConfig:
     github_repository: str
     github_token: pulumi.Output[str]
     runner_pat: pulumi.Output[str]
+    #: The broker's GitHub App, or None: the broker then uses runner_pat.
+    github_app: GitHubAppConfig | None
     # images
     runner_image: str
     broker_image: str
@@ -498,6 +519,53 @@ def _check_actions_secrets(reader: _Reader) -> Mapping[str, pulumi.Output[str]]:
     return secrets
 
 
+def _check_github_app(reader: _Reader) -> GitHubAppConfig | None:
+    # All three keys or none: a half-set App would leave the broker without a credential.
+    app_id = reader.string("githubAppId", _GITHUB_APP_ID,
+                           "the App's client ID (Iv23li...) or numeric App ID, both shown on "
+                           "the App's settings page", required=False)
+    installation_id = reader.string("githubAppInstallationId", _INSTALLATION_ID,
+                                    "the installation's number, the end of its settings URL "
+                                    "(.../settings/installations/NUMBER)", required=False)
+    key_name = "githubAppPrivateKey"
+    private_key = reader.raw(key_name) or ""
+    given = {"githubAppId": app_id, "githubAppInstallationId": installation_id,
+             key_name: private_key}
+    if not any(given.values()):
+        return None
+    for key in GITHUB_APP_KEYS:
+        if not given[key] and key not in reader.placeholders:
+            others = ", ".join(k for k in GITHUB_APP_KEYS if k != key)
+            how = (f"`pulumi config set --secret {key} < key.pem`" if key == key_name
+                   else f"`pulumi config set {key} <value>`")
+            reader.problems.append(
+                f"{key} is not set: a GitHub App needs it together with {others}; set it with "
+                f"{how}, or unset the others to use runnerPat")
+    if private_key:
+        if not is_config_secret(reader.config.full_key(key_name)):
+            reader.problems.append(
+                f"{key_name} is stored in plaintext: set it again with "
+                f"`pulumi config set --secret {key_name} < key.pem` (and rotate the key: it "
+                "is in the stack file's history)")
+        problem = _rsa_private_key_problem(private_key)
+        if problem is not None:
+            reader.problems.append(f"{key_name} = '<secret>': {problem}")
+    return GitHubAppConfig(app_id, installation_id, pulumi.Output.secret(private_key))
+
+
+def _rsa_private_key_problem(pem: str) -> str | None:
+    """Why `pem` is not an RSA private key in PEM form, or None; never quotes the key."""
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return ("not an unencrypted PEM private key (-----BEGIN RSA PRIVATE KEY-----...): set "
+                "the .pem file GitHub generated, from a file so its line breaks are kept: "
+                "`pulumi config set --secret githubAppPrivateKey < key.pem`")
+    if not isinstance(key, RSAPrivateKey):
+        return "not an RSA key: GitHub Apps sign with RS256; use the key GitHub generated"
+    return None
+
+
 WEEKDAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
 _WINDOW = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])$")
 
@@ -673,8 +741,11 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     github_token = reader.secret("githubToken", "a classic PAT with repo, read:org and "
                                  "write:packages scopes, used by Pulumi to manage the repository "
                                  "and push the runner image")
-    runner_pat = reader.secret("runnerPat", "the PAT the base runner registers with and the "
-                               "broker mints per-run JIT runner configs with (repo scope)")
+    # Required with a GitHub App too: the base runner still registers itself with the PAT.
+    runner_pat = reader.secret("runnerPat", "the PAT the base runner registers with and, "
+                               "without a GitHub App, the broker mints per-run JIT runner "
+                               "configs with (repo scope)")
+    github_app = _check_github_app(reader)
 
     runner_image = _check_prebuilt_image(reader, "runnerImage")
     broker_image = _check_prebuilt_image(reader, "brokerImage")
@@ -725,6 +796,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         github_repository=repository,
         github_token=github_token,
         runner_pat=runner_pat,
+        github_app=github_app,
         runner_image=runner_image,
         broker_image=broker_image,
         build_image_on_preview=reader.boolean("buildImageOnPreview"),

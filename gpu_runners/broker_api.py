@@ -20,7 +20,8 @@ anything in the path or the body: there is no run id to name.
 
 Errors before a stream starts are JSON `{"error": <code>, "message": <one line>}` with the
 HTTP status of `ERROR_STATUS`; after, the stream's last line is a `failed` event with the same
-code. The client exits with `EXIT_CODES[code]`.
+code. The client exits with `EXIT_CODES[code]`. A body larger than `MAX_BODY_BYTES` is
+answered 413 (code `usage`) before the token is read.
 """
 
 from __future__ import annotations

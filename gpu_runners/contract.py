@@ -144,6 +144,14 @@ ENV_REGISTRY_MIRRORS = "GPU_RUNNERS_REGISTRY_MIRRORS"
 ENV_GPU_CAP_PER_REPOSITORY = "GPU_RUNNERS_GPU_CAP_PER_REPOSITORY"
 ENV_REAPER_INTERVAL_SECONDS = "GPU_RUNNERS_REAPER_INTERVAL_SECONDS"
 ENV_BROKER_PORT = "GPU_RUNNERS_BROKER_PORT"
+#: The broker's GitHub App, when the stack configures one instead of the PAT: the App's client
+#: ID or numeric App ID (the JWT's `iss`), the installation on the repository or organisation,
+#: and the mounted file holding the App's private key (PEM), key APP_KEY_SECRET_KEY of
+#: BROKER_PAT_SECRET_NAME.
+ENV_GITHUB_APP_ID = "GITHUB_APP_ID"
+ENV_GITHUB_APP_INSTALLATION_ID = "GITHUB_APP_INSTALLATION_ID"
+ENV_GITHUB_APP_PRIVATE_KEY_FILE = "GITHUB_APP_PRIVATE_KEY_FILE"
+APP_KEY_SECRET_KEY = "github-app.pem"
 
 # Environment of the base runner's client (`python3 -m gpu_runners spawn|delete|list`).
 #: The broker's in-cluster URL, e.g. http://gpu-runners-broker.gpu-runners-broker.svc:8080.

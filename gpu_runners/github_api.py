@@ -6,6 +6,11 @@ a socket timeout; 5xx answers, 429s and network errors are retried with exponent
 and rate limits are waited out (`Retry-After`, or `X-RateLimit-Reset` when the remaining
 quota is 0) as long as the wait is bounded. Authentication and permission failures become
 errors that say which token, which scope or permission, and which repository.
+
+The client asks a `TokenSource` for its token on every request: a fixed token (the CLI), the
+PAT in a mounted file, re-read when the kubelet rotates it, or a GitHub App's installation
+tokens (gpu_runners.github_app). A 401 drops the source's token and retries once with a fresh
+one, so a rotated credential takes over without a restart and without failing a request.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -23,7 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gpu_runners import contract
 from gpu_runners.errors import (
@@ -50,13 +56,103 @@ _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="next"')
 
 @dataclass(frozen=True)
 class Token:
-    """A GitHub token and where it came from (named in errors, never the value)."""
+    """A GitHub token and where it came from (named in errors, never the value).
+
+    Attributes:
+        value: The token itself.
+        source: Where it came from, in words, e.g. "file /run/pat (GITHUB_PAT_FILE)".
+        installation: Whether it is a GitHub App installation token (permission hints
+            then name the App's permissions instead of a PAT's scopes).
+    """
 
     value: str
     source: str
+    installation: bool = False
 
     def __repr__(self) -> str:
         return f"Token(source={self.source!r})"
+
+
+class TokenSource(Protocol):
+    """Where a GitHubClient gets its token, asked again for every request."""
+
+    def current(self) -> Token:
+        """The token to send now.
+
+        Raises:
+            GpuRunnersError: No token can be had (a missing file, a refused App key).
+        """
+        ...
+
+    def invalidate(self, rejected: Token) -> None:
+        """Forgets `rejected`, which GitHub refused (401), if it is still the current one."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedToken:
+    """A token that never changes: the CLI's, the tests'."""
+
+    token: Token
+
+    def current(self) -> Token:
+        """The one token."""
+        return self.token
+
+    def invalidate(self, rejected: Token) -> None:
+        """Nothing to forget: there is no other token to try."""
+
+
+class PatFile:
+    """The PAT in a file, read again whenever the file changes.
+
+    A Secret volume (not a subPath mount) is updated by the kubelet within about a minute of
+    the Secret's change, by swapping a symlink to a fresh directory: the file's inode and
+    mtime change, so a `stat` per request is enough to notice a rotated PAT.
+
+    Args:
+        path: The file holding the PAT.
+        source: How errors name it; by default "file <path>".
+
+    Raises:
+        UsageError: The file cannot be read or is empty (checked once, at construction).
+    """
+
+    def __init__(self, path: Path, *, source: str | None = None) -> None:
+        self._path = path
+        self._source = source or f"file {path}"
+        self._lock = threading.Lock()
+        self._token: Token | None = None
+        self._seen: tuple[int, int, int] | None = None
+        self.current()
+
+    def current(self) -> Token:
+        """The PAT the file holds now (the last one read while the file is unchanged)."""
+        with self._lock:
+            try:
+                stat = self._path.stat()
+                seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                if self._token is not None and seen == self._seen:
+                    return self._token
+                value = self._path.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                return self._last_good(f"cannot be read: {e.strerror}")
+            if not value:
+                return self._last_good("is empty")
+            self._token, self._seen = Token(value, self._source), seen
+            return self._token
+
+    def invalidate(self, rejected: Token) -> None:
+        """Reads the file again on the next request, changed or not."""
+        with self._lock:
+            self._seen = None
+
+    def _last_good(self, problem: str) -> Token:
+        # The kubelet swaps the files atomically, so a failing read is a moment's trouble: a
+        # run in progress keeps the PAT it had rather than failing.
+        if self._token is not None:
+            return self._token
+        raise UsageError(f"the PAT {self._source} {problem}")
 
 
 def load_token(environ: Mapping[str, str]) -> Token:
@@ -134,9 +230,25 @@ class RunnerScope:
             return f"organisation {self.organization!r}"
         return f"repository {self.repository!r}"
 
-    def permission_hint(self, *, write: bool) -> str:
-        """What a token needs for this scope's runner endpoints, for 403 errors."""
+    def permission_hint(self, *, write: bool, installation: bool = False) -> str:
+        """What a token needs for this scope's runner endpoints, for 403 errors.
+
+        Args:
+            write: Whether the refused call changes runners.
+            installation: Whether the token is a GitHub App installation token.
+        """
         access = "read and write" if write else "read"
+        if installation:
+            permission = (
+                "the organisation permission Self-hosted runners"
+                if self.organization is not None
+                else "the repository permission Administration"
+            )
+            return (
+                f"the GitHub App needs {permission}: {access}, and its installation must "
+                "cover the repository (accept the App's new permissions in the installation "
+                "settings after changing them)"
+            )
         if self.organization is not None:
             return (
                 "a classic PAT needs the admin:org scope (and repo for private repositories); "
@@ -235,29 +347,34 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class _Response:
+class Response:
+    """One answer of GitHub: status, headers (keys lower-cased) and the JSON body."""
+
     status: int
     headers: Mapping[str, str]
     body: Any
 
 
-class GitHubClient:
-    """GitHub REST calls for runner management, retried and with clear errors.
+class GitHubTransport:
+    """Requests to GitHub's REST API with timeouts, retries and rate-limit waits.
+
+    5xx answers, 429s and network errors are retried with exponential backoff; rate limits
+    are waited out while the wait is bounded. Any other answer is returned as it is, errors
+    included, for the caller to explain in its own words.
 
     Args:
-        token: The PAT (see `load_token`).
-        scope: The repository or organisation runners register to.
         api_url: `GITHUB_API_URL` (https://api.github.com or a GHES `/api/v3` URL).
         policy: Timeouts and retries.
         sleep: Waits between retries; replaceable so tests can observe the waits.
+
+    Raises:
+        UsageError: `api_url` is not an http(s) URL.
     """
 
     def __init__(
         self,
-        token: Token,
-        scope: RunnerScope,
-        *,
         api_url: str = DEFAULT_API_URL,
+        *,
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -266,16 +383,157 @@ class GitHubClient:
                 f"{contract.ENV_API_URL}={api_url!r} is not an http(s) URL, e.g. "
                 f"{DEFAULT_API_URL}"
             )
-        self._token = token
+        self.api_url = api_url.rstrip("/")
+        self.policy = policy or RetryPolicy()
+        self.sleep = sleep
+
+    def with_policy(self, policy: RetryPolicy) -> GitHubTransport:
+        """A transport like this one with other timeouts and retries."""
+        return GitHubTransport(self.api_url, policy=policy, sleep=self.sleep)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        credential: str,
+        query: Mapping[str, str] | None = None,
+        body: Mapping[str, Any] | None = None,
+    ) -> Response:
+        """Sends one API request, retrying what is worth retrying.
+
+        Args:
+            method: HTTP method.
+            path: Path below the API URL, e.g. /repos/acme/models/actions/runners.
+            credential: The bearer token (a PAT, an installation token or an App JWT).
+            query: Query parameters.
+            body: JSON body.
+
+        Returns:
+            The final answer: a success, or an error GitHub does not ask to retry.
+
+        Raises:
+            GitHubError: GitHub stayed unreachable or kept failing (5xx) through every
+                attempt.
+            GitHubRateLimitError: The rate limit stays exhausted longer than the policy waits.
+        """
+        url = self.api_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {
+            "Accept": "application/vnd.github+json",
+            "Authorization": f"Bearer {credential}",
+            "X-GitHub-Api-Version": API_VERSION,
+            "User-Agent": USER_AGENT,
+        }
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        what = f"{method} {path}"
+        for attempt in range(1, self.policy.attempts + 1):
+            last = attempt == self.policy.attempts
+            try:
+                # S310: the URL is built from api_url, whose scheme __init__ checked.
+                request = urllib.request.Request(url, data, headers, method=method)
+                response = self._send(request)
+            except (OSError, http.client.HTTPException) as e:
+                # URLError, timeouts, refused and reset connections, truncated responses.
+                if last:
+                    raise GitHubError(
+                        f"GitHub unreachable for {what} after {attempt} attempts: {_reason(e)}"
+                    ) from e
+                self.sleep(self._backoff(attempt))
+                continue
+            if response.status < 400:
+                return response
+            wait = self._retry_wait(response, attempt)
+            if wait is None:
+                return response
+            if last:
+                error = GitHubRateLimitError if response.status in (403, 429) else GitHubError
+                raise error(
+                    f"GitHub answered {response.status} for {what} {attempt} times: "
+                    f"{_message(response.body)}",
+                    status=response.status,
+                )
+            self.sleep(wait)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _send(self, request: urllib.request.Request) -> Response:
+        try:
+            with urllib.request.urlopen(request, timeout=self.policy.timeout) as answer:
+                return Response(answer.status, _lower(answer.headers), _json(answer.read()))
+        except urllib.error.HTTPError as e:
+            with e:
+                return Response(e.code, _lower(e.headers), _json(e.read()))
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.policy.backoff_max, self.policy.backoff_base * 2 ** (attempt - 1))
+        # Full jitter: concurrent spawns hitting the same outage do not retry in lockstep.
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _retry_wait(self, response: Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying this response, or None if the answer is final."""
+        status, headers = response.status, response.headers
+        limited = status in (403, 429)
+        primary = limited and headers.get("x-ratelimit-remaining") == "0"
+        # GitHub's secondary (abuse) limits answer 403 or 429 with Retry-After, or say so.
+        secondary = limited and (
+            "retry-after" in headers or "secondary rate limit" in _message(response.body).lower()
+        )
+        if status == 429 or primary or secondary:
+            wait = _retry_after(headers)
+            if wait is None and primary:
+                wait = _until_reset(headers)
+            if wait is None:
+                wait = self._backoff(attempt)
+            if wait > self.policy.max_wait:
+                raise GitHubRateLimitError(
+                    f"GitHub rate limit exhausted; it resets in {wait:.0f}s, longer than the "
+                    f"{self.policy.max_wait:.0f}s this command waits",
+                    status=status,
+                )
+            return wait
+        if status >= 500:
+            retry_after = _retry_after(headers)  # a 503 may say when to come back
+            return retry_after if retry_after is not None else self._backoff(attempt)
+        return None
+
+
+class GitHubClient:
+    """GitHub REST calls for runner management, retried and with clear errors.
+
+    Args:
+        tokens: The token, or where to get it for each request (`FixedToken`, `PatFile`,
+            gpu_runners.github_app's installation tokens).
+        scope: The repository or organisation runners register to.
+        api_url: `GITHUB_API_URL` (https://api.github.com or a GHES `/api/v3` URL).
+        policy: Timeouts and retries.
+        sleep: Waits between retries; replaceable so tests can observe the waits.
+    """
+
+    def __init__(
+        self,
+        tokens: Token | TokenSource,
+        scope: RunnerScope,
+        *,
+        api_url: str = DEFAULT_API_URL,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._tokens: TokenSource = FixedToken(tokens) if isinstance(tokens, Token) else tokens
         self.scope = scope
-        self._api_url = api_url.rstrip("/")
-        self._policy = policy or RetryPolicy()
-        self._sleep = sleep
+        self._transport = GitHubTransport(api_url, policy=policy, sleep=sleep)
 
     def with_policy(self, policy: RetryPolicy) -> GitHubClient:
-        """A client like this one with other timeouts, e.g. short ones for cleanup on a signal."""
+        """A client like this one with other timeouts, e.g. short ones for cleanup on a signal.
+
+        It shares this client's token source (and so an App's cached installation token).
+        """
+        transport = self._transport
         return GitHubClient(
-            self._token, self.scope, api_url=self._api_url, policy=policy, sleep=self._sleep
+            self._tokens, self.scope, api_url=transport.api_url, policy=policy,
+            sleep=transport.sleep,
         )
 
     # --- runner endpoints --------------------------------------------------------------------
@@ -424,7 +682,7 @@ class GitHubClient:
                 yield runner
             path, query = self._next_page(response, path)
 
-    def _next_page(self, response: _Response, path: str) -> tuple[str | None, dict[str, str]]:
+    def _next_page(self, response: Response, path: str) -> tuple[str | None, dict[str, str]]:
         """Path and query of the next page: the Link header's rel="next", as GitHub documents.
 
         Only the query of the link is used (page, per_page, filters), on the same path: the
@@ -434,8 +692,9 @@ class GitHubClient:
         if match is None:
             return None, {}
         link = match.group(1)
-        if not link.startswith(self._api_url):
-            raise GitHubError(f"GitHub's next-page link {link!r} leaves {self._api_url}")
+        api_url = self._transport.api_url
+        if not link.startswith(api_url):
+            raise GitHubError(f"GitHub's next-page link {link!r} leaves {api_url}")
         return path, dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(link).query))
 
     def _request(
@@ -446,95 +705,33 @@ class GitHubClient:
         query: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
         write: bool = False,
-    ) -> _Response:
-        url = self._api_url + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {
-            "Accept": "application/vnd.github+json",
-            "Authorization": f"Bearer {self._token.value}",
-            "X-GitHub-Api-Version": API_VERSION,
-            "User-Agent": USER_AGENT,
-        }
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        what = f"{method} {path}"
-        for attempt in range(1, self._policy.attempts + 1):
-            last = attempt == self._policy.attempts
-            try:
-                # S310: the URL is built from api_url, whose scheme __init__ checked.
-                request = urllib.request.Request(url, data, headers, method=method)
-                response = self._send(request)
-            except (OSError, http.client.HTTPException) as e:
-                # URLError, timeouts, refused and reset connections, truncated responses.
-                if last:
-                    raise GitHubError(
-                        f"GitHub unreachable for {what} after {attempt} attempts: {_reason(e)}"
-                    ) from e
-                self._sleep(self._backoff(attempt))
-                continue
-            if response.status < 400:
-                return response
-            wait = self._retry_wait(response, attempt)
-            if wait is None:
-                raise self._error(response, what, write=write)
-            if last:
-                error = GitHubRateLimitError if response.status in (403, 429) else GitHubError
-                raise error(
-                    f"GitHub answered {response.status} for {what} {attempt} times: "
-                    f"{_message(response.body)}",
-                    status=response.status,
-                )
-            self._sleep(wait)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def _send(self, request: urllib.request.Request) -> _Response:
-        try:
-            with urllib.request.urlopen(request, timeout=self._policy.timeout) as answer:
-                return _Response(answer.status, _lower(answer.headers), _json(answer.read()))
-        except urllib.error.HTTPError as e:
-            with e:
-                return _Response(e.code, _lower(e.headers), _json(e.read()))
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._policy.backoff_max, self._policy.backoff_base * 2 ** (attempt - 1))
-        # Full jitter: concurrent spawns hitting the same outage do not retry in lockstep.
-        return random.uniform(ceiling / 2, ceiling)
-
-    def _retry_wait(self, response: _Response, attempt: int) -> float | None:
-        """Seconds to wait before retrying this response, or None if the answer is final."""
-        status, headers = response.status, response.headers
-        limited = status in (403, 429)
-        primary = limited and headers.get("x-ratelimit-remaining") == "0"
-        # GitHub's secondary (abuse) limits answer 403 or 429 with Retry-After, or say so.
-        secondary = limited and (
-            "retry-after" in headers or "secondary rate limit" in _message(response.body).lower()
+    ) -> Response:
+        token = self._tokens.current()
+        response = self._transport.request(
+            method, path, credential=token.value, query=query, body=body
         )
-        if status == 429 or primary or secondary:
-            wait = _retry_after(headers)
-            if wait is None and primary:
-                wait = _until_reset(headers)
-            if wait is None:
-                wait = self._backoff(attempt)
-            if wait > self._policy.max_wait:
-                raise GitHubRateLimitError(
-                    f"GitHub rate limit exhausted; it resets in {wait:.0f}s, longer than the "
-                    f"{self._policy.max_wait:.0f}s this command waits",
-                    status=status,
+        if response.status == 401:
+            # A rotated PAT, a revoked or expired installation token: ask the source for a
+            # fresh token and try once more with it; the same token again means it is wrong.
+            self._tokens.invalidate(token)
+            fresh = self._tokens.current()
+            if fresh.value != token.value:
+                token = fresh
+                response = self._transport.request(
+                    method, path, credential=token.value, query=query, body=body
                 )
-            return wait
-        if status >= 500:
-            retry_after = _retry_after(headers)  # a 503 may say when to come back
-            return retry_after if retry_after is not None else self._backoff(attempt)
-        return None
+        if response.status >= 400:
+            raise self._error(response, f"{method} {path}", token, write=write)
+        return response
 
-    def _error(self, response: _Response, what: str, *, write: bool) -> GitHubError:
+    def _error(
+        self, response: Response, what: str, token: Token, *, write: bool
+    ) -> GitHubError:
         status = response.status
         detail = _message(response.body)
         if status == 401:
             return GitHubAuthError(
-                f"GitHub rejected the token from {self._token.source} for {what} "
+                f"GitHub rejected the token from {token.source} for {what} "
                 f"(401 {detail or 'Bad credentials'}): it is wrong, expired or revoked",
                 status=status,
             )
@@ -544,16 +741,16 @@ class GitHubClient:
             if needed is not None and granted is not None:
                 hint = f"this needs the classic scope(s) {needed!r}; the token has {granted!r}"
             else:
-                hint = self.scope.permission_hint(write=write)
+                hint = self.scope.permission_hint(write=write, installation=token.installation)
             return GitHubAuthError(
-                f"GitHub refused {what} for the token from {self._token.source} "
+                f"GitHub refused {what} for the token from {token.source} "
                 f"(403 {detail}): {hint}",
                 status=status,
             )
         if status == 404:
             return GitHubNotFoundError(
                 f"GitHub answered 404 for {what}: {self.scope.describe()} does not exist or the "
-                f"token from {self._token.source} cannot see it (check --repository/--org, "
+                f"token from {token.source} cannot see it (check --repository/--org, "
                 f"{contract.ENV_REPOSITORY} and the token's repository access)",
                 status=status,
             )

@@ -16,6 +16,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -68,10 +69,10 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-def third_party_imports_of_the_program() -> dict[str, str]:
+def third_party_imports_of_the_program(entry: Path = PROGRAM) -> dict[str, str]:
     """Third-party top-level module -> the repository file that imports it first."""
     seen: set[Path] = set()
-    pending = [PROGRAM]
+    pending = [entry]
     third_party: dict[str, str] = {}
     while pending:
         path = pending.pop()
@@ -118,11 +119,17 @@ def installed_closure(names: set[str]) -> set[str]:
     return closure
 
 
-def test_every_module_the_program_imports_is_installed_by_requirements_txt() -> None:
+#: What runs from the program's virtualenv: the program itself, and the operator's `doctor`
+#: (the README runs it with the same `.venv` after `scripts/pulumi.sh up`).
+ENTRY_POINTS = [PROGRAM, REPO_ROOT / "gpu_runners" / "doctor" / "__main__.py"]
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_every_module_the_program_imports_is_installed_by_requirements_txt(entry: Path) -> None:
     provided = installed_closure(requirement_names(REQUIREMENTS))
     distributions = metadata.packages_distributions()
     missing = {}
-    for module, importer in third_party_imports_of_the_program().items():
+    for module, importer in third_party_imports_of_the_program(entry).items():
         owners = {canonicalize_name(d) for d in distributions.get(module, [])}
         if not owners & provided:
             missing[module] = f"imported by {importer}, provided by {sorted(owners) or '?'}"

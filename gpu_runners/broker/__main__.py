@@ -2,9 +2,12 @@
 
 In a cluster it uses its ServiceAccount (in-cluster config); elsewhere the kubeconfig that
 KUBECONFIG names (how the tests run it against the fake API server). The GitHub credential is
-the mounted file GITHUB_PAT_FILE names. Settings are checked, all at once, before anything
-listens. On SIGTERM it stops accepting, ends the open streams and exits without cleaning up:
-the runs' state is in the cluster and on GitHub, and the clients' next requests adopt it.
+the stack's GitHub App (installation tokens minted from the mounted key, GITHUB_APP_*) when one
+is configured, else the PAT in the mounted file GITHUB_PAT_FILE names; both are re-read when the
+kubelet updates the mount, so a rotated credential applies without a restart. Settings are
+checked, all at once, before anything listens. On SIGTERM it stops accepting, ends the open
+streams and exits without cleaning up: the runs' state is in the cluster and on GitHub, and the
+clients' next requests adopt it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from gpu_runners.broker.oidc import OidcVerifier
 from gpu_runners.broker.runs import CALL_THREADS, SPAWN_THREADS, RunOperations
 from gpu_runners.broker.settings import BrokerSettings
 from gpu_runners.errors import GpuRunnersError
-from gpu_runners.github_api import GitHubClient, RunnerScope, load_token
+from gpu_runners.github_api import GitHubClient, RunnerScope
+from gpu_runners.github_app import token_source_from_environ
 from gpu_runners.kube import KubeClient, load_api_client
 
 LOGGER = logging.getLogger("gpu_runners.broker")
@@ -56,12 +60,13 @@ def main() -> int:
     try:
         settings = BrokerSettings.from_environ(os.environ)
         environ = {**os.environ, contract.ENV_PAT_FILE: str(settings.pat_file)}
-        token = load_token(environ)
+        tokens = token_source_from_environ(environ, repository_id=settings.repository_id,
+                                           organization=False)
         api = load_api_client(environ=os.environ)
     except GpuRunnersError as e:
         print(f"gpu_runners.broker: {e}", file=sys.stderr)
         return 2
-    github = GitHubClient(token, RunnerScope(repository=settings.repository),
+    github = GitHubClient(tokens, RunnerScope(repository=settings.repository),
                           api_url=settings.api_url)
     app = broker_app(settings, kube=KubeClient(_pooled(api)), github=github,
                      verifier=OidcVerifier(settings.oidc_policy()))

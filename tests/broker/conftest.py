@@ -10,6 +10,7 @@ import pytest
 
 from components.runner_plane import SPAWNER_RULES
 from tests.broker.broker_harness import ServedBroker, broker_environ, serve_broker
+from tests.fakes.fixtures import enforcing_rbac
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.fakes.oidc_issuer import FakeOidcIssuer
@@ -22,17 +23,8 @@ def make_fake_kube(
 ) -> Iterator[Callable[..., FakeKubernetes]]:
     """Fake clusters that enforce the broker's Role in the runner namespace (the spawner
     rules): a call outside it is refused with 403 and fails the test."""
-    started: list[FakeKubernetes] = []
-
-    def make(**options: Any) -> FakeKubernetes:
-        options.setdefault("rbac_rules", SPAWNER_RULES)
-        fake = make_fake_kube(**options)
-        started.append(fake)
-        return fake
-
-    yield make
-    forbidden = [request for fake in started for request in fake.forbidden]
-    assert forbidden == [], f"calls outside the broker's Role: {forbidden}"
+    with enforcing_rbac(make_fake_kube, SPAWNER_RULES, "the broker's Role") as make:
+        yield make
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ for is the one in the job's token, whatever the job's own environment says.
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 
 from gpu_runners import broker_api, contract
 from tests.broker.broker_harness import MAX_RUNTIME_MINUTES, ServedBroker
-from tests.client.cli_process import REPO_ROOT, run_cli, start_cli
+from tests.client.cli_process import job_step_environ, run_cli, start_cli
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.fakes.oidc_issuer import FakeOidcIssuer
@@ -28,30 +27,10 @@ RUN_ID = "123"
 LABEL = f"gpu-{RUN_ID}-1"
 
 
-def job_environ(broker: ServedBroker, issuer: FakeOidcIssuer, tmp_path: Path,
-                **extra: str) -> dict[str, str]:
-    """A job step on the base runner with `permissions: id-token: write`."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    output = tmp_path / "github_output"
-    summary = tmp_path / "step_summary"
-    output.touch()
-    summary.touch()
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("GITHUB_", "GPU_RUNNERS_", "ACTIONS_", "KUBERNETES_"))}
-    env.update({
-        contract.ENV_BROKER_URL: broker.url,
-        contract.ENV_BROKER_AUDIENCE: issuer.audience,
-        contract.ENV_ID_TOKEN_REQUEST_URL: issuer.request_url,
-        contract.ENV_ID_TOKEN_REQUEST_TOKEN: issuer.request_token,
-        contract.ENV_REPOSITORY: "acme/models",
-        contract.ENV_RUN_ID: RUN_ID,
-        contract.ENV_RUN_ATTEMPT: "1",
-        contract.ENV_GITHUB_OUTPUT: str(output),
-        contract.ENV_STEP_SUMMARY: str(summary),
-        "PYTHONPATH": str(REPO_ROOT),
-    })
-    env.update(extra)
-    return env
+def job_environ(broker: ServedBroker, issuer: FakeOidcIssuer, out_dir: Path) -> dict[str, str]:
+    """A job step on the base runner with `permissions: id-token: write`, for run 123."""
+    return job_step_environ(broker.url, issuer, out_dir,
+                            **{contract.ENV_BROKER_AUDIENCE: issuer.audience})
 
 
 def outputs(env: dict[str, str]) -> dict[str, str]:

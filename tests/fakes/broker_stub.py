@@ -32,7 +32,6 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -47,6 +46,7 @@ from gpu_runners.broker_api import (
     SpawnResult,
     StreamEvent,
 )
+from tests.fakes.loopback_server import LoopbackServer
 from tests.fakes.oidc_issuer import FakeOidcIssuer
 
 # --- what a test scripts ---------------------------------------------------------------------
@@ -180,7 +180,7 @@ class _Queues:
     delete: list[DeleteAnswer] = field(default_factory=list)
 
 
-class BrokerStub:
+class BrokerStub(LoopbackServer):
     """The broker's HTTP surface, scripted per test; tokens checked against `issuer`.
 
     Args:
@@ -188,8 +188,11 @@ class BrokerStub:
         audience: The only audience accepted.
     """
 
+    server_name = "broker-stub"
+
     def __init__(self, issuer: FakeOidcIssuer,
                  audience: str = contract.DEFAULT_BROKER_AUDIENCE) -> None:
+        super().__init__()
         self.issuer = issuer
         self.audience = audience
         self.requests: list[BrokerRequest] = []
@@ -204,51 +207,6 @@ class BrokerStub:
             allowed_events=frozenset(contract.DEFAULT_ALLOWED_EVENTS),
         ))
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """`http://127.0.0.1:<port>`, what the client's --broker names."""
-        if self._server is None:
-            raise RuntimeError("BrokerStub is not started: call start() or use a with block")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> BrokerStub:
-        """Starts serving on an ephemeral 127.0.0.1 port; returns self."""
-        if self._server is not None:
-            raise RuntimeError("BrokerStub is already started")
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        server.daemon_threads = True  # a stream still open must not hold up stop()
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="broker-stub", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving and ends the streams still open."""
-        if self._server is None:
-            return
-        self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> BrokerStub:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        self.stop()
 
     # --- scripting ---------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Pytest fixtures serving the fakes; load them with `pytest_plugins = ["tests.fakes.fixtures"]`."""
 
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +66,22 @@ def fake_registry() -> Iterator[FakeOciRegistry]:
     """A started FakeOciRegistry (token service, manifests, blobs), stopped afterwards."""
     with FakeOciRegistry() as registry:
         yield registry
+
+
+@contextlib.contextmanager
+def enforcing_rbac(
+    make_fake_kube: Callable[..., FakeKubernetes], rules: Sequence[Any], role: str,
+) -> Iterator[Callable[..., FakeKubernetes]]:
+    """Wraps `make_fake_kube` so that its clusters enforce `rules` unless a test gives others;
+    on exit, a call outside them (a 403 the fake recorded) fails the test, naming `role`."""
+    started: list[FakeKubernetes] = []
+
+    def make(**options: Any) -> FakeKubernetes:
+        options.setdefault("rbac_rules", rules)
+        fake = make_fake_kube(**options)
+        started.append(fake)
+        return fake
+
+    yield make
+    forbidden = [request for fake in started for request in fake.forbidden]
+    assert forbidden == [], f"calls outside {role}: {forbidden}"

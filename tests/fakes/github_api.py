@@ -8,6 +8,11 @@ headers. Tests drive its state directly (`add_runner`, `set_runner_status`, `set
 and queue faults with `inject` to reproduce outages, rate limits, slow answers and dropped
 connections on any route.
 
+GitHub Apps (see `register_app`, `install_app`): the fake mints installation tokens for App
+JWTs it verifies (tests/fakes/github_app_auth.py) and accepts them on every route like the PAT,
+within the permissions and repositories they were narrowed to, until they expire on the fake's
+`clock` or are revoked.
+
 Shapes follow GitHub's REST docs ("Self-hosted runners", "Workflow runs", "Self-hosted runner
 groups", "GitHub Actions permissions") and octokit's endpoint list. Where GitHub documents a
 status but not its wording, the message imitates what GitHub is reported to answer.
@@ -27,8 +32,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
+
+from tests.fakes.github_app_auth import (
+    AppAuthority,
+    FakeApp,
+    FakeInstallation,
+    IssuedToken,
+    Refusal,
+    allows,
+    required_permission,
+    token_answer,
+)
+from tests.fakes.loopback_server import LoopbackServer
 
 DOCS = "https://docs.github.com/rest"
 DOCS_RUNNERS = f"{DOCS}/actions/self-hosted-runners"
@@ -66,6 +82,7 @@ FORK_PR_SETTINGS_KEYS = (
     "require_approval_for_fork_pr_workflows",
 )
 MAX_JIT_LABELS = 100  # generate-jitconfig accepts 1 to 100 labels
+
 
 
 @dataclass
@@ -146,7 +163,7 @@ def _int_param(values: list[str] | None, default: int) -> int:
     return number if number > 0 else default
 
 
-class FakeGitHub:
+class FakeGitHub(LoopbackServer):
     """A fake api.github.com for one repository (and optionally one organisation).
 
     Runners live in one pool, served under both the repository and the organisation runner
@@ -164,6 +181,8 @@ class FakeGitHub:
             with 100.
     """
 
+    server_name = "fake-github"
+
     def __init__(
         self,
         *,
@@ -174,6 +193,7 @@ class FakeGitHub:
         private: bool = True,
         page_size_max: int = 100,
     ) -> None:
+        super().__init__()
         if page_size_max < 1:
             raise ValueError(f"page_size_max must be at least 1, got {page_size_max}")
         self.token = token
@@ -214,63 +234,16 @@ class FakeGitHub:
         #: repository, not only the fake's own (the runner's releases live in actions/runner).
         self.releases: dict[str, list[dict[str, Any]]] = {}
         self._next_release_id = 1
+        #: Seconds since the epoch, for installation tokens and App JWTs; tests may move it.
+        self.clock: Callable[[], float] = time.time
+        #: The registered GitHub Apps, their installations and the tokens minted for them.
+        self.app_authority = AppAuthority()
         self._faults: list[_Fault] = []
         self._callbacks: list[Callable[[RecordedRequest], None]] = []
         self._next_runner_id = 1
         self._next_label_id = 1
         # One lock for all state: handler threads and the test thread both mutate it.
         self._changed = threading.Condition(threading.RLock())
-        self._stopping = threading.Event()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # --- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """The API base URL, `http://127.0.0.1:<port>` (what GITHUB_API_URL is set to)."""
-        if self._server is None:
-            raise RuntimeError("FakeGitHub is not started: call start() or use it in a with block")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> FakeGitHub:
-        """Starts serving on an ephemeral 127.0.0.1 port; returns self."""
-        if self._server is not None:
-            raise RuntimeError("FakeGitHub is already started")
-        self._stopping.clear()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-github",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving; requests sleeping in an injected delay are released at once."""
-        if self._server is None:
-            return
-        self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> FakeGitHub:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- test controls ---------------------------------------------------------------------
 
@@ -391,6 +364,53 @@ class FakeGitHub:
             listed.sort(key=lambda item: item["created_at"], reverse=True)
             self._changed.notify_all()
             return release
+
+    def register_app(self, app_id: int, client_id: str, public_key_pem: bytes) -> None:
+        """Registers a GitHub App with one public key (more with `add_app_key`)."""
+        with self._changed:
+            if app_id in self.app_authority.apps:
+                raise ValueError(f"register_app: App {app_id} exists already")
+            self.app_authority.apps[app_id] = FakeApp(app_id, client_id, [public_key_pem])
+
+    def add_app_key(self, app_id: int, public_key_pem: bytes) -> None:
+        """Adds a key to an App, as "Generate a private key" in its settings does."""
+        with self._changed:
+            self._app(app_id).public_keys.append(public_key_pem)
+
+    def remove_app_key(self, app_id: int, public_key_pem: bytes) -> None:
+        """Deletes (revokes) one of an App's keys: JWTs it signs are refused from now on."""
+        with self._changed:
+            self._app(app_id).public_keys.remove(public_key_pem)
+
+    def install_app(self, app_id: int, installation_id: int, permissions: dict[str, str], *,
+                    repository_ids: set[int] | None = None) -> None:
+        """Installs an App with these permissions on some repositories (None: all)."""
+        with self._changed:
+            self._app(app_id)
+            self.app_authority.installations[installation_id] = FakeInstallation(
+                installation_id, app_id, dict(permissions),
+                None if repository_ids is None else frozenset(repository_ids))
+
+    def set_installation_token_lifetime(self, seconds: float) -> None:
+        """How long tokens minted from now on live (GitHub: one hour)."""
+        with self._changed:
+            self.app_authority.token_lifetime = seconds
+
+    def revoke_installation_token(self, value: str) -> None:
+        """Revokes an installation token (`DELETE /installation/token`, or GitHub's own doing)."""
+        with self._changed:
+            self.app_authority.tokens[value].revoked = True
+
+    def installation_tokens(self) -> list[IssuedToken]:
+        """Every installation token minted, oldest first."""
+        with self._changed:
+            return list(self.app_authority.tokens.values())
+
+    def _app(self, app_id: int) -> FakeApp:
+        app = self.app_authority.apps.get(app_id)
+        if app is None:
+            raise KeyError(f"no App {app_id}; Apps: {sorted(self.app_authority.apps)}")
+        return app
 
     def runner_named(self, name: str) -> dict[str, Any] | None:
         """Returns the runner registered under `name`, or None."""
@@ -557,8 +577,14 @@ class FakeGitHub:
                 raise _DropConnectionError
             if fault.status is not None:
                 return _Answer(fault.status, fault.body, dict(fault.headers))
-        if not self._authorised(request.headers.get("authorization", "")):
-            return _error(401, "Bad credentials")
+        if request.method == "POST" and (mint := self._ACCESS_TOKENS.match(request.path)):
+            # Authenticated by an App JWT, not by a token: the route checks it itself.
+            if body_error:
+                return _error(400, "Problems parsing JSON")
+            return self._mint_installation_token(request, int(mint.group(1)))
+        refusal = self._refused(request)
+        if refusal is not None:
+            return refusal
         if body_error:
             return _error(400, "Problems parsing JSON")
         with self._changed:
@@ -578,11 +604,44 @@ class FakeGitHub:
                     return fault
         return None
 
-    def _authorised(self, authorization: str) -> bool:
-        scheme, _, credential = authorization.partition(" ")
-        return scheme.lower() in ("bearer", "token") and secrets.compare_digest(
-            credential.strip().encode(), self.token.encode()
+    _ACCESS_TOKENS = re.compile(r"^/app/installations/(\d+)/access_tokens$")
+    _OWN_REPOSITORY = re.compile(r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)(?:/|$)")
+
+    def _refused(self, request: RecordedRequest) -> _Answer | None:
+        """401 for an unknown, expired or revoked credential; 403 for an installation token
+        outside its permissions or repositories (GitHub's words for both)."""
+        scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+        credential = credential.strip()
+        if scheme.lower() not in ("bearer", "token"):
+            return _error(401, "Bad credentials")
+        if secrets.compare_digest(credential.encode(), self.token.encode()):
+            return None
+        with self._changed:
+            token = self.app_authority.live_token(credential, self.clock())
+        if token is None:
+            return _error(401, "Bad credentials")
+        own = self._OWN_REPOSITORY.match(request.path)
+        repository_id = (
+            self.repository_id
+            if own is not None and (own["owner"].lower(), own["repo"].lower())
+            == (self.owner.lower(), self.repo.lower())
+            else None
         )
+        if not allows(token, required_permission(request.method, request.path), repository_id):
+            return _error(403, "Resource not accessible by integration")
+        return None
+
+    def _mint_installation_token(self, request: RecordedRequest, installation_id: int
+                                 ) -> _Answer:
+        docs = f"{DOCS}/apps/apps#create-an-installation-access-token-for-an-app"
+        with self._changed:
+            minted = self.app_authority.mint(
+                request.headers.get("authorization", ""), installation_id, request.body,
+                self.clock(), frozenset({self.repository_id}))
+            self._changed.notify_all()
+        if isinstance(minted, Refusal):
+            return _error(minted.status, minted.message, docs)
+        return _Answer(201, token_answer(minted))
 
     def _write(self, handler: http.server.BaseHTTPRequestHandler, answer: _Answer) -> None:
         payload = b"" if answer.body is None else json.dumps(answer.body).encode()

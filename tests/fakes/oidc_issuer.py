@@ -32,7 +32,6 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import jwt
@@ -42,6 +41,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from gpu_runners.contract import DEFAULT_BROKER_AUDIENCE
 from tests.fakes.github_api import RecordedRequest
+from tests.fakes.loopback_server import LoopbackServer
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/.well-known/jwks"
@@ -95,7 +95,7 @@ def _unsigned_parts(header: dict[str, Any], claims: dict[str, Any]) -> str:
     )
 
 
-class FakeOidcIssuer:
+class FakeOidcIssuer(LoopbackServer):
     """A fake GitHub Actions OIDC issuer for one repository's jobs.
 
     Args:
@@ -106,6 +106,8 @@ class FakeOidcIssuer:
         audience: Audience of tokens `mint` makes when the caller names none.
     """
 
+    server_name = "fake-oidc-issuer"
+
     def __init__(
         self,
         *,
@@ -115,6 +117,7 @@ class FakeOidcIssuer:
         repository_owner_id: str = "65",
         audience: str = DEFAULT_BROKER_AUDIENCE,
     ) -> None:
+        super().__init__()
         self.owner = owner
         self.repo = repo
         self.audience = audience
@@ -164,18 +167,8 @@ class FakeOidcIssuer:
         self._discovery_fetches = 0
         self._jwks_fetches = 0
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    # --- lifecycle -------------------------------------------------------------------------
-
-    @property
-    def url(self) -> str:
-        """The issuer URL, `http://127.0.0.1:<port>` (what the broker's policy names)."""
-        if self._server is None:
-            raise RuntimeError("FakeOidcIssuer is not started: call start() or use a with block")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    # --- addresses -------------------------------------------------------------------------
 
     @property
     def issuer(self) -> str:
@@ -186,42 +179,6 @@ class FakeOidcIssuer:
     def request_url(self) -> str:
         """The job's token URL (ACTIONS_ID_TOKEN_REQUEST_URL); it already has a query string."""
         return f"{self.url}{TOKEN_PATH}?api-version={TOKEN_API_VERSION}"
-
-    def start(self) -> FakeOidcIssuer:
-        """Starts serving on an ephemeral 127.0.0.1 port; returns self."""
-        if self._server is not None:
-            raise RuntimeError("FakeOidcIssuer is already started")
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-oidc-issuer",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> FakeOidcIssuer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- keys and tokens -------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
+import jwt
 import pytest
 
 from tests.fakes.github_api import FakeGitHub, RecordedRequest
+from tests.fakes.github_app_auth import AppKeyPair, new_app_key
 
 pytest_plugins = ["tests.fakes.fixtures"]
 
@@ -604,3 +606,134 @@ def test_releases_list_newest_first_and_latest_skips_prereleases(
     assert latest.body["tag_name"] == "v2.330.0"
     assert latest.body["published_at"] == "2026-10-22T00:00:00Z"
     assert other.status == 404
+
+
+# --- GitHub Apps: App JWTs, installation tokens ---------------------------------------------
+
+APP_ID = 123456
+CLIENT_ID = "Iv23liFakeClient0001"
+INSTALLATION_ID = 7890
+ACCESS_TOKENS = f"/app/installations/{INSTALLATION_ID}/access_tokens"
+RUNNER_RIGHTS = {"administration": "write", "actions": "read"}
+
+
+@pytest.fixture(scope="module")
+def app_key() -> AppKeyPair:
+    return new_app_key()
+
+
+@pytest.fixture
+def app_github(fake_github: FakeGitHub, app_key: AppKeyPair) -> FakeGitHub:
+    """The fake with one App installed on acme/models with the runner permissions."""
+    fake_github.register_app(APP_ID, CLIENT_ID, app_key.public_pem)
+    fake_github.install_app(APP_ID, INSTALLATION_ID, {**RUNNER_RIGHTS, "contents": "read"},
+                            repository_ids={fake_github.repository_id})
+    return fake_github
+
+
+def app_jwt(key: AppKeyPair, *, iss: object = CLIENT_ID, iat: float | None = None,
+            exp: float | None = None) -> str:
+    now = time.time()
+    claims = {"iss": iss, "iat": int(now - 60 if iat is None else iat),
+              "exp": int(now + 540 if exp is None else exp)}
+    return jwt.encode(claims, key.private_pem, algorithm="RS256")
+
+
+def mint(github: FakeGitHub, token: str, body: Any = None, *,
+         installation: int = INSTALLATION_ID) -> Answer:
+    return call(github, "POST", f"/app/installations/{installation}/access_tokens", body,
+                auth=f"Bearer {token}")
+
+
+def test_app_jwt_mints_an_installation_token_that_runner_routes_accept(
+        app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    answer = mint(app_github, app_jwt(app_key), {
+        "repository_ids": [app_github.repository_id], "permissions": RUNNER_RIGHTS})
+    assert answer.status == 201
+    assert answer.body["token"].startswith("ghs_")
+    assert answer.body["permissions"] == RUNNER_RIGHTS
+    assert answer.body["repository_selection"] == "selected"
+    expires = datetime.fromisoformat(answer.body["expires_at"]).timestamp()
+    assert 3590 <= expires - time.time() <= 3600  # an hour, GitHub's lifetime
+    listed = call(app_github, "GET", RUNNERS, auth=f"Bearer {answer.body['token']}")
+    assert listed.status == 200
+
+
+@pytest.mark.parametrize("iss", [CLIENT_ID, str(APP_ID)])
+def test_app_jwt_iss_may_be_the_client_id_or_the_app_id(
+        app_github: FakeGitHub, app_key: AppKeyPair, iss: str) -> None:
+    assert mint(app_github, app_jwt(app_key, iss=iss)).status == 201
+
+
+def test_app_jwt_with_bad_time_claims_or_issuer_is_refused(
+        app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    now = time.time()
+    cases = {
+        "iat in the future": app_jwt(app_key, iat=now + 120, exp=now + 500),
+        "expired": app_jwt(app_key, iat=now - 700, exp=now - 100),
+        "longer than 10 minutes": app_jwt(app_key, iat=now - 60, exp=now + 600),
+        "unknown issuer": app_jwt(app_key, iss="Iv23liSomeoneElse"),
+        "not a JWT": "ghp_fake",
+    }
+    answers = {case: mint(app_github, token) for case, token in cases.items()}
+    assert {case: a.status for case, a in answers.items()} == dict.fromkeys(cases, 401)
+    assert "too far in the future" in answers["longer than 10 minutes"].body["message"]
+    assert app_github.installation_tokens() == []
+
+
+def test_app_jwt_signed_by_another_or_removed_key_is_refused(
+        app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    stranger = new_app_key()
+    assert mint(app_github, app_jwt(stranger)).status == 401
+    app_github.add_app_key(APP_ID, stranger.public_pem)
+    assert mint(app_github, app_jwt(stranger)).status == 201
+    app_github.remove_app_key(APP_ID, app_key.public_pem)
+    refused = mint(app_github, app_jwt(app_key))
+    assert (refused.status, refused.body["message"]) == (
+        401, "A JSON web token could not be decoded")
+
+
+def test_unknown_installation_is_404(app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    assert mint(app_github, app_jwt(app_key), installation=INSTALLATION_ID + 1).status == 404
+
+
+def test_narrowing_beyond_the_installation_grant_is_422(
+        app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    beyond_level = mint(app_github, app_jwt(app_key), {"permissions": {"contents": "write"}})
+    beyond_name = mint(app_github, app_jwt(app_key), {"permissions": {"secrets": "read"}})
+    other_repo = mint(app_github, app_jwt(app_key), {"repository_ids": [42]})
+    assert [a.status for a in (beyond_level, beyond_name, other_repo)] == [422, 422, 422]
+    assert "not granted to this installation" in beyond_level.body["message"]
+    assert "not accessible to the parent installation" in other_repo.body["message"]
+
+
+def test_installation_token_only_reaches_what_it_was_narrowed_to(
+        app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    app_github.set_run_status(5, "in_progress")
+    read_runs = mint(app_github, app_jwt(app_key), {"permissions": {"actions": "read"}})
+    auth = f"Bearer {read_runs.body['token']}"
+    assert call(app_github, "GET", f"{REPO}/actions/runs/5", auth=auth).status == 200
+    refused = call(app_github, "GET", RUNNERS, auth=auth)
+    assert (refused.status, refused.body["message"]) == (
+        403, "Resource not accessible by integration")
+    administration_read = mint(app_github, app_jwt(app_key),
+                               {"permissions": {"administration": "read"}})
+    jit = call(app_github, "POST", f"{RUNNERS}/generate-jitconfig",
+               {"name": "gpu-1-1", "runner_group_id": 1, "labels": ["gpu-1-1"]},
+               auth=f"Bearer {administration_read.body['token']}")
+    assert jit.status == 403
+    assert app_github.runner_named("gpu-1-1") is None
+
+
+def test_installation_token_expires_on_the_fake_clock_and_can_be_revoked(
+        app_github: FakeGitHub, app_key: AppKeyPair) -> None:
+    now = [time.time()]
+    app_github.clock = lambda: now[0]
+    app_github.set_installation_token_lifetime(120)
+    first = mint(app_github, app_jwt(app_key)).body["token"]
+    second = mint(app_github, app_jwt(app_key)).body["token"]
+    assert call(app_github, "GET", RUNNERS, auth=f"Bearer {first}").status == 200
+    app_github.revoke_installation_token(first)
+    assert call(app_github, "GET", RUNNERS, auth=f"Bearer {first}").status == 401
+    now[0] += 121
+    assert call(app_github, "GET", RUNNERS, auth=f"Bearer {second}").status == 401

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -11,6 +10,7 @@ from components.runner_plane import SPAWNER_RULES
 from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
 from gpu_runners.progress import ProgressLog
+from tests.fakes.fixtures import enforcing_rbac
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
 from tests.runtime.fake_wiring import (
@@ -24,19 +24,10 @@ from tests.runtime.fake_wiring import (
 def make_fake_kube(
     make_fake_kube: Callable[..., FakeKubernetes],
 ) -> Iterator[Callable[..., FakeKubernetes]]:
-    """Fake clusters that enforce the base runner's Role, exactly as the runner plane declares
-    it: a call the Role does not allow is refused with 403 and fails the test."""
-    started: list[FakeKubernetes] = []
-
-    def make(**options: Any) -> FakeKubernetes:
-        options.setdefault("rbac_rules", SPAWNER_RULES)
-        fake = make_fake_kube(**options)
-        started.append(fake)
-        return fake
-
-    yield make
-    forbidden = [request for fake in started for request in fake.forbidden]
-    assert forbidden == [], f"calls outside the spawner Role: {forbidden}"
+    """Fake clusters that enforce the Role the broker holds in the runner namespace (the spawner
+    rules), which the operations here run under: a call it does not allow fails the test."""
+    with enforcing_rbac(make_fake_kube, SPAWNER_RULES, "the spawner Role") as make:
+        yield make
 
 
 @pytest.fixture

@@ -257,7 +257,9 @@ def test_a_log_stream_that_ends_early_is_followed_again_from_its_tail(
     spawning.join(timeout=10)
 
     assert [result.label for result in results] == ["gpu-123-1"]
-    assert time.monotonic() - online_at["gpu-123-1"] <= 1.0
+    # Seen from the log, not from the fallback poll (every ONLINE_FALLBACK_INTERVAL, 5 s); the
+    # margin is for a loaded machine.
+    assert time.monotonic() - online_at["gpu-123-1"] <= 3.0
     # Followed again, from the tail (lines written between the two follows are not lost).
     assert [query.get("tailLines") for query in follows()] == [None, "200"]
     assert runner_lookups(fake_github) == 1
