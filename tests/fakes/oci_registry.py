@@ -23,8 +23,9 @@ import secrets
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
+
+from tests.fakes.loopback_server import LoopbackServer
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -54,7 +55,7 @@ class _Repository:
     blobs: dict[str, bytes] = field(default_factory=dict)
 
 
-class FakeOciRegistry:
+class FakeOciRegistry(LoopbackServer):
     """A registry (and its token service) on 127.0.0.1.
 
     Args:
@@ -62,7 +63,10 @@ class FakeOciRegistry:
         password: Its password.
     """
 
+    server_name = "fake-oci-registry"
+
     def __init__(self, *, username: str = "puller", password: str | None = None) -> None:
+        super().__init__()
         self.username = username
         self.password = password or secrets.token_urlsafe(16)
         self.requests: list[RecordedRegistryRequest] = []
@@ -72,8 +76,6 @@ class FakeOciRegistry:
         self._wrong_digest_header = False
         self._blob_storage = False
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # --- the registry's content --------------------------------------------------------------
 
@@ -128,40 +130,14 @@ class FakeOciRegistry:
     @property
     def host(self) -> str:
         """host:port of the registry."""
-        assert self._server is not None, "start() the registry first"
-        return f"127.0.0.1:{self._server.server_address[1]}"
-
-    @property
-    def url(self) -> str:
-        """Base URL of the registry's API."""
-        return f"http://{self.host}"
+        return self.url.removeprefix("http://")
 
     def credentials_json(self) -> str:
         """A dockerconfigjson for this registry, as the stack's pull Secret holds it."""
         auth = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return json.dumps({"auths": {self.host: {"auth": auth}}})
 
-    def start(self) -> FakeOciRegistry:
-        """Starts serving on a free port."""
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stops serving."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> FakeOciRegistry:
-        return self.start()
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
-        self.stop()
-
-    def _handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+    def _handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
         registry = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
