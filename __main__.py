@@ -17,6 +17,7 @@ from components.container_image import (
     ContainerImageArgs,
     runner_version,
 )
+from components.registry_mirror import RegistryMirror, RegistryMirrorArgs, mirror_prefix
 from components.repository import (
     RepositorySettings,
     RepositorySettingsArgs,
@@ -28,6 +29,7 @@ from components.runner_plane import RunnerPlane, RunnerPlaneArgs
 from components.seed_gpu_pods import MIN_KUBERNETES_VERSION as SEED_MIN_KUBERNETES_VERSION
 from components.seed_gpu_pods import SeedGuideGpuPods, SeedGuideGpuPodsArgs
 from gpu_runners.gpu_pools import GpuPool
+from gpu_runners.image_refs import mirrored_reference
 
 config = load_stack_config()
 ci_identity: CiIdentity | None = None
@@ -39,10 +41,13 @@ github_provider = github.Provider("github", owner=config.github_owner, token=con
 repository_ids = resolve_repository_ids(config.github_owner, config.github_repository,
                                         github_provider)
 
+#: Upstream registry host -> the Artifact Registry mirror nodes pull it through (GKE mode with
+#: imageStreaming); empty: images are pulled from their registries.
+mirror_prefixes: dict[str, str] = {}
+
 if config.gke:
-    gcp_provider = gcp.Provider("gcp", project=config.gcp_project,
-                                region=config.location.rsplit("-", 1)[0] if config.zonal
-                                else config.location)
+    region = config.location.rsplit("-", 1)[0] if config.zonal else config.location
+    gcp_provider = gcp.Provider("gcp", project=config.gcp_project, region=region)
     cluster = GkeCluster(
         "gke",
         GkeClusterArgs(
@@ -61,9 +66,27 @@ if config.gke:
             # Seed compatibility's MutatingAdmissionPolicy is served from this version on.
             min_master_version=(SEED_MIN_KUBERNETES_VERSION if config.seed_compatibility
                                 else ""),
+            image_streaming=config.image_streaming,
         ),
         opts=pulumi.ResourceOptions(providers=[gcp_provider]),
     )
+    if config.image_streaming:
+        mirror = RegistryMirror(
+            "mirror",
+            RegistryMirrorArgs(
+                project=config.gcp_project,
+                region=region,
+                name_prefix=config.cluster_name,
+                upstreams=config.image_mirror_upstreams,
+                credentials=config.image_mirror_credentials,
+                reader=cluster.node_service_account,
+            ),
+            opts=pulumi.ResourceOptions(providers=[gcp_provider]),
+        )
+        mirror_prefixes = {host: mirror_prefix(region, config.gcp_project, config.cluster_name,
+                                               host)
+                           for host in config.image_mirror_upstreams}
+        pulumi.export("imageMirrors", mirror.prefixes)
     kubernetes = cluster.provider
     api_server_cidrs = [cluster.cluster.endpoint.apply(lambda ip: f"{ip}/32")]
     ci_identity = CiIdentity(
@@ -121,12 +144,22 @@ images = {
     )
 }
 
+#: What the nodes pull: the pushed runner image, through the mirror of its registry if that
+#: mirror can read it (a private image needs the mirror's upstream credentials).
+runner_mirrors = mirror_prefixes
+if mirror_prefixes and config.image_private and "ghcr.io" not in config.image_mirror_credentials:
+    pulumi.log.warn("the runner image is private and imageMirrorCredentials has no ghcr.io "
+                    "entry: nodes pull it from ghcr.io directly, without image streaming")
+    runner_mirrors = {}
+runner_image_ref = images["runner"].ref.apply(
+    lambda ref: mirrored_reference(ref, runner_mirrors))
+
 runner_plane = RunnerPlane(
     "runners",
     RunnerPlaneArgs(
         namespace=config.runner_namespace,
         repository=config.repository_full_name,
-        image=images["runner"].ref,
+        image=runner_image_ref,
         runner_pat=config.runner_pat,
         broker_namespace=config.broker_namespace,
         broker_url=broker_url(config.broker_namespace),
@@ -160,7 +193,7 @@ broker = RunnerBroker(
         github_app_installation_id=(config.github_app.installation_id
                                     if config.github_app is not None else None),
         runner_namespace=runner_plane.namespace,
-        runner_image=images["runner"].ref,
+        runner_image=runner_image_ref,
         repository=config.repository_full_name,
         repository_id=repository_ids.repository_id,
         repository_owner_id=repository_ids.owner_id,
@@ -175,6 +208,8 @@ broker = RunnerBroker(
         allowed_refs=config.broker_allowed_refs,
         allowed_workflow_refs=config.broker_allowed_workflow_refs,
         allowed_images=config.allowed_images,
+        require_image_digests=config.require_image_digests,
+        registry_mirrors=mirror_prefixes,
         reaper_interval_seconds=config.reaper_interval_seconds,
         egress_cidrs=config.egress_cidrs,
         api_server_cidrs=api_server_cidrs,

@@ -9,8 +9,8 @@ token checks compare against come from components/repository_ids.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -95,6 +95,10 @@ class RunnerBrokerArgs:
     allowed_workflow_refs: Sequence[str] = ()
     #: Image patterns a run may ask for besides `runner_image`; empty allows only it.
     allowed_images: Sequence[str] = ()
+    #: Refuse an asked image named by tag instead of resolving the tag to its digest.
+    require_image_digests: bool = False
+    #: Upstream registry host -> mirror prefix the GPU pods pull job images through.
+    registry_mirrors: Mapping[str, str] = field(default_factory=dict)
     reaper_interval_seconds: int = 300
     #: Where GitHub is (HTTPS only).
     egress_cidrs: Sequence[str] = ("0.0.0.0/0",)
@@ -144,6 +148,10 @@ def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
         {"name": contract.ENV_ALLOWED_WORKFLOW_REFS,
          "value": json.dumps(list(args.allowed_workflow_refs))},
         {"name": contract.ENV_ALLOWED_IMAGES, "value": json.dumps(list(args.allowed_images))},
+        {"name": contract.ENV_REQUIRE_IMAGE_DIGESTS,
+         "value": "true" if args.require_image_digests else "false"},
+        {"name": contract.ENV_REGISTRY_MIRRORS,
+         "value": json.dumps(dict(args.registry_mirrors), sort_keys=True)},
         {"name": contract.ENV_GPU_CAP_PER_REPOSITORY,
          "value": str(args.gpu_cap_per_repository)},
         {"name": contract.ENV_REAPER_INTERVAL_SECONDS,

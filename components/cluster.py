@@ -24,6 +24,10 @@ REQUIRED_APIS = ("container.googleapis.com", "iam.googleapis.com",
 #: gke-gcloud-auth-plugin's switch from gcloud's active account to application-default
 #: credentials (kubernetes/cloud-provider-gcp, cmd/gke-gcloud-auth-plugin).
 ADC_FLAG = "--use_application_default_credentials"
+#: The Container File System API serves image streaming; GKE streams nothing without it.
+STREAMING_API = "containerfilesystem.googleapis.com"
+#: What a custom node service account needs in the project holding the images to stream them.
+STREAMING_ROLE = "roles/serviceusage.serviceUsageConsumer"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class GkeClusterArgs:
     #: Lowest Kubernetes version of the control plane (e.g. "1.36"); empty for the channel's
     #: default.
     min_master_version: str = ""
+    #: GKE image streaming on every pool: images in Artifact Registry (the mirror) start
+    #: before they are fully pulled.
+    image_streaming: bool = False
 
 
 def gke_kubeconfig(context: str, endpoint: str, ca_certificate: str) -> str:
@@ -115,8 +122,9 @@ class GkeCluster(pulumi.ComponentResource):
     Dataplane V2 so NetworkPolicies are enforced), a CPU pool labelled gpu=false, one GPU pool
     per config entry (labelled gpu=true, tainted nvidia.com/gpu, GKE-managed NVIDIA drivers,
     autoscaled from its minimum, 0 by default), a recurring maintenance window outside which GKE
-    neither upgrades nor drains nodes (a drain evicts a running GPU job), and a Kubernetes
-    provider for the cluster.
+    neither upgrades nor drains nodes (a drain evicts a running GPU job), image streaming on
+    every pool when asked (with the Container File System API and the nodes' service usage
+    role it needs), and a Kubernetes provider for the cluster.
 
     Outputs: `cluster_name`, `location`, `kubeconfig` (secret, exec-plugin form),
     `node_service_account`; the `provider` attribute is the Kubernetes provider the runner
@@ -143,7 +151,7 @@ class GkeCluster(pulumi.ComponentResource):
                 disable_on_destroy=False,
                 opts=child,
             )
-            for service in REQUIRED_APIS
+            for service in (*REQUIRED_APIS, *((STREAMING_API,) if args.image_streaming else ()))
         }
 
         # Nodes get their own service account with only what nodes need (logs, metrics,
@@ -164,6 +172,18 @@ class GkeCluster(pulumi.ComponentResource):
                 parent=self, depends_on=[apis["cloudresourcemanager.googleapis.com"]]),
         )
 
+        streaming_needs: list[pulumi.Resource] = []
+        if args.image_streaming:
+            streaming_needs = [apis[STREAMING_API], gcp.projects.IAMMember(
+                f"{name}-nodes-streaming",
+                project=args.project,
+                role=STREAMING_ROLE,
+                member=node_sa.email.apply(lambda email: f"serviceAccount:{email}"),
+                opts=pulumi.ResourceOptions(
+                    parent=self, depends_on=[apis["cloudresourcemanager.googleapis.com"]]),
+            )]
+        self._streaming_needs = streaming_needs
+
         node_base: gcp.container.NodePoolNodeConfigArgsDict = {
             "service_account": node_sa.email,
             "oauth_scopes": NODE_OAUTH_SCOPES,
@@ -175,6 +195,10 @@ class GkeCluster(pulumi.ComponentResource):
                 "enable_integrity_monitoring": True,
             },
         }
+        if args.image_streaming:
+            # Streams only images served by Artifact Registry (registry_mirror); others are
+            # pulled whole as before. COS_CONTAINERD, above, is what streaming runs on.
+            node_base["gcfs_config"] = {"enabled": True}
 
         self.cluster = gcp.container.Cluster(
             f"{name}-cluster",
@@ -219,7 +243,9 @@ class GkeCluster(pulumi.ComponentResource):
                 "machine_type": args.cpu_machine_type,
                 "labels": {contract.NODE_GPU_LABEL: "false"},
             },
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["initialNodeCount"]),
+            # Streaming nodes need its API and their role before they pull.
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["initialNodeCount"],
+                                        depends_on=self._streaming_needs),
         )
 
         self.gpu_pools = [self._gpu_pool(name, args, pool, node_base) for pool in args.gpu_pools]
@@ -295,7 +321,7 @@ class GkeCluster(pulumi.ComponentResource):
             },
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=[self.cpu_pool],
+                depends_on=[self.cpu_pool, *self._streaming_needs],
                 # The autoscaler owns the node count; a changed initial count would otherwise
                 # replace the pool.
                 ignore_changes=["initialNodeCount"],

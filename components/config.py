@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from pulumi.runtime.config import is_config_secret
 
 from components.ci_identity import FORBIDDEN_ROLES
+from components.registry_mirror import UPSTREAM_URIS, UpstreamCredentials
 from components.repository import ACTIONS_NAME_RULE, SEED_SECRET_NAMES, is_actions_name
 from gpu_runners import contract
 
@@ -92,6 +93,8 @@ RELEASE_CHANNELS = ("RAPID", "REGULAR", "STABLE", "EXTENDED")
 
 _PROJECT_ID = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _REGION = re.compile(r"^[a-z]+-[a-z]+[0-9]+$")
+_SECRET_VERSION = re.compile(r"^projects/[a-z0-9-]+/secrets/[A-Za-z0-9_-]+/versions/"
+                             r"(latest|[0-9]+)$")
 _ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
 # GKE cluster and node pool names: DNS-1123 labels of at most 40 characters.
 _GKE_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$")
@@ -239,6 +242,11 @@ class StackConfig:
     broker_allowed_refs: tuple[str, ...]
     broker_allowed_workflow_refs: tuple[str, ...]
     allowed_images: tuple[str, ...]
+    require_image_digests: bool
+    # image streaming (GKE mode): Artifact Registry mirrors the nodes pull through
+    image_streaming: bool
+    image_mirror_upstreams: tuple[str, ...]
+    image_mirror_credentials: Mapping[str, UpstreamCredentials]
     gpu_cap_per_repository: int
     reaper_interval_seconds: int
     # repository settings
@@ -660,6 +668,38 @@ def _check_audience(reader: _Reader, key: str) -> str:
     return audience
 
 
+def _check_mirror_upstream(host: str) -> str | None:
+    if host not in UPSTREAM_URIS:
+        return "one of " + ", ".join(sorted(UPSTREAM_URIS))
+    return None
+
+
+def _check_mirror_credentials(reader: _Reader, upstreams: tuple[str, ...]
+                              ) -> dict[str, UpstreamCredentials]:
+    key = "imageMirrorCredentials"
+    entries = reader.json_value(key, dict, {}, "an object: upstream host -> {username, "
+                                "passwordSecretVersion}")
+    found: dict[str, UpstreamCredentials] = {}
+    for host, entry in entries.items():
+        where = f"{key}.{host}"
+        if host not in upstreams:
+            reader.problem(where, "<credentials>", "an upstream of imageMirrorUpstreams ("
+                           + ", ".join(upstreams) + ")")
+            continue
+        username = entry.get("username") if isinstance(entry, dict) else None
+        version = entry.get("passwordSecretVersion") if isinstance(entry, dict) else None
+        if not isinstance(username, str) or not username.strip():
+            reader.problem(f"{where}.username", username, "the upstream user name")
+        elif not isinstance(version, str) or not _SECRET_VERSION.fullmatch(version):
+            # Not echoed: a password pasted here by mistake must not reach the output.
+            reader.problem(f"{where}.passwordSecretVersion", "<hidden>",
+                           "a Secret Manager version, projects/<project>/secrets/<secret>/"
+                           "versions/<version> (the password is never in the stack config)")
+        else:
+            found[host] = UpstreamCredentials(username, version)
+    return found
+
+
 def _check_prebuilt_image(reader: _Reader, key: str) -> str:
     image = reader.string(key, required=False)
     if image and not _DIGEST_PINNED.match(image):
@@ -766,6 +806,7 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
     if pool_id.startswith("gcp-"):
         reader.problem("workloadIdentityPoolId", pool_id, "the prefix gcp- is reserved by Google")
 
+    upstreams = reader.string_list("imageMirrorUpstreams", _check_mirror_upstream)
     stack_config = StackConfig(
         stack_name=pulumi.get_stack(),
         cluster_mode=mode,
@@ -813,6 +854,11 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         broker_allowed_workflow_refs=reader.string_list("brokerAllowedWorkflowRefs",
                                                         _check_pattern),
         allowed_images=reader.string_list("allowedImages", _check_image_pattern),
+        require_image_digests=reader.boolean("requireImageDigests"),
+        # Existing-cluster mode pulls directly: the mirror and streaming are GKE's.
+        image_streaming=reader.boolean("imageStreaming") and gke,
+        image_mirror_upstreams=upstreams,
+        image_mirror_credentials=_check_mirror_credentials(reader, upstreams),
         gpu_cap_per_repository=reader.integer("gpuCapPerRepository", minimum=0),
         reaper_interval_seconds=reader.integer("reaperIntervalSeconds", minimum=30,
                                                maximum=3600),

@@ -247,6 +247,8 @@ class SpawnResult:
         seconds: Seconds from start to runner online.
         stage_seconds: Seconds from start at which each stage was reached.
         run_url: The workflow run attempt the runner serves.
+        image_pull: How the image reached the node: "cached", "streamed", "pulled" (in
+            full), or "" when not seen.
     """
 
     label: str
@@ -260,6 +262,7 @@ class SpawnResult:
     seconds: float
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
     run_url: str = ""
+    image_pull: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The `result` of a `ready` event."""
@@ -292,6 +295,7 @@ class SpawnResult:
             seconds=float(_take(data, "seconds", (int, float), 0.0)),
             stage_seconds={str(k): float(v) for k, v in stages.items()},
             run_url=_take(data, "run_url", str, ""),
+            image_pull=_take(data, "image_pull", str, ""),
         )
 
 

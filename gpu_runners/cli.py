@@ -146,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     spawn.add_argument("--scale-up-grace", metavar="DURATION",
                        help="how long an unschedulable pod may wait for the autoscaler to "
                        "start a scale-up (default: the broker's)")
-    spawn.add_argument("--image", help="runner image, if the stack allows others (default: the "
-                       "stack's runner image)")
+    spawn.add_argument("--image", help="image the job runs in, with the runner injected (e.g. "
+                       "a CUDA image); the stack's allowedImages must allow it, and a tag is "
+                       "pinned to its digest (default: the stack's runner image)")
     spawn.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                        help="extra pod label (repeatable)")
     spawn.add_argument("--runner-group", help="organisation runner group name or id "

@@ -161,6 +161,10 @@ ENV_ALLOWED_REFS = "GPU_RUNNERS_ALLOWED_REFS"
 ENV_ALLOWED_WORKFLOW_REFS = "GPU_RUNNERS_ALLOWED_WORKFLOW_REFS"
 #: JSON list of image patterns a run may ask for besides ENV_IMAGE (empty: only ENV_IMAGE).
 ENV_ALLOWED_IMAGES = "GPU_RUNNERS_ALLOWED_IMAGES"
+#: "true": an asked image must name a digest; else its tag is resolved to one at spawn.
+ENV_REQUIRE_IMAGE_DIGESTS = "GPU_RUNNERS_REQUIRE_IMAGE_DIGESTS"
+#: JSON object: upstream registry host -> mirror prefix job images are pulled through.
+ENV_REGISTRY_MIRRORS = "GPU_RUNNERS_REGISTRY_MIRRORS"
 #: Most GPUs one repository's runners may hold at once.
 ENV_GPU_CAP_PER_REPOSITORY = "GPU_RUNNERS_GPU_CAP_PER_REPOSITORY"
 ENV_REAPER_INTERVAL_SECONDS = "GPU_RUNNERS_REAPER_INTERVAL_SECONDS"
@@ -217,6 +221,9 @@ VAR_RUNNER_NAMESPACE = "GPU_RUNNERS_NAMESPACE"
 VAR_BASE_RUNNER_LABEL = "GPU_RUNNERS_BASE_LABEL"
 VAR_WORKLOAD_IDENTITY_PROVIDER = "GCP_WORKLOAD_IDENTITY_PROVIDER"
 VAR_CI_SERVICE_ACCOUNT = "GCP_CI_SERVICE_ACCOUNT"
+#: Set by the ML repository's maintainers, not by the stack: the image the example workflow's
+#: train job runs in (spawn --image); unset, it runs in the runner image.
+VAR_TRAINING_IMAGE = "GPU_TRAINING_IMAGE"
 #: The branch the stack protects in that repository (pull requests, checks, no force pushes);
 #: the policy pack requires its protection.
 PROTECTED_BRANCH = "main"

@@ -59,6 +59,10 @@ class RunnerPodOptions:
         max_runtime_seconds: activeDeadlineSeconds: the kubelet kills the pod after this.
         image_pull_secret: Name of a dockerconfigjson Secret for a private image, or None.
         extra_labels: Further pod labels (e.g. a team, for cost reports).
+        runner_image: The stack's runner image. When `image` is another one (a team's CUDA
+            image), the runner is injected into it from this image (see runner_injection).
+        image_env: The environment `image` declares in its config (read by the broker when it
+            resolves the image); an injected runner's PATH and LD_LIBRARY_PATH extend it.
     """
 
     namespace: str
@@ -70,6 +74,13 @@ class RunnerPodOptions:
     max_runtime_seconds: int = DEFAULT_MAX_RUNTIME_SECONDS
     image_pull_secret: str | None = None
     extra_labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    runner_image: str | None = None
+    image_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def injects_runner(self) -> bool:
+        """Whether the job runs in an image other than the runner image."""
+        return self.runner_image is not None and self.runner_image != self.image
 
     def __post_init__(self) -> None:
         if not self.image.strip():
@@ -95,3 +106,4 @@ class RunnerPodOptions:
             _check_label(key, value)
         # A copy, read-only: a caller changing its dict later must not change the pod.
         object.__setattr__(self, "extra_labels", MappingProxyType(dict(self.extra_labels)))
+        object.__setattr__(self, "image_env", MappingProxyType(dict(self.image_env)))

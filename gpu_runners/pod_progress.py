@@ -20,22 +20,29 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from kubernetes.client import CoreV1Event, V1ContainerStatus, V1Pod
+from kubernetes.client import CoreV1Event, V1ContainerStateTerminated, V1ContainerStatus, V1Pod
 
 from gpu_runners import contract
 from gpu_runners.errors import ImagePullError, NoCapacityError, PodFailedError
+from gpu_runners.runner_injection import INIT_CONTAINER as INJECTION_INIT_CONTAINER
 
 #: Container waiting reasons that mean the image will not be pulled without a change.
 #: ErrImagePull alone is not final: the kubelet retries, and a registry hiccup recovers; the
 #: BackOff that follows a failed retry is.
 IMAGE_PULL_FAILURES = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+#: How the job's image reached the node (SpawnResult.image_pull).
+PULL_CACHED = "cached"  # the kubelet's "already present on machine"
+PULL_STREAMED = "streamed"  # GKE image streaming's ImageStreaming event
+PULL_FULL = "pulled"  # downloaded in full before the container started
 
 
 class Stage(enum.Enum):
     """The stages `spawn` reports, in the order a pod goes through them."""
 
     CREATED = "created"
+    SCALE_UP = "scale-up triggered"
     SCHEDULED = "scheduled"
+    PULLING = "image pulling"
     IMAGE_PULLED = "image pulled"
     RUNNING = "container running"
     ONLINE = "runner online"
@@ -83,6 +90,12 @@ class PodProgress:
         self._told: set[str] = set()
         self._last_pull_error = ""
         self.image = "the runner image"
+        #: Whether the job runs in a team's image with the runner injected (an init container
+        #: copies it in); such a pod ending early is usually the image's doing.
+        self.injected_runner = False
+        #: How the runner container's image came: PULL_CACHED, PULL_STREAMED, PULL_FULL, or ""
+        #: while unknown.
+        self.image_pull = ""
 
     @property
     def container_running(self) -> bool:
@@ -112,6 +125,9 @@ class PodProgress:
         for container in (pod.spec.containers if pod.spec else None) or ():
             if container.name == contract.GPU_RUNNER_CONTAINER and container.image:
                 self.image = container.image
+        for init in (pod.spec.init_containers if pod.spec else None) or ():
+            if init.name == INJECTION_INIT_CONTAINER:
+                self.injected_runner = True
         status = pod.status
         spec_node = pod.spec.node_name if pod.spec is not None else None
         if spec_node:
@@ -164,11 +180,15 @@ class PodProgress:
             return []  # an earlier pod of the same name, or another object
         reason, raw = event.reason or "", event.message or ""
         message = _clip(raw)
+        field_path = involved.field_path or ""
+        if field_path and field_path != f"spec.containers{{{contract.GPU_RUNNER_CONTAINER}}}":
+            return []  # the init container's pull of the runner image is not the job's
         if reason == "FailedScheduling" and not self.node_name:
             return self._unschedulable(message, now)
         if reason == "TriggeredScaleUp":
             self._scale_up_triggered = True
             self.node_added = True
+            self.reached.setdefault(Stage.SCALE_UP, now)
             if self.node_name:
                 return []  # pod and event streams raced: the binding was read first
             return self._tell(f"autoscaler is adding a GPU node: {message}")
@@ -179,7 +199,15 @@ class PodProgress:
         if reason == "Scheduled":
             node = message.rsplit(" to ", 1)[-1] if " to " in message else ""
             return self._scheduled(node, now) if node else []
+        if reason == "Pulling":
+            self.reached.setdefault(Stage.PULLING, now)
+            return []
+        if reason == "ImageStreaming":
+            self.image_pull = PULL_STREAMED
+            return []
         if reason == "Pulled":
+            if not self.image_pull:
+                self.image_pull = PULL_CACHED if "already present" in raw else PULL_FULL
             return self._reach(Stage.IMAGE_PULLED, f"image pulled ({message})", now)
         if reason == "Failed" and raw.startswith("Failed to pull image"):
             # 'Failed to pull image "<ref>": <why>' (not the "Error: ErrImagePull" after it);
@@ -269,18 +297,43 @@ class PodProgress:
         self._told.add(text)
         return [Notice(text)]
 
+    def _image_requirements(self) -> str:
+        return (
+            f"the job image {self.image} could not run the injected runner: the image must "
+            f"run as uid {contract.RUNNER_UID} (the pod never runs as root, whatever the "
+            "image's USER) and provide glibc 2.28 or newer at /lib64/ld-linux-x86-64.so.2, "
+            "libstdc++ and libssl (no musl/Alpine); see the README's job image requirements"
+        )
+
+    @staticmethod
+    def _failed_copy(pod: V1Pod) -> V1ContainerStateTerminated | None:
+        for status in (pod.status.init_container_statuses if pod.status else None) or ():
+            state = status.state.terminated if status.state is not None else None
+            if status.name == INJECTION_INIT_CONTAINER and state is not None and state.exit_code:
+                return state
+        return None
+
     def _ended_reason(self, pod: V1Pod) -> str:
         status = pod.status
         assert status is not None  # only called for a pod with a phase
         runner = self._runner_status(status.container_statuses)
         terminated = runner.state.terminated if runner is not None and runner.state else None
+        copy = self._failed_copy(pod)
         if status.reason:  # DeadlineExceeded, Evicted, UnexpectedAdmissionError, ...
             detail = f"{status.reason}: {_clip(status.message)}"
+        elif copy is not None:
+            detail = (
+                f"the init container that copies the runner out of the runner image exited "
+                f"with code {copy.exit_code} ({copy.reason or 'no reason given'}: "
+                f"{_clip(copy.message)})"
+            )
         elif terminated is not None:
             detail = (
                 f"runner container exited with code {terminated.exit_code}"
                 f" ({terminated.reason or 'no reason given'})"
             )
+            if self.injected_runner:
+                detail += f"; {self._image_requirements()}"
         else:
             detail = "no reason given"
         return (

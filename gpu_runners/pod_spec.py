@@ -8,7 +8,6 @@ on the returned objects alone. `spawn` sends them unchanged.
 from __future__ import annotations
 
 from kubernetes.client import (
-    V1Capabilities,
     V1Container,
     V1EmptyDirVolumeSource,
     V1EnvVar,
@@ -23,15 +22,15 @@ from kubernetes.client import (
     V1SeccompProfile,
     V1Secret,
     V1SecretVolumeSource,
-    V1SecurityContext,
     V1Toleration,
     V1Volume,
     V1VolumeMount,
 )
 
-from gpu_runners import contract
+from gpu_runners import contract, runner_injection
 from gpu_runners.pod_options import RunnerPodOptions
 from gpu_runners.run_identity import RunIdentity
+from gpu_runners.runner_injection import DEFAULT_IMAGE_PATH, NVIDIA_BIN_DIRS, NVIDIA_LIB_DIRS
 
 #: Value of the gpu-type label when the pod may land on any GPU pool.
 ANY_GPU_TYPE = "any"
@@ -46,15 +45,14 @@ COMPONENT = "runner"
 # GKE installs the NVIDIA driver on the node and mounts it into every container that requests
 # nvidia.com/gpu at /usr/local/nvidia (bin/ with nvidia-smi, lib64/ with libcuda); nothing puts
 # it on the search paths. The CUDA base images expect exactly these variables (their own
-# Dockerfiles set them), so they are set here for whatever image the pod runs.
-NVIDIA_DRIVER_DIR = "/usr/local/nvidia"
-LD_LIBRARY_PATH = f"{NVIDIA_DRIVER_DIR}/lib64:{NVIDIA_DRIVER_DIR}/lib"
+# Dockerfiles set them), so they are set here for the runner image; an injected runner's job
+# image gets them appended to its own (runner_injection.job_environment).
+LD_LIBRARY_PATH = ":".join(NVIDIA_LIB_DIRS)
 #: The runner image's own virtualenv (docker/Dockerfile puts it first on PATH); a pod's env
 #: replaces the image's PATH rather than extending it, so it is named again here.
 RUNNER_IMAGE_VENV_BIN = "/opt/gpu-runners/venv/bin"
 CUDA_TOOLKIT_BIN = "/usr/local/cuda/bin"
-STANDARD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PATH = f"{RUNNER_IMAGE_VENV_BIN}:{NVIDIA_DRIVER_DIR}/bin:{CUDA_TOOLKIT_BIN}:{STANDARD_PATH}"
+PATH = f"{RUNNER_IMAGE_VENV_BIN}:{NVIDIA_BIN_DIRS[0]}:{CUDA_TOOLKIT_BIN}:{DEFAULT_IMAGE_PATH}"
 
 
 def object_labels(identity: RunIdentity, gpu_type: str | None) -> dict[str, str]:
@@ -93,7 +91,8 @@ def build_gpu_pod(
     ServiceAccount token. It reserves its GPUs through the `nvidia.com/gpu` resource, tolerates
     the GPU taint, is kept off CPU nodes by `gpu=true`, is killed after the max runtime,
     finds the NVIDIA driver GKE mounts (PATH, LD_LIBRARY_PATH), and meets the `restricted` Pod
-    Security Standard.
+    Security Standard. When `options.image` is not the runner image, the job runs in that
+    image with the runner injected by an init container (see `runner_injection`).
 
     Args:
         identity: The run attempt; names the pod and labels it.
@@ -108,30 +107,51 @@ def build_gpu_pod(
         node_selector[contract.GKE_ACCELERATOR_LABEL] = gpu_type
     gpus = str(options.gpu_count)
     resources = {"cpu": options.cpu, "memory": options.memory, contract.GPU_RESOURCE: gpus}
-    container = V1Container(
-        name=contract.GPU_RUNNER_CONTAINER,
-        image=options.image,
-        env=[
-            V1EnvVar(name=contract.ENV_RUNNER_MODE, value="jit"),
-            V1EnvVar(name=contract.ENV_JIT_CONFIG_FILE, value=jit_config_path()),
-            V1EnvVar(name="PATH", value=PATH),
-            V1EnvVar(name="LD_LIBRARY_PATH", value=LD_LIBRARY_PATH),
-        ],
-        # Requests equal to limits: the pod is Guaranteed, so neither CPU nor memory is taken
-        # back from a training job by a noisy neighbour, and the GPU request must equal its
-        # limit anyway.
-        resources=V1ResourceRequirements(limits=dict(resources), requests=dict(resources)),
-        volume_mounts=[
-            V1VolumeMount(name=JIT_VOLUME, mount_path=contract.JIT_MOUNT_DIR, read_only=True),
-            V1VolumeMount(name=SHM_VOLUME, mount_path=SHM_MOUNT_PATH),
-        ],
-        security_context=V1SecurityContext(
-            allow_privilege_escalation=False,
-            capabilities=V1Capabilities(drop=["ALL"]),
-            run_as_non_root=True,
-        ),
-    )
+    # Requests equal to limits: the pod is Guaranteed, so neither CPU nor memory is taken
+    # back from a training job by a noisy neighbour, and the GPU request must equal its
+    # limit anyway.
+    requirements = V1ResourceRequirements(limits=dict(resources), requests=dict(resources))
+    shm_mount = V1VolumeMount(name=SHM_VOLUME, mount_path=SHM_MOUNT_PATH)
+    init_containers: list[V1Container] | None = None
+    extra_volumes: list[V1Volume] = []
+    if options.injects_runner:
+        assert options.runner_image is not None  # what injects_runner means
+        init_containers = [runner_injection.init_container(
+            options.runner_image, cpu=options.cpu, memory=options.memory, jit_volume=JIT_VOLUME)]
+        extra_volumes = runner_injection.volumes()
+        container = V1Container(
+            name=contract.GPU_RUNNER_CONTAINER,
+            image=options.image,
+            # Replaces the image's ENTRYPOINT and CMD: the job image's own entrypoint may
+            # need root or start a server; the runner runs the job's steps instead.
+            command=list(runner_injection.LISTENER_COMMAND),
+            args=[],
+            working_dir=runner_injection.INJECTED_RUNNER_DIR,
+            env=runner_injection.job_environment(options.image_env, identity.secret_name),
+            resources=requirements,
+            volume_mounts=[*runner_injection.job_mounts(), shm_mount],
+            security_context=runner_injection.restricted_context(),
+        )
+    else:
+        container = V1Container(
+            name=contract.GPU_RUNNER_CONTAINER,
+            image=options.image,
+            env=[
+                V1EnvVar(name=contract.ENV_RUNNER_MODE, value="jit"),
+                V1EnvVar(name=contract.ENV_JIT_CONFIG_FILE, value=jit_config_path()),
+                V1EnvVar(name="PATH", value=PATH),
+                V1EnvVar(name="LD_LIBRARY_PATH", value=LD_LIBRARY_PATH),
+            ],
+            resources=requirements,
+            volume_mounts=[
+                V1VolumeMount(name=JIT_VOLUME, mount_path=contract.JIT_MOUNT_DIR,
+                              read_only=True),
+                shm_mount,
+            ],
+            security_context=runner_injection.restricted_context(),
+        )
     spec = V1PodSpec(
+        init_containers=init_containers,
         containers=[container],
         restart_policy="Never",
         active_deadline_seconds=options.max_runtime_seconds,
@@ -167,6 +187,7 @@ def build_gpu_pod(
                 name=SHM_VOLUME,
                 empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=options.shm_size),
             ),
+            *extra_volumes,
         ],
         image_pull_secrets=(
             [V1LocalObjectReference(name=options.image_pull_secret)]

@@ -599,6 +599,7 @@ class _Spawn:
                 stage.value: round(at - self.start, 3) for stage, at in progress.reached.items()
             },
             run_url=self.identity.run_url,
+            image_pull=progress.image_pull,
         )
 
     # --- cleanup ---------------------------------------------------------------------------------

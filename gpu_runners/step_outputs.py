@@ -1,7 +1,9 @@
 """What `spawn` leaves for the rest of the workflow: step outputs and a step summary.
 
 `$GITHUB_OUTPUT` gets `label=gpu-<run_id>-<attempt>` (what the GPU job puts in `runs-on`)
-and `name`, `pod`, `namespace`, `node`; `$GITHUB_STEP_SUMMARY` gets a small Markdown table.
+and `name`, `pod`, `namespace`, `node`; `$GITHUB_STEP_SUMMARY` gets a small Markdown table,
+with where the cold start went: the autoscaler's decision, the new node with its GPU driver,
+the image (cached, streamed or pulled in full) and the runner connecting.
 Outside Actions (no such variables) nothing is written.
 """
 
@@ -22,6 +24,52 @@ def _append(path: str, text: str) -> None:
 def _cell(text: str) -> str:
     """A value made safe for one Markdown table cell."""
     return " ".join(text.split()).replace("|", "\\|")
+
+
+#: How SpawnResult.image_pull reads in the summary.
+_IMAGE_PULL_WORDS = {
+    "cached": "already on the node",
+    "streamed": "streamed from Artifact Registry (GKE image streaming)",
+    "pulled": "pulled in full",
+}
+
+
+def _interval(stages: Mapping[str, float], start: str, end: str) -> float | None:
+    if start in stages and end in stages:
+        return max(0.0, stages[end] - stages[start])
+    return None
+
+
+def cold_start_rows(result: SpawnResult) -> list[tuple[str, str]]:
+    """Where the seconds to "runner online" went, one row per phase that happened.
+
+    The phases follow the pod: the autoscaler deciding on a node (created -> scale-up
+    triggered), the new node booting until it is Ready with its GPU driver installed and the
+    device plugin advertising nvidia.com/gpu, which is when the scheduler binds the pod (->
+    scheduled; the broker sees no node objects, so these two are one interval), the image
+    (image pulling -> image pulled), and the runner connecting to GitHub (container running
+    -> runner online).
+    """
+    stages = result.stage_seconds
+    rows = [("New node", "yes, added by the autoscaler" if result.node_added
+             else "no, an existing node")]
+    decision = _interval(stages, "created", "scale-up triggered")
+    if decision is not None:
+        rows.append(("Scale-up decision", f"{decision:.1f} s"))
+    node_ready = _interval(stages, "scale-up triggered", "scheduled")
+    if node_ready is not None:
+        rows.append(("Node ready with GPU driver", f"{node_ready:.1f} s"))
+    elif (waited := _interval(stages, "created", "scheduled")) is not None:
+        rows.append(("Scheduling", f"{waited:.1f} s"))
+    pull = _interval(stages, "image pulling", "image pulled")
+    how = _IMAGE_PULL_WORDS.get(result.image_pull, "")
+    if pull is not None or how:
+        rows.append(("Image pull", ", ".join(
+            part for part in (f"{pull:.1f} s" if pull is not None else "", how) if part)))
+    online = _interval(stages, "container running", "runner online")
+    if online is not None:
+        rows.append(("Runner online", f"{online:.1f} s after its container started"))
+    return rows
 
 
 def write_spawn_outputs(result: SpawnResult, environ: Mapping[str, str]) -> None:
@@ -50,6 +98,7 @@ def write_spawn_outputs(result: SpawnResult, environ: Mapping[str, str]) -> None
             ("Node", (result.node or "?") + (" (added by the autoscaler)" if result.node_added
                                              else "")),
             ("Ready after", f"{result.seconds:.1f} s" + (" (reused)" if result.reused else "")),
+            *([] if result.reused else cold_start_rows(result)),
         ]
         table = "".join(f"| {_cell(key)} | {_cell(value)} |\n" for key, value in rows)
         _append(summary, f"### GPU runner\n\n| | |\n|---|---|\n{table}\n")

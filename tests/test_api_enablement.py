@@ -23,6 +23,10 @@ API_OF_TYPE = {
     "gcp:iam/workloadIdentityPool:WorkloadIdentityPool": "iam.googleapis.com",
     "gcp:iam/workloadIdentityPoolProvider:WorkloadIdentityPoolProvider": "iam.googleapis.com",
     "gcp:projects/iAMMember:IAMMember": "cloudresourcemanager.googleapis.com",
+    "gcp:artifactregistry/repository:Repository": "artifactregistry.googleapis.com",
+    "gcp:artifactregistry/repositoryIamMember:RepositoryIamMember":
+        "artifactregistry.googleapis.com",
+    "gcp:secretmanager/secretIamMember:SecretIamMember": "secretmanager.googleapis.com",
 }
 #: Enabled in every new project (Google's default services), so nothing enables them.
 ON_BY_DEFAULT = {"gcp:storage/bucketIAMMember:BucketIAMMember"}
@@ -30,8 +34,14 @@ ON_BY_DEFAULT = {"gcp:storage/bucketIAMMember:BucketIAMMember"}
 
 @pytest.fixture(scope="module")
 def run() -> ProgramRun:
-    # Seed compatibility and a DVC bucket add the key and the bucket binding.
-    return run_program("dev", {"seedCompatibility": True, "dvcBucket": "acme-dvc"})
+    # Seed compatibility and a DVC bucket add the key and the bucket binding; a private mirror
+    # upstream the Secret Manager binding.
+    return run_program("dev", {"seedCompatibility": True, "dvcBucket": "acme-dvc",
+                               "imageMirrorUpstreams": ["ghcr.io", "nvcr.io"],
+                               "imageMirrorCredentials": {"nvcr.io": {
+                                   "username": "$oauthtoken",
+                                   "passwordSecretVersion":
+                                       "projects/acme-ml-ci/secrets/ngc-key/versions/1"}}})
 
 
 def upstream(run: ProgramRun, resource: RegisteredResource) -> list[RegisteredResource]:

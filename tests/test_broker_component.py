@@ -205,6 +205,10 @@ def test_broker_environment_carries_the_resolved_numeric_ids_and_the_default_pol
         contract.ENV_ALLOWED_REFS: "[]",
         contract.ENV_ALLOWED_WORKFLOW_REFS: "[]",
         contract.ENV_ALLOWED_IMAGES: "[]",
+        contract.ENV_REQUIRE_IMAGE_DIGESTS: "false",
+        # Image streaming is on by default in GKE mode: job images come through the mirror.
+        contract.ENV_REGISTRY_MIRRORS: (
+            '{"ghcr.io": "us-central1-docker.pkg.dev/acme-ml-ci/gpu-runners-dev-ghcr-io"}'),
         # gpuCapPerRepository 0: the namespace's GPU quota (one L4 in dev).
         contract.ENV_GPU_CAP_PER_REPOSITORY: "1",
         contract.ENV_REAPER_INTERVAL_SECONDS: "300",
@@ -224,6 +228,7 @@ def test_configured_policy_reaches_the_broker_as_written() -> None:
         "brokerAllowedRefs": ["refs/heads/main", "refs/tags/v*"],
         "brokerAllowedWorkflowRefs": ["Acme-ML/Vision-Models/.github/workflows/train.yaml@*"],
         "allowedImages": ["ghcr.io/acme-ml/cuda-*@sha256:*"],
+        "requireImageDigests": True,
         "gpuCapPerRepository": 4,
         "reaperIntervalSeconds": 120,
         "maxRuntimeMinutes": 480,
@@ -237,6 +242,7 @@ def test_configured_policy_reaches_the_broker_as_written() -> None:
     assert json.loads(env[contract.ENV_ALLOWED_WORKFLOW_REFS]) == [
         "Acme-ML/Vision-Models/.github/workflows/train.yaml@*"]
     assert json.loads(env[contract.ENV_ALLOWED_IMAGES]) == ["ghcr.io/acme-ml/cuda-*@sha256:*"]
+    assert env[contract.ENV_REQUIRE_IMAGE_DIGESTS] == "true"
     assert env[contract.ENV_GPU_CAP_PER_REPOSITORY] == "4"
     assert env[contract.ENV_REAPER_INTERVAL_SECONDS] == "120"
     assert env[contract.ENV_MAX_RUNTIME_MINUTES] == "480"

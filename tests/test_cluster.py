@@ -62,7 +62,9 @@ def test_nodes_run_as_a_dedicated_least_privilege_service_account(dev: ProgramRu
     email = f"{account.inputs['accountId']}@acme-ml-ci.iam.gserviceaccount.com"
     roles = [m.inputs for m in dev.of_type("gcp:projects/iAMMember:IAMMember")
              if m.inputs["member"] == f"serviceAccount:{email}"]
-    assert [r["role"] for r in roles] == ["roles/container.defaultNodeServiceAccount"]
+    # Image streaming (on by default) adds what GKE requires of a custom node account.
+    assert sorted(r["role"] for r in roles) == ["roles/container.defaultNodeServiceAccount",
+                                                "roles/serviceusage.serviceUsageConsumer"]
     for pool in dev.of_type(NODE_POOL):
         assert pool.inputs["nodeConfig"]["serviceAccount"] == email
         assert pool.inputs["nodeConfig"]["workloadMetadataConfig"] == {"mode": "GKE_METADATA"}

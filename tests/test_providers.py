@@ -27,6 +27,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "existing cluster": ("dev", {"clusterMode": "existing", "kubeconfigContext": "onprem",
                                  "gpuQuota": 2}),
     "public repository": ("dev", {"repositoryPrivate": False}),
+    "mirrors with a private upstream": ("dev", {
+        "imageMirrorUpstreams": ["ghcr.io", "docker.io", "nvcr.io"],
+        "imageMirrorCredentials": {"nvcr.io": {
+            "username": "$oauthtoken",
+            "passwordSecretVersion": "projects/acme-ml-ci/secrets/ngc-key/versions/1"}}}),
 }
 
 

@@ -37,7 +37,8 @@ def test_dev_exports_what_operators_need_and_keeps_the_kubeconfig_secret(dev: Pr
     assert set(dev.outputs) == {"clusterName", "clusterLocation", "kubeconfig", "runnerImage",
                                 "runnerNamespace", "repositorySecrets",
                                 "workloadIdentityProvider", "ciServiceAccount", "brokerImage",
-                                "brokerNamespace", "brokerUrl", "brokerAudience"}
+                                "brokerNamespace", "brokerUrl", "brokerAudience",
+                                "imageMirrors"}
     assert dev.secret_outputs == {"kubeconfig"}
     for token in TEST_SECRETS.values():
         assert token not in json.dumps(dev.outputs)

@@ -9,6 +9,7 @@ OIDC token; the run it acts for is the token's, never anything in the request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -31,9 +32,10 @@ from gpu_runners.broker.base_runners import (
     replace_forever,
 )
 from gpu_runners.broker.gpu_cap import RepositoryGpuCap, pod_gpus
+from gpu_runners.broker.image_registry import PullSecretRegistry
 from gpu_runners.broker.metrics import BrokerMetrics
 from gpu_runners.broker.oidc import RunClaims, TokenRejectedError
-from gpu_runners.broker.policy import decide, run_identity
+from gpu_runners.broker.policy import ImageResolver, decide, run_identity
 from gpu_runners.broker.reconcile import reconcile_forever
 from gpu_runners.broker.runs import SPAWN_THREADS, RunClients, RunOperations, error_code
 from gpu_runners.broker.settings import BrokerSettings
@@ -79,6 +81,7 @@ def broker_app(
     heartbeat_seconds: float = broker_api.HEARTBEAT_SECONDS,
     reconcile: bool = True,
     spawn_threads: int = SPAWN_THREADS,
+    images: ImageResolver | None = None,
 ) -> Starlette:
     """The whole broker on the given clients: metrics, GPU cap, operations, routes, reaper.
 
@@ -92,6 +95,8 @@ def broker_app(
         heartbeat_seconds: Quiet seconds before a stream sends a heartbeat.
         reconcile: Run the reaper loop every `settings.reaper_interval_seconds`.
         spawn_threads: Most spawns running at once; more wait for a thread.
+        images: Resolves asked images; by default their registries, with the credentials of
+            the stack's pull Secret.
 
     Returns:
         The app; `app.state.operations` holds the run operations, `app.state.base_runners`
@@ -107,7 +112,8 @@ def broker_app(
                                      audience=contract.base_runner_audience(settings.audience))
     app = build_app(settings=settings, verifier=verifier, operations=operations,
                     metrics=metrics, heartbeat_seconds=heartbeat_seconds, reconcile=reconcile,
-                    base_runners=base_runners)
+                    base_runners=base_runners,
+                    images=images or PullSecretRegistry(lambda: pull_config(kube, settings)))
     app.state.operations = operations
     app.state.base_runners = base_runners
     return app
@@ -121,6 +127,7 @@ def build_app(
     metrics: BrokerMetrics,
     heartbeat_seconds: float = broker_api.HEARTBEAT_SECONDS,
     reconcile: bool = True,
+    images: ImageResolver,
     base_runners: BaseRunnerConfigs | None = None,
 ) -> Starlette:
     """The broker's Starlette app: its routes, and the reaper loop while it serves.
@@ -136,6 +143,7 @@ def build_app(
             broker stops).
         base_runners: Serves the base runner pods' configs and replaces used pods; None
             answers `POST /v1/base-runner/config` with 404.
+        images: Resolves asked images to digests (see policy.decide).
     """
     clients = operations.clients
 
@@ -216,7 +224,8 @@ def build_app(
         ask = await read_ask(request)
         claims = await authenticate(request)
         try:
-            decision = decide(ask, claims, settings)
+            # In a worker thread: an asked image is resolved through its registry.
+            decision = await operations.in_thread(lambda: decide(ask, claims, settings, images))
         except GpuRunnersError as e:
             raise _RefusedError(error_code(e), str(e)) from None
         if operations.closing.is_set():
@@ -291,6 +300,15 @@ def build_app(
 
 def _too_large() -> str:
     return f"request body is larger than {broker_api.MAX_BODY_BYTES} bytes"
+
+
+def pull_config(kube: KubeClient, settings: BrokerSettings) -> str | None:
+    """The `.dockerconfigjson` of the stack's image pull Secret, or None without one."""
+    if settings.image_pull_secret is None:
+        return None
+    secret = kube.read_secret(settings.namespace, settings.image_pull_secret)
+    encoded = (secret.data or {}).get(".dockerconfigjson") if secret is not None else None
+    return base64.b64decode(encoded).decode() if encoded else None
 
 
 def readiness_problems(verifier: TokenVerifier, operations: RunOperations) -> list[str]:

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TypeVar
 
 from gpu_runners import contract
@@ -60,6 +61,9 @@ class BrokerSettings:
         allowed_refs: fnmatch patterns on `ref` (empty: any).
         allowed_workflow_refs: fnmatch patterns on `job_workflow_ref` (empty: any).
         allowed_images: fnmatch patterns of images a run may ask for besides `image`.
+        require_image_digests: Refuse an asked image named by tag (else its tag is resolved).
+        registry_mirrors: Upstream registry host -> mirror prefix job images are pulled
+            through (GKE image streaming); empty: pulled from their registries.
         gpu_cap_per_repository: Most GPUs the repository's live runner pods may hold at once.
         reaper_interval_seconds: Seconds between two reaper passes.
         port: The port the broker listens on.
@@ -82,6 +86,8 @@ class BrokerSettings:
     allowed_refs: tuple[str, ...]
     allowed_workflow_refs: tuple[str, ...]
     allowed_images: tuple[str, ...]
+    require_image_digests: bool
+    registry_mirrors: Mapping[str, str]
     gpu_cap_per_repository: int
     reaper_interval_seconds: float
     port: int
@@ -118,6 +124,8 @@ class BrokerSettings:
             allowed_refs=reader.patterns(contract.ENV_ALLOWED_REFS),
             allowed_workflow_refs=reader.patterns(contract.ENV_ALLOWED_WORKFLOW_REFS),
             allowed_images=reader.patterns(contract.ENV_ALLOWED_IMAGES),
+            require_image_digests=reader.boolean(contract.ENV_REQUIRE_IMAGE_DIGESTS),
+            registry_mirrors=reader.string_map(contract.ENV_REGISTRY_MIRRORS),
             gpu_cap_per_repository=reader.integer(contract.ENV_GPU_CAP_PER_REPOSITORY, low=1,
                                                   high=10_000),
             reaper_interval_seconds=float(reader.integer(
@@ -200,6 +208,26 @@ class _Reader:
                 f"{name}: {', '.join(forbidden)} may not use GPU runners (they run with the "
                 "repository's rights on code it did not review)")
         return events
+
+    def string_map(self, name: str) -> Mapping[str, str]:
+        text = self.environ.get(name, "").strip()
+        if not text:
+            return MappingProxyType({})
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and k and v for k, v in value.items()):
+            self.problems.append(f"{name}: {text!r} is not a JSON object of non-empty strings")
+            return MappingProxyType({})
+        return MappingProxyType(value)
+
+    def boolean(self, name: str) -> bool:
+        text = self.environ.get(name, "").strip().lower()
+        if text not in ("", "true", "false"):
+            self.problems.append(f"{name}: {text!r} is not true or false")
+        return text == "true"
 
     def patterns(self, name: str) -> tuple[str, ...]:
         text = self.environ.get(name, "").strip()

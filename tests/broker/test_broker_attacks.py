@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from gpu_runners import broker_api, contract
+from gpu_runners.broker.image_registry import PullSecretRegistry
 from tests.broker.broker_harness import (
     MAX_RUNTIME_MINUTES,
     ServedBroker,
@@ -25,6 +26,7 @@ from tests.broker.broker_harness import (
 )
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
+from tests.fakes.oci_registry import FakeOciRegistry
 from tests.fakes.oidc_issuer import FakeOidcIssuer, new_signing_key
 
 ALLOWED_IMAGE = "ghcr.io/acme/cuda-trainer@sha256:" + "b" * 64
@@ -171,17 +173,18 @@ def test_an_image_the_stack_does_not_allow_is_refused_before_anything(
 
 def test_an_image_matching_an_allowed_pattern_is_used(
     make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
-    fake_kube: FakeKubernetes,
+    fake_kube: FakeKubernetes, fake_registry: FakeOciRegistry,
 ) -> None:
+    digest = fake_registry.add_image("acme/cuda-trainer", "12.4")
     env[contract.ENV_ALLOWED_IMAGES] = '["ghcr.io/acme/cuda-trainer@sha256:*"]'
-    broker = make_broker(env)
+    broker = make_broker(env, images=PullSecretRegistry(
+        lambda: None, endpoints={"ghcr.io": fake_registry.url}))
+    image = f"ghcr.io/acme/cuda-trainer@{digest}"
 
-    assert spawn(broker.url, fake_oidc.mint(), {"image": ALLOWED_IMAGE}).last.event == "ready"
+    assert spawn(broker.url, fake_oidc.mint(), {"image": image}).last.event == "ready"
     pod = fake_kube.pod("gpu-123-1")
     assert pod is not None
-    images = [c["image"] for c in pod["spec"]["containers"] + pod["spec"].get("initContainers",
-                                                                             [])]
-    assert ALLOWED_IMAGE in images
+    assert pod["spec"]["containers"][0]["image"] == image
 
 
 def test_an_oversized_body_is_refused_before_the_token_is_read(

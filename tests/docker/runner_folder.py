@@ -1,4 +1,5 @@
-"""A runner folder laid out like the image's, with stand-ins for config.sh and run.sh.
+"""A runner folder laid out like the image's, with stand-ins for config.sh, run.sh and
+bin/Runner.Listener.
 
 docker/entrypoint.sh runs for real (bash, curl, jq) in such a folder. The stand-ins are small
 Python scripts that record each start (arguments, environment, signal state) as one JSON line
@@ -33,6 +34,8 @@ import sys
 from pathlib import Path
 
 folder = Path(__file__).resolve().parent
+# The listener lives in bin/; every stand-in records into the runner folder itself.
+folder = folder.parent if folder.name == "bin" else folder
 script = Path(__file__).name
 
 
@@ -97,14 +100,24 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
         time.sleep(0.01)
 
 
-class RunnerFolder:
-    """A temporary runner folder with recording stand-ins for config.sh and run.sh."""
+#: The stand-ins, relative to the runner folder. The listener is executed directly by an
+#: injected runner's job container (gpu_runners/runner_injection.py); it behaves like run.sh.
+STAND_INS = ("config.sh", "run.sh", "bin/Runner.Listener")
 
-    def __init__(self, path: Path) -> None:
+
+class RunnerFolder:
+    """A temporary runner folder with recording stand-ins for config.sh, run.sh, the listener."""
+
+    def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Lays out the folder at `path`; with create=False, only reads one laid out before
+        (a copy of one, say)."""
         self.path = path
+        if not create:
+            return
         path.mkdir(parents=True, exist_ok=True)
+        (path / "bin").mkdir(exist_ok=True)
         source = _STAND_IN.format(python=sys.executable, calls=CALLS_FILE)
-        for script in ("config.sh", "run.sh"):
+        for script in STAND_INS:
             stand_in = path / script
             stand_in.write_text(source)
             stand_in.chmod(0o755)

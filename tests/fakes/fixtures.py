@@ -9,6 +9,7 @@ import pytest
 
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
+from tests.fakes.oci_registry import FakeOciRegistry
 from tests.fakes.oidc_issuer import FakeOidcIssuer
 
 
@@ -58,6 +59,13 @@ def fake_kube(make_fake_kube: Callable[..., FakeKubernetes]) -> FakeKubernetes:
     """A started FakeKubernetes with its defaults: namespace github-runners, three CPU nodes
     (gpu=false), one NVIDIA L4 pool autoscaled from zero, Pod Security restricted."""
     return make_fake_kube()
+
+
+@pytest.fixture
+def fake_registry() -> Iterator[FakeOciRegistry]:
+    """A started FakeOciRegistry (token service, manifests, blobs), stopped afterwards."""
+    with FakeOciRegistry() as registry:
+        yield registry
 
 
 @contextlib.contextmanager

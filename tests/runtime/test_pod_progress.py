@@ -215,3 +215,52 @@ def test_repeated_autoscaler_events_are_reported_once() -> None:
 
     assert len(first) == 1
     assert again == []
+
+
+def container_event(reason: str, message: str, container: str) -> CoreV1Event:
+    kind = "initContainers" if container == "inject-runner" else "containers"
+    return CoreV1Event(
+        metadata=V1ObjectMeta(name=f"{NAME}.2"),
+        involved_object=V1ObjectReference(kind="Pod", name=NAME, uid=UID,
+                                          field_path=f"spec.{kind}{{{container}}}"),
+        reason=reason, message=message)
+
+
+def test_the_init_containers_pull_of_the_runner_image_is_not_the_jobs_image_pull() -> None:
+    tracker = progress()
+
+    notices = tracker.observe_event(container_event(
+        "Pulled", f'Successfully pulled image "{IMAGE}" in 2s', "inject-runner"), 5.0)
+
+    assert notices == []
+    assert Stage.IMAGE_PULLED not in tracker.reached
+
+
+def test_the_job_images_pull_is_timed_from_pulling_to_pulled_and_its_kind_kept() -> None:
+    tracker = progress()
+
+    tracker.observe_event(container_event("Pulling", f'Pulling image "{IMAGE}"', "runner"), 3.0)
+    tracker.observe_event(container_event(
+        "ImageStreaming", f"Image {IMAGE} is backed by image streaming.", "runner"), 3.1)
+    tracker.observe_event(container_event("Pulled", "Successfully pulled image", "runner"), 4.5)
+
+    assert (tracker.reached[Stage.PULLING], tracker.reached[Stage.IMAGE_PULLED]) == (3.0, 4.5)
+    assert tracker.image_pull == "streamed"
+
+
+def test_an_image_already_on_the_node_is_reported_cached() -> None:
+    tracker = progress()
+
+    tracker.observe_event(container_event(
+        "Pulled", f'Container image "{IMAGE}" already present on machine', "runner"), 1.0)
+
+    assert tracker.image_pull == "cached"
+
+
+def test_the_autoscalers_decision_is_timed() -> None:
+    tracker = progress()
+
+    tracker.observe_event(event("TriggeredScaleUp", "pod triggered scale-up: [{pool 0->1}]"), 8.0)
+
+    assert tracker.reached[Stage.SCALE_UP] == 8.0
+    assert tracker.node_added

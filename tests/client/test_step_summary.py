@@ -1,0 +1,74 @@
+"""The spawn's step summary: where the cold start went (pure: a SpawnResult in, Markdown out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gpu_runners import contract
+from gpu_runners.broker_api import SpawnResult
+from gpu_runners.step_outputs import cold_start_rows, write_spawn_outputs
+
+#: A cold start on a new L4 node: the seconds from the start at which each stage was reached.
+COLD = {"created": 0.4, "scale-up triggered": 9.1, "scheduled": 251.6, "image pulling": 252.0,
+        "image pulled": 263.5, "container running": 264.2, "runner online": 270.9}
+
+
+def result(**overrides: Any) -> SpawnResult:
+    fields: dict[str, Any] = {
+        "label": "gpu-123-1", "namespace": "github-runners", "pod_name": "gpu-123-1",
+        "node": "gke-gpu-l4-7", "gpu_type": "nvidia-l4", "gpu_count": 1, "node_added": True,
+        "reused": False, "seconds": 271.0, "stage_seconds": COLD, "image_pull": "streamed",
+        **overrides}
+    return SpawnResult(**fields)
+
+
+def test_a_cold_start_on_a_new_node_is_split_into_its_phases() -> None:
+    assert cold_start_rows(result()) == [
+        ("New node", "yes, added by the autoscaler"),
+        ("Scale-up decision", "8.7 s"),
+        ("Node ready with GPU driver", "242.5 s"),
+        ("Image pull", "11.5 s, streamed from Artifact Registry (GKE image streaming)"),
+        ("Runner online", "6.7 s after its container started"),
+    ]
+
+
+def test_a_warm_start_on_an_existing_node_with_the_image_cached() -> None:
+    warm = {"created": 0.1, "scheduled": 0.3, "image pulling": 0.5, "image pulled": 0.6,
+            "container running": 1.0, "runner online": 4.2}
+
+    rows = cold_start_rows(result(node_added=False, stage_seconds=warm, image_pull="cached"))
+
+    assert rows == [
+        ("New node", "no, an existing node"),
+        ("Scheduling", "0.2 s"),
+        ("Image pull", "0.1 s, already on the node"),
+        ("Runner online", "3.2 s after its container started"),
+    ]
+
+
+def test_an_image_pulled_in_full_says_so() -> None:
+    (pull,) = [row for row in cold_start_rows(result(image_pull="pulled")) if row[0] ==
+               "Image pull"]
+
+    assert pull == ("Image pull", "11.5 s, pulled in full")
+
+
+def test_the_summary_table_carries_the_phases(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+
+    write_spawn_outputs(result(), {contract.ENV_STEP_SUMMARY: str(summary)})
+
+    text = summary.read_text()
+    assert "| Scale-up decision | 8.7 s |" in text
+    assert "| Node ready with GPU driver | 242.5 s |" in text
+    assert "| Image pull | 11.5 s, streamed from Artifact Registry (GKE image streaming) |" in text
+
+
+def test_a_reused_runner_has_no_cold_start_to_explain(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+
+    write_spawn_outputs(result(reused=True), {contract.ENV_STEP_SUMMARY: str(summary)})
+
+    assert "Scale-up decision" not in summary.read_text()
+    assert "| Ready after | 271.0 s (reused) |" in summary.read_text()
