@@ -8,13 +8,14 @@ sleep (an injected delay) or stream (an open spawn stream) can end at once.
 
 from __future__ import annotations
 
+import abc
 import http.server
 import threading
 from types import TracebackType
 from typing import Self
 
 
-class LoopbackServer:
+class LoopbackServer(abc.ABC):
     """Serves `_handler_class()` on an ephemeral 127.0.0.1 port, from start() to stop()."""
 
     server_name = "fake"
@@ -24,8 +25,9 @@ class LoopbackServer:
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
+    @abc.abstractmethod
     def _handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
-        raise NotImplementedError(f"{type(self).__name__} must build its request handler")
+        """The request handler class, bound to this fake's state."""
 
     @property
     def url(self) -> str:
