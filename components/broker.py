@@ -16,6 +16,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 from pulumi_kubernetes.core.v1 import EnvVarArgsDict, PodSpecArgsDict
 
+from components.container_image import image_pull_secret
 from components.runner_plane import (
     BASE_RUNNER_POD_LABELS,
     DELETION_PROPAGATION_ANNOTATION,
@@ -318,13 +319,8 @@ class RunnerBroker(pulumi.ComponentResource):
         needed: list[pulumi.Resource] = [credential]
         pull_secrets: list[k8s.core.v1.LocalObjectReferenceArgsDict] = []
         if args.image_pull_config is not None:
-            needed.append(k8s.core.v1.Secret(
-                f"{name}-pull",
-                metadata=meta(contract.IMAGE_PULL_SECRET_NAME),
-                type="kubernetes.io/dockerconfigjson",
-                string_data={".dockerconfigjson": args.image_pull_config},
-                opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
-            ))
+            needed.append(image_pull_secret(f"{name}-pull", meta(contract.IMAGE_PULL_SECRET_NAME),
+                                            args.image_pull_config, self))
             pull_secrets = [{"name": contract.IMAGE_PULL_SECRET_NAME}]
 
         account = k8s.core.v1.ServiceAccount(

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pulumi
 import pulumi_docker_build as docker_build
+import pulumi_kubernetes as k8s
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = "ghcr.io"
@@ -82,6 +83,21 @@ def dockerconfigjson(username: str, token: str) -> str:
     """A kubernetes.io/dockerconfigjson document that lets a pod pull from GHCR."""
     auth = base64.b64encode(f"{username}:{token}".encode()).decode()
     return json.dumps({"auths": {REGISTRY: {"username": username, "auth": auth}}})
+
+
+def image_pull_secret(resource_name: str, metadata: k8s.meta.v1.ObjectMetaArgsDict,
+                      config: pulumi.Input[str], parent: pulumi.Resource) -> k8s.core.v1.Secret:
+    """The kubernetes.io/dockerconfigjson Secret a namespace's pods pull a private image with.
+
+    Its name is fixed (pods name it), so a changed token deletes the old Secret first.
+    """
+    return k8s.core.v1.Secret(
+        resource_name,
+        metadata=metadata,
+        type="kubernetes.io/dockerconfigjson",
+        string_data={".dockerconfigjson": config},
+        opts=pulumi.ResourceOptions(parent=parent, delete_before_replace=True),
+    )
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pulumi_kubernetes.core.v1 import (
     VolumeMountArgsDict,
 )
 
+from components.container_image import image_pull_secret
 from gpu_runners import contract
 
 #: Time a base runner pod gets after SIGTERM: the runner cancels its job, and a client call in
@@ -198,13 +199,8 @@ class RunnerPlane(pulumi.ComponentResource):
             )
         pull_secrets: list[k8s.core.v1.LocalObjectReferenceArgsDict] = []
         if args.image_pull_config is not None:
-            pull_secret = k8s.core.v1.Secret(
-                f"{name}-pull",
-                metadata=meta(contract.IMAGE_PULL_SECRET_NAME),
-                type="kubernetes.io/dockerconfigjson",
-                string_data={".dockerconfigjson": args.image_pull_config},
-                opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
-            )
+            pull_secret = image_pull_secret(f"{name}-pull", meta(contract.IMAGE_PULL_SECRET_NAME),
+                                            args.image_pull_config, self)
             secrets_needed.append(pull_secret)
             pull_secrets = [{"name": contract.IMAGE_PULL_SECRET_NAME}]
 
