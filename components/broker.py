@@ -50,6 +50,16 @@ TOKEN_REVIEW_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
      "verbs": ["create"]},
 ]
 
+#: The broker's rights in the runner namespace: the spawner rules, plus its run records
+#: (ConfigMaps holding what a run needs to be recovered from a Spot preemption; no credential).
+#: `list` because the recovery pass reads every record; no `watch`, no `patch`: a record is
+#: replaced whole, with the resourceVersion it was read at.
+BROKER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
+    *SPAWNER_RULES,
+    {"api_groups": [""], "resources": ["configmaps"],
+     "verbs": ["create", "get", "list", "update", "delete"]},
+]
+
 #: Security-scanner findings that do not apply to the broker, each with its reason.
 _SKIP_TOKEN = ("CKV_K8S_38", "the broker creates, watches and deletes GPU runner pods through "
                "this token; its only Role is in the runner namespace, its only cluster-wide "
@@ -333,7 +343,7 @@ class RunnerBroker(pulumi.ComponentResource):
         role = k8s.rbac.v1.Role(
             f"{name}-spawner-role",
             metadata={**meta(contract.BROKER_NAME), "namespace": args.runner_namespace},
-            rules=SPAWNER_RULES,
+            rules=BROKER_RULES,
             opts=child,
         )
         binding = k8s.rbac.v1.RoleBinding(

@@ -249,6 +249,8 @@ class SpawnResult:
         run_url: The workflow run attempt the runner serves.
         image_pull: How the image reached the node: "cached", "streamed", "pulled" (in
             full), or "" when not seen.
+        preemptions: One line per pod of this run lost to its node and replaced (a Spot VM
+            reclaimed), oldest first; empty when none was.
     """
 
     label: str
@@ -263,11 +265,13 @@ class SpawnResult:
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
     run_url: str = ""
     image_pull: str = ""
+    preemptions: Sequence[str] = ()
 
     def to_json(self) -> dict[str, Any]:
         """The `result` of a `ready` event."""
         data = asdict(self)
         data["stage_seconds"] = dict(self.stage_seconds)
+        data["preemptions"] = list(self.preemptions)
         return data
 
     @classmethod
@@ -296,6 +300,7 @@ class SpawnResult:
             stage_seconds={str(k): float(v) for k, v in stages.items()},
             run_url=_take(data, "run_url", str, ""),
             image_pull=_take(data, "image_pull", str, ""),
+            preemptions=_strings(data, "preemptions"),
         )
 
 
@@ -355,22 +360,28 @@ class StreamEvent:
 
 @dataclass(frozen=True)
 class DeleteOutcome:
-    """What `DELETE /v1/runner` removed (names), per kind; empty lists when all was gone."""
+    """What `DELETE /v1/runner` removed (names), per kind; empty lists when all was gone.
+
+    `recoveries` says, one line each, what the broker did for the run's runners lost to their
+    nodes (Spot preemption), and whether a recovery is still to come.
+    """
 
     pods: Sequence[str] = ()
     secrets: Sequence[str] = ()
     registrations: Sequence[str] = ()
+    recoveries: Sequence[str] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"pods": list(self.pods), "secrets": list(self.secrets),
-                "registrations": list(self.registrations)}
+                "registrations": list(self.registrations), "recoveries": list(self.recoveries)}
 
     @classmethod
     def from_json(cls, data: Any) -> DeleteOutcome:
         if not isinstance(data, dict):
             raise ProtocolError("body", "expected a JSON object")
         return cls(pods=_strings(data, "pods"), secrets=_strings(data, "secrets"),
-                   registrations=_strings(data, "registrations"))
+                   registrations=_strings(data, "registrations"),
+                   recoveries=_strings(data, "recoveries"))
 
 
 @dataclass(frozen=True)

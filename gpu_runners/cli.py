@@ -247,9 +247,10 @@ def _spawn(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     except Interrupted as e:
         _remove_after_signal(client, log, e.signum)
         raise
-    from gpu_runners.step_outputs import write_spawn_outputs
+    from gpu_runners.step_outputs import write_preemption_notes, write_spawn_outputs
 
     write_spawn_outputs(result, environ)
+    write_preemption_notes(result.preemptions, {})  # the notices; the table has its rows
     log.line(f"ready: runs-on: {result.label}")
     return 0
 
@@ -293,6 +294,10 @@ def _delete(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         log.line(f"deleted {line}")
     if not _removed(outcome):
         log.line(f"nothing left of {_run_label(environ)}: pod, secret and registration are gone")
+    if outcome.recoveries:
+        from gpu_runners.step_outputs import write_preemption_notes
+
+        write_preemption_notes(outcome.recoveries, environ)
     return 0
 
 

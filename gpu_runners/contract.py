@@ -134,6 +134,9 @@ BASE_RUNNER_TOKEN_FILE = "token"
 #: Labels of a base runner's JIT registration (JIT adds none itself): workflows target
 #: [self-hosted, base-runner].
 BASE_RUNNER_RUNNER_LABELS = ("self-hosted", BASE_RUNNER_LABEL)
+#: Value of LABEL_COMPONENT on the broker's run records (ConfigMaps in the runner namespace,
+#: with LABEL_NAME GPU_RUNNER_APP and the run's labels): what a run needs to be recovered.
+RUN_RECORD_COMPONENT = "run-record"
 #: Value of LABEL_COMPONENT on base runner pods (with LABEL_NAME BASE_RUNNER_APP).
 BASE_RUNNER_COMPONENT = "runner"
 #: Name of the runner container in a base runner pod.

@@ -104,6 +104,23 @@ class PodFailedError(SpawnFailedError):
     exit_code = 7
 
 
+class PodPreemptedError(PodFailedError):
+    """The pod was lost to its node (a Spot VM reclaimed, a node removed) before its runner
+    came online: not the job's doing, so the broker may start a replacement.
+
+    Attributes:
+        stage: The furthest stage the pod had reached ("scheduled", "image pulling", ...).
+        cause: What happened to its node.
+        node: The node it had been scheduled to ("" if none).
+    """
+
+    def __init__(self, message: str, *, stage: str, cause: str, node: str = "") -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.cause = cause
+        self.node = node
+
+
 class WaitTimeoutError(SpawnFailedError):
     """The runner was not online within the wait timeout."""
 

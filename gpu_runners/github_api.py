@@ -28,6 +28,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,6 +49,12 @@ USER_AGENT = "gpu-runners"
 #: The "Default" runner group: the only group of a repository, and id 1 in every organisation.
 DEFAULT_RUNNER_GROUP_ID = 1
 PAGE_SIZE = 100  # GitHub's maximum per_page for the runner list
+#: What re-running or cancelling a workflow run needs (the broker's preemption recovery).
+ACTIONS_WRITE_HINT = (
+    "a GitHub App or fine-grained token needs the repository permission Actions: write; a "
+    "classic PAT the repo scope (GitHub also answers 403 for a run still in progress or past "
+    "its re-run limits)"
+)
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="next"')
 
 
@@ -316,15 +323,76 @@ class JitRunner:
 
 @dataclass(frozen=True)
 class RunStatus:
-    """A workflow run's status ("queued", "in_progress", "completed", ...) and conclusion."""
+    """A workflow run's status ("queued", "in_progress", "completed", ...), conclusion, attempt.
+
+    `attempt` is the run's latest attempt (`run_attempt`): it grows by one per re-run.
+    """
 
     status: str
     conclusion: str | None
+    attempt: int = 1
 
     @property
     def completed(self) -> bool:
         """Whether the run has ended; nothing of it will need a runner any more."""
         return self.status == "completed"
+
+
+@dataclass(frozen=True)
+class WorkflowJob:
+    """One job of one attempt of a workflow run, as GitHub reports it.
+
+    Attributes:
+        id: The job id.
+        name: The job's name.
+        status: "queued", "in_progress", "completed" (or "waiting", "pending", ...).
+        conclusion: "success", "failure", "cancelled", "skipped", ... once completed.
+        runner_name: The runner GitHub assigned the job to; None while none has it.
+        labels: The `runs-on` labels the job asked for.
+        completed_at: When it completed (UTC), if it has.
+    """
+
+    id: int
+    name: str
+    status: str
+    conclusion: str | None
+    runner_name: str | None
+    labels: tuple[str, ...] = ()
+    completed_at: datetime | None = None
+
+    @property
+    def completed(self) -> bool:
+        """Whether the job has ended."""
+        return self.status == "completed"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> WorkflowJob:
+        """Builds a job from one entry of GitHub's job list; ValueError if it is not one."""
+        job_id, status = data.get("id"), data.get("status")
+        if isinstance(job_id, bool) or not isinstance(job_id, int):
+            raise ValueError("a job has no integer id")
+        if not isinstance(status, str):
+            raise ValueError(f"job {job_id} has no status string")
+        conclusion, runner = data.get("conclusion"), data.get("runner_name")
+        labels = data.get("labels") or []
+        completed_at = data.get("completed_at")
+        return cls(
+            id=job_id,
+            name=str(data.get("name", "")),
+            status=status,
+            conclusion=conclusion if isinstance(conclusion, str) else None,
+            runner_name=runner if isinstance(runner, str) and runner else None,
+            labels=tuple(str(label) for label in labels if isinstance(label, str)),
+            completed_at=_parse_time(completed_at) if isinstance(completed_at, str) else None,
+        )
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -655,7 +723,66 @@ class GitHubClient:
             raise GitHubError(
                 f"GitHub's answer about run {run_id} of {repository} has no status string"
             )
-        return RunStatus(status=status, conclusion=conclusion)
+        attempt = body.get("run_attempt", 1)
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            attempt = 1
+        return RunStatus(status=status, conclusion=conclusion, attempt=attempt)
+
+    # --- workflow run endpoints (the broker's preemption recovery) ----------------------------
+
+    def list_run_jobs(self, repository: str, run_id: int, attempt: int) -> list[WorkflowJob]:
+        """Every job of one attempt of a workflow run.
+
+        Raises:
+            GitHubNotFoundError: GitHub knows no such run or attempt.
+            GitHubError: A request failed or an answer holds no job list.
+        """
+        path: str | None = f"/repos/{repository}/actions/runs/{run_id}/attempts/{attempt}/jobs"
+        query: dict[str, str] = {"per_page": str(PAGE_SIZE)}
+        jobs: list[WorkflowJob] = []
+        while path is not None:
+            response = self._request("GET", path, query=query)
+            body = response.body
+            items = body.get("jobs") if isinstance(body, Mapping) else None
+            if not isinstance(items, list):
+                raise GitHubError(f"GitHub's answer to GET {path} holds no list of jobs")
+            for item in items:
+                if not isinstance(item, Mapping):
+                    raise GitHubError(f"GitHub's answer to GET {path} holds a non-object job")
+                try:
+                    jobs.append(WorkflowJob.from_json(item))
+                except ValueError as e:
+                    raise GitHubError(f"GitHub's answer to GET {path}: {e}") from e
+            path, query = self._next_page(response, path)
+        return jobs
+
+    def rerun_failed_jobs(self, repository: str, run_id: int) -> None:
+        """Re-runs the failed jobs of a completed run and the jobs that need them.
+
+        Raises:
+            GitHubAuthError: The token lacks Actions: write, or GitHub refuses the re-run (a
+                run still in progress, or past its re-run limits).
+            GitHubError: The request failed.
+        """
+        self._actions_write("POST", f"/repos/{repository}/actions/runs/{run_id}/rerun-failed-jobs",
+                            body={})
+
+    def cancel_run(self, repository: str, run_id: int) -> bool:
+        """Cancels a workflow run; False when it had completed already (409).
+
+        Raises:
+            GitHubAuthError: The token lacks Actions: write.
+            GitHubError: The request failed.
+        """
+        try:
+            self._actions_write("POST", f"/repos/{repository}/actions/runs/{run_id}/cancel")
+        except GitHubConflictError:
+            return False
+        return True
+
+    def _actions_write(self, method: str, path: str,
+                       body: Mapping[str, Any] | None = None) -> Response:
+        return self._request(method, path, body=body, write=True, permission=ACTIONS_WRITE_HINT)
 
     # --- transport -----------------------------------------------------------------------------
 
@@ -705,6 +832,7 @@ class GitHubClient:
         query: Mapping[str, str] | None = None,
         body: Mapping[str, Any] | None = None,
         write: bool = False,
+        permission: str | None = None,
     ) -> Response:
         token = self._tokens.current()
         response = self._transport.request(
@@ -721,11 +849,13 @@ class GitHubClient:
                     method, path, credential=token.value, query=query, body=body
                 )
         if response.status >= 400:
-            raise self._error(response, f"{method} {path}", token, write=write)
+            raise self._error(response, f"{method} {path}", token, write=write,
+                              permission=permission)
         return response
 
     def _error(
-        self, response: Response, what: str, token: Token, *, write: bool
+        self, response: Response, what: str, token: Token, *, write: bool,
+        permission: str | None = None,
     ) -> GitHubError:
         status = response.status
         detail = _message(response.body)
@@ -740,6 +870,8 @@ class GitHubClient:
             granted = response.headers.get("x-oauth-scopes")
             if needed is not None and granted is not None:
                 hint = f"this needs the classic scope(s) {needed!r}; the token has {granted!r}"
+            elif permission is not None:
+                hint = permission
             else:
                 hint = self.scope.permission_hint(write=write, installation=token.installation)
             return GitHubAuthError(

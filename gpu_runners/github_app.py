@@ -63,6 +63,11 @@ ORGANIZATION_RUNNER_PERMISSIONS: Mapping[str, str] = {
 }
 
 
+#: What the broker's preemption recovery asks of its own installation token: re-running the
+#: failed jobs of a run whose GPU runner was lost, and cancelling a run that cannot get one.
+RECOVERY_PERMISSIONS: Mapping[str, str] = {"actions": "write"}
+
+
 class GitHubAppError(GitHubAuthError):
     """The App's key, id or installation is wrong, or the installation lacks a permission."""
 
@@ -301,7 +306,8 @@ def _epoch(timestamp: str) -> float | None:
 
 
 def token_source_from_environ(
-    environ: Mapping[str, str], *, repository_id: int | None, organization: bool
+    environ: Mapping[str, str], *, repository_id: int | None, organization: bool,
+    permissions: Mapping[str, str] | None = None,
 ) -> TokenSource:
     """The broker's GitHub credential: its GitHub App when one is configured, else its PAT.
 
@@ -315,6 +321,8 @@ def token_source_from_environ(
             every repository the installation covers).
         organization: Whether runners register to an organisation (the Self-hosted runners
             permission) rather than to the repository (Administration).
+        permissions: What an App's tokens are narrowed to, instead of the runner permissions
+            (e.g. RECOVERY_PERMISSIONS); a PAT is what it is.
 
     Returns:
         `GitHubAppTokens` or a `PatFile`. The PAT file, or the App's key, is read once now,
@@ -348,8 +356,9 @@ def token_source_from_environ(
             private_key_file=Path(values[contract.ENV_GITHUB_APP_PRIVATE_KEY_FILE]),
         )
         _private_key(app)
-        permissions = (ORGANIZATION_RUNNER_PERMISSIONS if organization
-                       else REPOSITORY_RUNNER_PERMISSIONS)
+        if permissions is None:
+            permissions = (ORGANIZATION_RUNNER_PERMISSIONS if organization
+                           else REPOSITORY_RUNNER_PERMISSIONS)
         return GitHubAppTokens(
             app,
             repository_ids=None if repository_id is None else (repository_id,),

@@ -32,6 +32,7 @@ from kubernetes.client import (
     AuthenticationV1Api,
     Configuration,
     CoreV1Api,
+    V1ConfigMap,
     V1DeleteOptions,
     V1Pod,
     V1Secret,
@@ -213,6 +214,48 @@ class KubeClient:
         """Deletes a Secret; False if it did not exist."""
         return self._delete(f"delete secrets in namespace {namespace}",
                             self.core.delete_namespaced_secret, name, namespace, None)
+
+    # --- config maps (the broker's run records) -------------------------------------------------
+
+    def create_config_map(self, namespace: str, config_map: V1ConfigMap) -> V1ConfigMap:
+        """Creates a ConfigMap (AlreadyExistsError if one of that name exists)."""
+        return self._call(f"create configmaps in namespace {namespace}",
+                          self.core.create_namespaced_config_map, namespace, config_map)
+
+    def read_config_map(self, namespace: str, name: str) -> V1ConfigMap | None:
+        """Returns the ConfigMap, or None if it does not exist."""
+        return self._read(f"get configmaps in namespace {namespace}",
+                          self.core.read_namespaced_config_map, name, namespace)
+
+    def replace_config_map(self, namespace: str, config_map: V1ConfigMap) -> V1ConfigMap:
+        """Replaces a ConfigMap whose `metadata.resourceVersion` is still the stored one.
+
+        Raises:
+            AlreadyExistsError: 409: it changed since it was read (optimistic concurrency).
+            KubernetesError: Any other failure (404 if it is gone).
+        """
+        name = config_map.metadata.name if config_map.metadata else ""
+        return self._call(f"update configmaps in namespace {namespace}",
+                          self.core.replace_namespaced_config_map, name, namespace, config_map)
+
+    def list_config_maps(self, namespace: str, label_selector: str) -> list[V1ConfigMap]:
+        """The ConfigMaps matching a label selector (all pages)."""
+        what = f"list configmaps in namespace {namespace}"
+        items: list[V1ConfigMap] = []
+        token: str | None = None
+        while True:
+            page = self._call(what, self.core.list_namespaced_config_map, namespace,
+                              label_selector=label_selector, limit=DEFAULT_PAGE_SIZE,
+                              _continue=token)
+            items.extend(page.items)
+            token = page.metadata.var_continue if page.metadata else None
+            if not token:
+                return items
+
+    def delete_config_map(self, namespace: str, name: str) -> bool:
+        """Deletes a ConfigMap; False if it did not exist."""
+        return self._delete(f"delete configmaps in namespace {namespace}",
+                            self.core.delete_namespaced_config_map, name, namespace, None)
 
     # --- authentication ------------------------------------------------------------------------
 

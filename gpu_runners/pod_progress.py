@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from kubernetes.client import CoreV1Event, V1ContainerStateTerminated, V1ContainerStatus, V1Pod
 
 from gpu_runners import contract
-from gpu_runners.errors import ImagePullError, NoCapacityError, PodFailedError
+from gpu_runners.errors import ImagePullError, NoCapacityError, PodFailedError, PodPreemptedError
+from gpu_runners.pod_disruption import disruption
 from gpu_runners.runner_injection import INIT_CONTAINER as INJECTION_INIT_CONTAINER
 
 #: Container waiting reasons that mean the image will not be pulled without a change.
@@ -151,6 +152,12 @@ class PodProgress:
             if runner.state.running is not None or runner.state.terminated is not None:
                 notices += self._reach(Stage.IMAGE_PULLED, "image pulled", now)
                 notices += self._reach(Stage.RUNNING, "container running", now)
+        lost = disruption(pod)
+        if lost is not None:
+            # Ending or ended with its node: a replacement may succeed where it could not.
+            raise PodPreemptedError(
+                f"pod {self.pod_name} was lost while {self.last_stage.value}: {lost.cause}",
+                stage=self.last_stage.value, cause=lost.cause, node=self.node_name or "")
         if status.phase in ("Failed", "Succeeded"):
             raise PodFailedError(self._ended_reason(pod))
         return notices

@@ -193,6 +193,8 @@ def reap(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     busy_runs: Collection[RunAttempt] = (),
     secret_grace: timedelta = DEFAULT_SECRET_GRACE,
+    left_to_recovery: Callable[[V1Pod], bool] = lambda pod: False,
+    before_removal: Callable[[V1Pod], None] = lambda pod: None,
 ) -> ReapReport:
     """Removes leftover GPU pods and runner registrations; prints each action and a count.
 
@@ -209,6 +211,10 @@ def reap(
             theirs is touched. Consulted when each pod is judged and again just before the
             removals, so a live view (the broker's set of runs in flight) narrows the window.
         secret_grace: How long a pod may wait for its JIT config Secret (rule 3).
+        left_to_recovery: Whether a pod is the broker's preemption recovery's to handle (lost
+            to its node, with a run record): such a pod is kept.
+        before_removal: Called with each pod just before it is deleted (the broker drops the
+            run's record first, so a reaped pod is never mistaken for one lost to its node).
 
     Returns:
         What was removed, kept, and what failed (failures do not stop the pass).
@@ -236,6 +242,9 @@ def reap(
             continue  # already on its way out
         if busy(_pod_attempt(pod)):
             report.kept.append(ReapAction("pod", name, "an operation on its run is in flight"))
+            continue
+        if left_to_recovery(pod):
+            report.kept.append(ReapAction("pod", name, "lost to its node: recovery's to handle"))
             continue
         reason = _finished_or_expired(pod, moment)
         awaited = _awaited_secret(pod, moment, secret_grace) if reason is None else None
@@ -273,7 +282,7 @@ def reap(
         for name, (_pod, reason) in sorted(doomed.items()):
             _act(report, log, dry_run, ReapAction("pod", name, reason))
         if not dry_run:
-            _delete_pods(kube, namespace, doomed, pool, report)
+            _delete_pods(kube, namespace, doomed, pool, report, before_removal)
 
         if registrations is not None:
             pod_runners = {_runner_name(pod) for pod in pods}
@@ -427,15 +436,18 @@ def _delete_pods(
     doomed: dict[str, tuple[V1Pod, str]],
     pool: ThreadPoolExecutor,
     report: ReapReport,
+    before_removal: Callable[[V1Pod], None],
 ) -> None:
     """Deletes the doomed pods one by one, several at a time.
 
     One request per pod keeps the reaper within the spawner Role (delete, not deletecollection)
     and selects nothing but the pods it examined.
     """
-    failures = pool.map(
-        lambda name: _try(lambda: kube.delete_pod(namespace, name), f"pod {name}"), sorted(doomed)
-    )
+    def remove(name: str) -> bool:
+        before_removal(doomed[name][0])
+        return kube.delete_pod(namespace, name)
+
+    failures = pool.map(lambda name: _try(lambda: remove(name), f"pod {name}"), sorted(doomed))
     report.failures += [f"could not remove {failure}" for failure in failures if failure]
 
 

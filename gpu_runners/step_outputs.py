@@ -9,7 +9,7 @@ Outside Actions (no such variables) nothing is written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gpu_runners import contract
@@ -99,9 +99,27 @@ def write_spawn_outputs(result: SpawnResult, environ: Mapping[str, str]) -> None
                                              else "")),
             ("Ready after", f"{result.seconds:.1f} s" + (" (reused)" if result.reused else "")),
             *([] if result.reused else cold_start_rows(result)),
+            *(("Preempted", line) for line in result.preemptions),
         ]
         table = "".join(f"| {_cell(key)} | {_cell(value)} |\n" for key, value in rows)
         _append(summary, f"### GPU runner\n\n| | |\n|---|---|\n{table}\n")
+
+
+def write_preemption_notes(lines: Sequence[str], environ: Mapping[str, str]) -> None:
+    """Tells what Spot preemption did to this run: a notice annotation per line (shown on the
+    run's page) and a summary table, when Actions provides one. Nothing when `lines` is empty.
+    """
+    if not lines:
+        return
+    for line in lines:
+        # Workflow command data: %, CR and LF escaped as the runner expects.
+        data = line.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+        print(f"::notice title=GPU runner preempted::{data}", flush=True)
+    summary = environ.get(contract.ENV_STEP_SUMMARY)
+    if summary:
+        table = "".join(f"| {_cell(line)} |\n" for line in lines)
+        _append(summary, f"### GPU runner: Spot preemption\n\n| What happened |\n|---|\n"
+                         f"{table}\n")
 
 
 def write_failure_summary(command: str, reason: str, environ: Mapping[str, str]) -> None:

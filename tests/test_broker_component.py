@@ -143,11 +143,13 @@ def test_no_role_reaches_the_brokers_namespace_and_none_is_cluster_wide(dev: Pro
     assert secret_rules == [(RUNNER_NS, contract.BROKER_NAME)]
 
 
-def test_broker_role_is_exactly_the_spawner_rules_in_the_runner_namespace(
+def test_broker_role_is_exactly_the_spawner_rules_and_run_records_in_the_runner_namespace(
         dev: ProgramRun) -> None:
     (role,) = manifests(dev, "Role")
     assert role["metadata"]["namespace"] == RUNNER_NS
-    assert role["rules"] == spawner_rules()
+    assert role["rules"] == [*spawner_rules(), {
+        "apiGroups": [""], "resources": ["configmaps"],
+        "verbs": ["create", "get", "list", "update", "delete"]}]
     (binding,) = manifests(dev, "RoleBinding")
     assert binding["metadata"]["namespace"] == RUNNER_NS
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",

@@ -27,7 +27,7 @@ from gpu_runners.broker.runs import CALL_THREADS, SPAWN_THREADS, RunOperations
 from gpu_runners.broker.settings import BrokerSettings
 from gpu_runners.errors import GpuRunnersError
 from gpu_runners.github_api import GitHubClient, RunnerScope
-from gpu_runners.github_app import token_source_from_environ
+from gpu_runners.github_app import RECOVERY_PERMISSIONS, token_source_from_environ
 from gpu_runners.kube import KubeClient, load_api_client
 
 LOGGER = logging.getLogger("gpu_runners.broker")
@@ -62,14 +62,21 @@ def main() -> int:
         environ = {**os.environ, contract.ENV_PAT_FILE: str(settings.pat_file)}
         tokens = token_source_from_environ(environ, repository_id=settings.repository_id,
                                            organization=False)
+        # Preemption recovery re-runs and cancels workflow runs: with an App, a token of
+        # its own narrowed to Actions: write, so the runner token stays without it.
+        actions_tokens = token_source_from_environ(
+            environ, repository_id=settings.repository_id, organization=False,
+            permissions=RECOVERY_PERMISSIONS)
         api = load_api_client(environ=os.environ)
     except GpuRunnersError as e:
         print(f"gpu_runners.broker: {e}", file=sys.stderr)
         return 2
     github = GitHubClient(tokens, RunnerScope(repository=settings.repository),
                           api_url=settings.api_url)
+    actions = GitHubClient(actions_tokens, RunnerScope(repository=settings.repository),
+                           api_url=settings.api_url)
     app = broker_app(settings, kube=KubeClient(_pooled(api)), github=github,
-                     verifier=OidcVerifier(settings.oidc_policy()))
+                     verifier=OidcVerifier(settings.oidc_policy()), actions=actions)
     config = uvicorn.Config(app, host="0.0.0.0", port=settings.port,  # noqa: S104 - a pod's port
                             log_config=None, access_log=True, lifespan="on",
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)

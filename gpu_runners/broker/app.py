@@ -37,6 +37,8 @@ from gpu_runners.broker.metrics import BrokerMetrics
 from gpu_runners.broker.oidc import RunClaims, TokenRejectedError
 from gpu_runners.broker.policy import ImageResolver, decide, run_identity
 from gpu_runners.broker.reconcile import reconcile_forever
+from gpu_runners.broker.recovery import Recovery, RecoveryPolicy
+from gpu_runners.broker.run_records import RunRecords
 from gpu_runners.broker.runs import SPAWN_THREADS, RunClients, RunOperations, error_code
 from gpu_runners.broker.settings import BrokerSettings
 from gpu_runners.broker_api import ProtocolError, RunnerView, SpawnAsk
@@ -82,6 +84,7 @@ def broker_app(
     reconcile: bool = True,
     spawn_threads: int = SPAWN_THREADS,
     images: ImageResolver | None = None,
+    actions: GitHubClient | None = None,
 ) -> Starlette:
     """The whole broker on the given clients: metrics, GPU cap, operations, routes, reaper.
 
@@ -97,6 +100,8 @@ def broker_app(
         spawn_threads: Most spawns running at once; more wait for a thread.
         images: Resolves asked images; by default their registries, with the credentials of
             the stack's pull Secret.
+        actions: Client that re-runs and cancels workflow runs for preemption recovery (a
+            token with Actions: write); `github` by default.
 
     Returns:
         The app; `app.state.operations` holds the run operations, `app.state.base_runners`
@@ -105,8 +110,15 @@ def broker_app(
     metrics = BrokerMetrics(registry or CollectorRegistry())
     cap = RepositoryGpuCap(kube, settings.namespace, settings.gpu_cap_per_repository,
                            on_wait=lambda kind: metrics.waits.labels(kind=kind).inc())
+    recovery = Recovery(
+        records=RunRecords(kube, settings.namespace), kube=kube, github=github,
+        actions=actions or github, namespace=settings.namespace,
+        policy=RecoveryPolicy(max_retries=settings.max_preemption_retries,
+                              pools=settings.gpu_pools),
+        metrics=metrics, now=now)
     operations = RunOperations(RunClients(kube=kube, github=github, namespace=settings.namespace,
-                                          gpu_cap=cap, metrics=metrics, now=now),
+                                          gpu_cap=cap, metrics=metrics, now=now,
+                                          recovery=recovery),
                                spawn_threads=spawn_threads)
     base_runners = BaseRunnerConfigs(kube=kube, github=github, namespace=settings.namespace,
                                      audience=contract.base_runner_audience(settings.audience))

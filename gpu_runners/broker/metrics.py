@@ -43,6 +43,15 @@ class BrokerMetrics:
         self.refused = Counter(
             f"{PREFIX}_requests_refused", "Requests refused before any work, by reason (API "
             "error code).", ["reason"], registry=registry)
+        self.preemptions = Counter(
+            f"{PREFIX}_preemptions", "GPU runner pods lost to their node (Spot reclaim, node "
+            "removed), by stage (a spawn stage, idle, job), pool, and what the broker did "
+            "(replaced, rerun, gave_up, none).", ["stage", "pool", "action"],
+            registry=registry)
+        self.recovery_passes = Counter(
+            f"{PREFIX}_recovery_passes", "Preemption recovery passes, by outcome (ok or "
+            "failed: a run's step failed and is tried again next pass).", ["outcome"],
+            registry=registry)
         self.reap_passes = Counter(
             f"{PREFIX}_reap_passes", "Reaper passes, by outcome (ok or failed).", ["outcome"],
             registry=registry)

@@ -20,6 +20,7 @@ spawns can never hold up a DELETE. The event loop only moves events.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,8 +35,10 @@ from gpu_runners import broker_api
 from gpu_runners.broker.gpu_cap import RepositoryGpuCap
 from gpu_runners.broker.metrics import BrokerMetrics
 from gpu_runners.broker.policy import PolicyDecision, PolicyRefusedError
-from gpu_runners.broker_api import DeleteOutcome, StreamEvent
-from gpu_runners.delete import delete_run
+from gpu_runners.broker.recovery import Recovery, spawn_preemption
+from gpu_runners.broker.run_records import RecoveryState, RunRecord
+from gpu_runners.broker_api import DeleteOutcome, SpawnResult, StreamEvent
+from gpu_runners.delete import DeleteReport, delete_run
 from gpu_runners.errors import (
     GitHubError,
     GpuRunnersError,
@@ -43,6 +46,7 @@ from gpu_runners.errors import (
     KubernetesError,
     NoCapacityError,
     PodFailedError,
+    PodPreemptedError,
     SpawnCancelledError,
     UsageError,
     WaitTimeoutError,
@@ -51,7 +55,7 @@ from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
 from gpu_runners.progress import ProgressLog
 from gpu_runners.run_identity import RunIdentity, RunKey
-from gpu_runners.spawn import spawn
+from gpu_runners.spawn import SpawnRequest, spawn
 
 T = TypeVar("T")
 LOGGER = logging.getLogger(__name__)
@@ -79,6 +83,15 @@ _ERROR_CODES: tuple[tuple[type[GpuRunnersError], str], ...] = (
     (GitHubError, broker_api.GITHUB),
     (KubernetesError, broker_api.KUBERNETES),
 )
+
+
+class _SpawnOutcomeError(Exception):
+    """A spawn failed: the domain error, and the run's record as it stood then."""
+
+    def __init__(self, error: GpuRunnersError, record: RunRecord | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.record = record
 
 
 def error_code(error: GpuRunnersError) -> str:
@@ -167,7 +180,11 @@ class SpawnOperation:
 
 @dataclass(frozen=True)
 class RunClients:
-    """What the operations need besides the registry: clients, limits, metrics."""
+    """What the operations need besides the registry: clients, limits, metrics.
+
+    `recovery` keeps a record per run and recovers runs from Spot preemption; None (tests of
+    the bare operations) keeps no records.
+    """
 
     kube: KubeClient
     github: GitHubClient
@@ -175,6 +192,7 @@ class RunClients:
     gpu_cap: RepositoryGpuCap
     metrics: BrokerMetrics
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
+    recovery: Recovery | None = None
 
 
 class RunOperations:
@@ -221,10 +239,26 @@ class RunOperations:
         task.add_done_callback(self._tasks.discard)
         return operation
 
-    async def _run_spawn(self, operation: SpawnOperation, decision: PolicyDecision) -> None:
+    async def replace(self, record: RunRecord) -> SpawnOperation | None:
+        """Starts the replacement spawn of a recovered run, unless its run is busy."""
+        key = record.identity.run_key
+        if key in self._spawns or key in self._deletes:
+            return None
+        operation = SpawnOperation(key, asyncio.get_running_loop())
+        with self._lock:
+            self._spawns[key] = operation
+        task = asyncio.create_task(
+            self._run_spawn(operation, PolicyDecision(request=record.request), record))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return operation
+
+    async def _run_spawn(self, operation: SpawnOperation, decision: PolicyDecision,
+                         replacement: RunRecord | None = None) -> None:
         try:
-            await to_thread.run_sync(lambda: self._spawn_blocking(operation, decision),
-                                     limiter=self._spawn_limiter)
+            await to_thread.run_sync(
+                lambda: self._spawn_blocking(operation, decision, replacement),
+                limiter=self._spawn_limiter)
         finally:
             operation.publish(StreamEvent(broker_api.FAILED, error=broker_api.INTERNAL,
                                           message="the spawn ended without an outcome"))
@@ -232,21 +266,23 @@ class RunOperations:
                 if self._spawns.get(operation.key) is operation:
                     del self._spawns[operation.key]
 
-    def _spawn_blocking(self, operation: SpawnOperation, decision: PolicyDecision) -> None:
+    def _spawn_blocking(self, operation: SpawnOperation, decision: PolicyDecision,
+                        replacement: RunRecord | None = None) -> None:
         clients = self.clients
         request = decision.request
         log = ProgressLog(None, sink=operation.progress)
         for note in decision.notes:
             log.line(note)
+        record = replacement if replacement is not None else self._open_record(request)
+        if record is not None:
+            request = record.request  # a retry pinned to a fallback pool stays pinned
         try:
-            result = spawn(
-                request, kube=clients.kube, github=clients.github, log=log,
-                cancel=operation.cancel,
-                admission=clients.gpu_cap.admission(request.identity, request.pod.gpu_count),
-            )
-        except GpuRunnersError as e:
+            result = self._spawn_surviving_preemption(operation, request, record, log)
+        except _SpawnOutcomeError as outcome:
+            e, record = outcome.error, outcome.record
             code = error_code(e)
             clients.metrics.spawn_ended(code)
+            self._spawn_failed(record, replacement is not None, e)
             operation.publish(StreamEvent(broker_api.FAILED, error=code, message=str(e)))
         except Exception as e:
             LOGGER.exception("spawn of %s failed unexpectedly", request.identity.runner_name)
@@ -256,6 +292,95 @@ class RunOperations:
         else:
             clients.metrics.spawn_ended(broker_api.READY, dict(result.stage_seconds))
             operation.publish(StreamEvent(broker_api.READY, result=result))
+
+    def _spawn_surviving_preemption(self, operation: SpawnOperation, request: SpawnRequest,
+                                    record: RunRecord | None, log: ProgressLog) -> SpawnResult:
+        """Spawns, and spawns again while the pod is lost to its node and retries are left.
+
+        Raises:
+            _SpawnOutcomeError: The spawn failed (with the record as it stands then).
+        """
+        clients = self.clients
+        recovery = clients.recovery
+        while True:
+            try:
+                result = spawn(
+                    request, kube=clients.kube, github=clients.github, log=log,
+                    cancel=operation.cancel,
+                    admission=clients.gpu_cap.admission(request.identity,
+                                                        request.pod.gpu_count),
+                )
+            except PodPreemptedError as e:
+                # spawn removed the pod and the registration: a replacement starts clean.
+                step = None if record is None or recovery is None else spawn_preemption(
+                    record, recovery.policy, stage=e.stage, cause=e.cause, node=e.node,
+                    now=clients.now())
+                if step is None or recovery is None:
+                    limit = recovery.policy.max_retries if recovery is not None else 0
+                    raise _SpawnOutcomeError(PodPreemptedError(
+                        f"{e}; not retried: maxPreemptionRetries ({limit}) spent",
+                        stage=e.stage, cause=e.cause, node=e.node), record) from e
+                record, preemption = step
+                try:
+                    record = recovery.records.save(record)
+                except GpuRunnersError as save_error:
+                    raise _SpawnOutcomeError(save_error, record) from e
+                clients.metrics.preemptions.labels(
+                    stage=e.stage, pool=preemption.pool, action="replaced").inc()
+                log.line(f"{e}; starting a replacement, retry {record.retries} of "
+                         f"{recovery.policy.max_retries} ({preemption.describe()})")
+                request = record.request
+                continue
+            except GpuRunnersError as e:
+                raise _SpawnOutcomeError(e, record) from e
+            break
+        if record is not None and recovery is not None:
+            try:
+                record = recovery.records.save(record.with_changes(
+                    state=RecoveryState.ACTIVE, online=True))
+            except GpuRunnersError as e:
+                # The runner serves its job; only a later loss would go unrecovered.
+                LOGGER.warning("run record of %s not updated: %s", request.identity.runner_name,
+                               e)
+            if record.preemptions:
+                result = dataclasses.replace(
+                    result, preemptions=tuple(p.describe() for p in record.preemptions))
+        return result
+
+    def _open_record(self, request: SpawnRequest) -> RunRecord | None:
+        """The run's record, created now unless it exists (a replayed POST, a restart)."""
+        recovery = self.clients.recovery
+        if recovery is None:
+            return None
+        try:
+            return recovery.records.create(
+                RunRecord(request=request, serving_attempt=request.identity.attempt))
+        except GpuRunnersError as e:
+            # The runner is worth more than its recovery: spawn without a record.
+            LOGGER.warning("no run record for %s, so no preemption recovery: %s",
+                           request.identity.runner_name, e)
+            return None
+
+    def _spawn_failed(self, record: RunRecord | None, replacement: bool,
+                      error: GpuRunnersError) -> None:
+        """A failed spawn's record: a client's goes (its `setup` fails; nothing waits on the
+        label), a replacement's gives up and cancels the run (its job would wait 24 h)."""
+        recovery = self.clients.recovery
+        if record is None or recovery is None or isinstance(error, SpawnCancelledError):
+            return  # a cancel is a DELETE's, which settles the record itself
+        identity = record.identity
+        try:
+            if not replacement:
+                recovery.records.delete(identity)
+                return
+            recovery.records.save(record.with_changes(state=RecoveryState.GAVE_UP,
+                                                      online=False))
+            recovery.actions.cancel_run(identity.repository, identity.run_id)
+            LOGGER.warning("replacement runner %s could not start (%s); run %d cancelled",
+                           identity.runner_name, error, identity.run_id)
+        except GpuRunnersError as e:
+            LOGGER.warning("run record of %s not settled after a failed spawn: %s",
+                           identity.runner_name, e)
 
     # --- delete ----------------------------------------------------------------------------
 
@@ -285,23 +410,43 @@ class RunOperations:
         return result
 
     async def _delete(self, identity: RunIdentity) -> DeleteOutcome:
-        operation = self._spawns.get(identity.run_key)
-        if operation is not None:
-            operation.cancel.set()
-            with anyio.move_on_after(self._spawn_stop_seconds):
-                await operation.finished.wait()
         clients = self.clients
+        recovery = clients.recovery
+        records = ([] if recovery is None
+                   else await self.in_thread(lambda: recovery.records_for_delete(identity)))
+        # This attempt's spawn, and a replacement serving this attempt after a re-run.
+        for key in {identity.run_key} | {record.identity.run_key for record in records}:
+            operation = self._spawns.get(key)
+            if operation is not None:
+                operation.cancel.set()
+                with anyio.move_on_after(self._spawn_stop_seconds):
+                    await operation.finished.wait()
 
         def remove() -> DeleteOutcome:
-            pods = [pod for pod in clients.kube.list_pods(clients.namespace,
-                                                          identity.label_selector)
-                    if pod.metadata is not None and identity.owns(pod.metadata.labels)]
-            report = delete_run(identity, namespace=clients.namespace, kube=clients.kube,
-                                github=clients.github, log=ProgressLog(None))
-            removed = [pod for pod in pods if pod.metadata and pod.metadata.name in report.pods]
-            clients.metrics.runners_removed(identity.repository, removed, clients.now())
+            lines: list[str] = []
+            identities = [identity]
+            if recovery is not None:
+                for record in recovery.records_for_delete(identity):
+                    keep, said = recovery.settle_for_delete(record, identity.attempt)
+                    lines += said
+                    if not keep:
+                        recovery.records.delete(record.identity)
+                    if record.identity != identity:
+                        identities.append(record.identity)
+            report = DeleteReport()
+            for target in identities:
+                pods = [pod for pod in clients.kube.list_pods(clients.namespace,
+                                                              target.label_selector)
+                        if pod.metadata is not None and target.owns(pod.metadata.labels)]
+                done = delete_run(target, namespace=clients.namespace, kube=clients.kube,
+                                  github=clients.github, log=ProgressLog(None))
+                removed = [pod for pod in pods if pod.metadata and pod.metadata.name in done.pods]
+                clients.metrics.runners_removed(target.repository, removed, clients.now())
+                report.pods += done.pods
+                report.secrets += done.secrets
+                report.registrations += done.registrations
             return DeleteOutcome(pods=report.pods, secrets=report.secrets,
-                                 registrations=report.registrations)
+                                 registrations=report.registrations, recoveries=lines)
 
         return await self.in_thread(remove)
 
