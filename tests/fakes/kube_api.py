@@ -6,11 +6,14 @@ Existing fakes fall short (no watch, label selectors ignored, namespace bugs), h
 
 What it emulates, for what `gpu_runners` uses:
 
-- Pods, Secrets and Events in `/api/v1/namespaces/{ns}/...` (and cluster-wide lists in
-  `/api/v1/{resource}`): create, get, delete, deletecollection, list with label and field
-  selectors, `limit`/`continue` pagination from a consistent snapshot, and `watch=true` streams
-  from a `resourceVersion`, honouring `timeoutSeconds`. Nodes, Namespaces and ResourceQuotas are
-  readable. Errors are `Status` objects with the API server's reasons and message shapes.
+- Pods, Secrets, ConfigMaps and Events in `/api/v1/namespaces/{ns}/...` (and cluster-wide
+  lists in `/api/v1/{resource}`): create, get, delete, deletecollection, list with label and
+  field selectors, `limit`/`continue` pagination from a consistent snapshot, and `watch=true`
+  streams from a `resourceVersion`, honouring `timeoutSeconds`. ConfigMaps can also be replaced
+  (PUT, 409 Conflict when `metadata.resourceVersion` is stale) and patched (JSON patch, JSON
+  merge patch, strategic merge patch), and `immutable` ones refuse data changes; every
+  namespace holds `kube-root-ca.crt`. Nodes, Namespaces and ResourceQuotas are readable.
+  Errors are `Status` objects with the API server's reasons and message shapes.
 - The API server's admission on create, in its order: object validation (names, labels,
   containers, and a strict JSON-schema check (tests/harness/kubernetes_schema.py)),
   Pod Security `restricted`, ResourceQuota on `nvidia.com/gpu` and pod count, then 409 on a name
@@ -43,7 +46,8 @@ What it emulates, for what `gpu_runners` uses:
 Deliberately stricter than a real API server: unknown fields are rejected (422) instead of
 dropped with a warning, so a misspelt field fails the test; GKE's ExtendedResourceToleration
 admission (which adds the GPU toleration) is not emulated, so a pod must tolerate GPU taints
-itself. Not emulated: PUT/PATCH (405), ServiceAccount existence, logs of a previous container
+itself. Not emulated: PUT/PATCH of anything but ConfigMaps (405), server-side apply
+(`application/apply-patch+yaml`, 415), ServiceAccount existence, logs of a previous container
 (`previous`), `timestamps`, `limitBytes`, a scheduler retry of pods left Pending (a pod that is
 unschedulable stays so). RBAC is checked only when `rbac_rules` are given; a Role's rules
 never grant a cluster-scoped resource (nodes, namespaces, tokenreviews): `cluster_rules` do.
@@ -396,6 +400,7 @@ _RESOURCES = {
             },
         ),
         _Resource("secrets", "Secret", True, True, _COMMON_FIELDS | {"type"}),
+        _Resource("configmaps", "ConfigMap", True, True, _COMMON_FIELDS),
         _Resource(
             "events",
             "Event",
@@ -792,6 +797,46 @@ def _validate_secret(secret: JSON) -> list[str]:
     return errors
 
 
+#: The most `data` plus `binaryData` a ConfigMap may hold (corev1.MaxSecretSize, 1 MiB).
+MAX_CONFIG_MAP_BYTES = 1024 * 1024
+
+
+def _validate_config_map(config_map: JSON) -> list[str]:
+    """ValidateConfigMap: keys, no key in both maps, string values, 1 MiB in all."""
+    errors: list[str] = []
+    data = config_map.get("data") or {}
+    binary = config_map.get("binaryData") or {}
+    total = 0
+    for section, values in (("data", data), ("binaryData", binary)):
+        if not isinstance(values, dict):
+            continue  # the schema check reports the type
+        for key, value in values.items():
+            if not _SECRET_KEY.fullmatch(key) or len(key) > 253:
+                errors.append(
+                    f'{section}[{key}]: Invalid value: "{key}": a valid config key must consist '
+                    "of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or "
+                    "'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+                )
+            if not isinstance(value, str):
+                errors.append(f"{section}[{key}]: Invalid value: must be a string")
+                continue
+            if section == "binaryData":
+                try:
+                    total += len(base64.b64decode(value, validate=True))
+                except ValueError:
+                    errors.append(f"binaryData[{key}]: Invalid value: not valid base64")
+            else:
+                total += len(value.encode())
+    if isinstance(data, dict) and isinstance(binary, dict):
+        errors += [
+            f'data[{key}]: Invalid value: "{key}": duplicate of key present in binaryData'
+            for key in sorted(set(data) & set(binary))
+        ]
+    if total > MAX_CONFIG_MAP_BYTES:
+        errors.append(f"[]: Too long: may not be more than {MAX_CONFIG_MAP_BYTES} bytes")
+    return errors
+
+
 def _pod_security_violations(pod: JSON) -> list[str]:
     """Violations of the Pod Security Standard `restricted`, worded as the admission plugin."""
     spec = pod.get("spec") or {}
@@ -1100,7 +1145,8 @@ class FakeKubernetes:
             gpu_quota: `requests.nvidia.com/gpu` hard limit of a ResourceQuota in `namespace`.
             pod_quota: `pods` hard limit of that ResourceQuota.
             scheduler: Chooses each new pod's `PodScript`; default: `default_script`.
-            validate: Check Pod and Secret bodies against the strict schema (422 if not).
+            validate: Check Pod, Secret and ConfigMap bodies against the strict schema (422 if
+                not).
             node_pools: Autoscaled pools; default: one NVIDIA L4 pool at zero nodes, max 3.
             quota_name: Name of the ResourceQuota (it appears in the 403 message).
             pod_security: The level `namespace` enforces ("restricted" as the runner plane's).
@@ -1183,6 +1229,7 @@ class FakeKubernetes:
             if name == namespace and pod_security == "restricted":
                 labels[PSA_ENFORCE_LABEL] = PSA_LEVEL
             self._store("namespaces", {"metadata": {"name": name, "labels": labels}})
+            self._store("configmaps", _root_ca_config_map(name))
         for node in default_nodes() if nodes is None else nodes:
             self._add_node(node.name, dict(node.labels), node.gpus, node.taints)
         if self._hard:
@@ -1296,6 +1343,11 @@ class FakeKubernetes:
     def secrets(self, namespace: str | None = None) -> list[JSON]:
         """Copies of the Secrets in `namespace` (default: the fake's), sorted by name."""
         return self._list_copies("secrets", namespace)
+
+    def configmaps(self, namespace: str | None = None) -> list[JSON]:
+        """Copies of the ConfigMaps in `namespace` (default: the fake's), sorted by name; every
+        namespace holds `kube-root-ca.crt`, as the root CA publisher keeps it there."""
+        return self._list_copies("configmaps", namespace)
 
     def events(self, namespace: str | None = None) -> list[JSON]:
         """Copies of the Events in `namespace` (default: the fake's), in creation order."""
@@ -1683,7 +1735,8 @@ class FakeKubernetes:
     def seed(self, *objects: JSON) -> list[JSON]:
         """Stores objects as they are (no admission, no scheduling), e.g. 5,000 finished pods.
 
-        Each object needs `kind` (Pod, Secret, Event or Deployment) and `metadata.name`; the
+        Each object needs `kind` (Pod, Secret, ConfigMap, Event or Deployment) and
+        `metadata.name`; the
         namespace defaults to the fake's. Status is kept as given (a Pod without one is
         Pending).
 
@@ -1695,9 +1748,10 @@ class FakeKubernetes:
         with self._lock:
             for obj in objects:
                 plural = kinds.get(str(obj.get("kind")))
-                if plural not in ("pods", "secrets", "events", "deployments"):
+                if plural not in ("pods", "secrets", "configmaps", "events", "deployments"):
                     raise ValueError(
-                        f"FakeKubernetes.seed: kind must be Pod, Secret, Event or Deployment, "
+                        f"FakeKubernetes.seed: kind must be Pod, Secret, ConfigMap, Event or "
+                        f"Deployment, "
                         f"got {obj.get('kind')!r}"
                     )
                 body = copy.deepcopy(obj)
@@ -1907,7 +1961,7 @@ class FakeKubernetes:
             )
         with self._lock:
             self._check_namespace(namespace)
-            if plural in ("pods", "secrets"):
+            if plural in ("pods", "secrets", "configmaps"):
                 self._validate(obj)
             if plural == "pods":
                 self._default_pod(obj)
@@ -1954,7 +2008,9 @@ class FakeKubernetes:
     def _validate(self, obj: JSON) -> None:
         kind = obj["kind"]
         errors = _validate_metadata(obj["metadata"])
-        errors += _validate_pod(obj) if kind == "Pod" else _validate_secret(obj)
+        errors += {
+            "Pod": _validate_pod, "Secret": _validate_secret, "ConfigMap": _validate_config_map
+        }[kind](obj)
         if self.validate:
             errors += strict_errors(obj)
         if errors:
@@ -2936,7 +2992,12 @@ class FakeKubernetes:
                             f'"{resource}" in API group "{group}"{where}')
 
     def _handle(
-        self, method: str, path: str, query: Mapping[str, str], body: Any
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: Any,
+        content_type: str = "application/json",
     ) -> tuple[int, JSON]:
         """Answers one non-watch request: (status, JSON body)."""
         if path == "/version":
@@ -2955,7 +3016,10 @@ class FakeKubernetes:
                 raise ApiError(405, f"the server does not allow this method on the requested "
                                     f"resource ({method} {path})", reason="MethodNotAllowed")
             return 201, self.review_token(body)
-        if method not in ("GET", "POST", "DELETE"):
+        updatable = resource.plural in _UPDATABLE and name is not None
+        if method not in ("GET", "POST", "DELETE") and not (
+            updatable and method in ("PUT", "PATCH")
+        ):
             raise ApiError(405, f"the fake does not implement {method} on {resource.plural}")
         if name is None:
             if method == "GET":
@@ -2978,7 +3042,117 @@ class FakeKubernetes:
                 return 200, copy.deepcopy(obj)
             if method == "POST":
                 raise ApiError(405, f"POST to a named {resource.kind} is not allowed")
+            if method == "PUT":
+                return 200, self._replace_object(resource, key, body)
+            if method == "PATCH":
+                return 200, self._patch_object(resource, key, body, content_type)
             return 200, self._delete(resource, key, query, body)
+
+    def _replace_object(self, resource: _Resource, key: tuple[str, str], body: Any) -> JSON:
+        """PUT: the whole object, checked against the stored one's resourceVersion if given."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body of a {resource.kind} update must be a JSON object")
+        obj = copy.deepcopy(body)
+        obj.setdefault("apiVersion", "v1")
+        obj.setdefault("kind", resource.kind)
+        if obj["kind"] != resource.kind or obj["apiVersion"] != resource.api_version:
+            raise ApiError(
+                400,
+                f"the API version in the data ({obj['apiVersion']}) and kind ({obj['kind']}) do "
+                f"not match the path's ({resource.api_version}, {resource.kind})",
+            )
+        metadata = obj.setdefault("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ApiError(400, "metadata must be a JSON object")
+        if metadata.get("name", key[1]) != key[1]:
+            raise ApiError(
+                400,
+                f"the name of the object ({metadata.get('name')}) does not match the name on "
+                f"the URL ({key[1]})",
+            )
+        if metadata.get("namespace", key[0]) != key[0]:
+            raise ApiError(
+                400,
+                "the namespace of the provided object does not match the namespace sent on "
+                "the request",
+            )
+        metadata["name"], metadata["namespace"] = key[1], key[0]
+        return self._update_object(resource, key, obj)
+
+    def _patch_object(
+        self, resource: _Resource, key: tuple[str, str], body: Any, content_type: str
+    ) -> JSON:
+        """PATCH: a JSON patch, a JSON merge patch, or a strategic merge patch (for a
+        ConfigMap, whose fields carry no list merge strategy, the same as a merge patch)."""
+        media = content_type.split(";")[0].strip().lower()
+        current = copy.deepcopy(self._objects[resource.plural][key])
+        if media == "application/json-patch+json":
+            if not isinstance(body, list):
+                raise ApiError(400, "the body of a JSON patch must be a list of operations")
+            patched = _json_patch(current, body)
+        elif media in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            if not isinstance(body, dict):
+                raise ApiError(400, "the body of a merge patch must be a JSON object")
+            patched = _merge_patch(current, body)
+        else:
+            raise ApiError(
+                415,
+                f"the body of the request was in an unknown format - accepted media types "
+                f"include: {', '.join(_PATCH_MEDIA_TYPES)}",
+                reason="UnsupportedMediaType",
+            )
+        if not isinstance(patched, dict) or not isinstance(patched.get("metadata"), dict):
+            raise ApiError(422, f"the patch leaves no {resource.kind} object")
+        metadata = patched["metadata"]
+        if metadata.get("name") != key[1] or metadata.get("namespace") != key[0]:
+            raise ApiError(400, "a patch may not change metadata.name or metadata.namespace")
+        # A patch naming no resourceVersion applies to the latest; one naming it is checked.
+        if "resourceVersion" not in _patched_metadata(body):
+            metadata.pop("resourceVersion", None)
+        return self._update_object(resource, key, patched)
+
+    def _update_object(self, resource: _Resource, key: tuple[str, str], obj: JSON) -> JSON:
+        """Stores `obj` over the stored object (caller holds the lock): optimistic
+        concurrency on resourceVersion, the stored uid and creation time, validation, and no
+        new resourceVersion when nothing changed (as the API server's no-op update)."""
+        stored = self._objects[resource.plural][key]
+        metadata = obj["metadata"]
+        name = key[1]
+        wanted = metadata.get("resourceVersion")
+        if wanted not in (None, "") and str(wanted) != stored["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                f'Operation cannot be fulfilled on {resource.plural} "{name}": the object has '
+                "been modified; please apply your changes to the latest version and try again",
+                reason="Conflict",
+                details={"name": name, "kind": resource.plural},
+            )
+        uid = metadata.get("uid")
+        if uid not in (None, "") and uid != stored["metadata"]["uid"]:
+            raise ApiError(
+                409,
+                f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                f"{stored['metadata']['uid']}",
+                reason="Conflict",
+                details={"name": name, "kind": resource.plural},
+            )
+        for server_field in ("uid", "creationTimestamp", "resourceVersion"):
+            metadata[server_field] = stored["metadata"][server_field]
+        if stored.get("immutable") is True and (
+            any(obj.get(f) != stored.get(f) for f in ("data", "binaryData"))
+            or obj.get("immutable") is not True
+        ):
+            raise ApiError(
+                422,
+                f'{resource.kind} "{name}" is invalid: [data: Forbidden: field is immutable when '
+                "`immutable` is set, immutable: Forbidden: field is immutable when `immutable` "
+                "is set]",
+                details={"name": name, "kind": resource.kind},
+            )
+        self._validate(obj)
+        if obj == stored:
+            return copy.deepcopy(stored)
+        return copy.deepcopy(self._replace(resource.plural, key, obj))
 
     def _delete(
         self, resource: _Resource, key: tuple[str, str], query: Mapping[str, str], body: Any
@@ -3042,6 +3216,159 @@ class FakeKubernetes:
             for key in keys:
                 self._delete(resource, key, query, None)
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+
+
+#: Resources the fake lets PUT and PATCH change (others answer 405).
+_UPDATABLE = frozenset({"configmaps"})
+_PATCH_MEDIA_TYPES = (
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/apply-patch+yaml",
+    "application/strategic-merge-patch+json",
+)
+_ROOT_CA_PEM = (
+    "-----BEGIN CERTIFICATE-----\nMIIFakeKubernetesRootCertificateAuthorityForTests\n"
+    "-----END CERTIFICATE-----\n"
+)
+
+
+def _root_ca_config_map(namespace: str) -> JSON:
+    """The ConfigMap the root CA publisher keeps in every namespace."""
+    return {
+        "metadata": {
+            "name": "kube-root-ca.crt",
+            "namespace": namespace,
+            "annotations": {
+                "kubernetes.io/description": "Contains a CA bundle that can be used to verify "
+                "the kube-apiserver when using internal endpoints such as the internal service "
+                "IP or kubernetes.default.svc. No other usage is guaranteed across "
+                "distributions of Kubernetes clusters."
+            },
+        },
+        "data": {"ca.crt": _ROOT_CA_PEM},
+    }
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge key by key, null removes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _patched_metadata(patch: Any) -> JSON:
+    """The metadata a merge patch sets, or that a JSON patch's operations touch."""
+    if isinstance(patch, dict):
+        metadata = patch.get("metadata")
+        return metadata if isinstance(metadata, dict) else {}
+    touched: JSON = {}
+    for operation in patch if isinstance(patch, list) else []:
+        path = str(operation.get("path", "")) if isinstance(operation, dict) else ""
+        if path.startswith("/metadata/"):
+            touched[path.split("/")[2].replace("~1", "/").replace("~0", "~")] = True
+    return touched
+
+
+def _json_patch(document: JSON, operations: list[Any]) -> Any:
+    """RFC 6902 JSON patch (add, remove, replace, move, copy, test), as the API server applies
+    it: a failing operation is a 422 (a failed `test` included)."""
+
+    def fail(message: str) -> ApiError:
+        return ApiError(422, f"the server rejected our request due to an error in our request: "
+                             f"{message}")
+
+    def split(path: str) -> list[str]:
+        if path == "":
+            return []
+        if not path.startswith("/"):
+            raise fail(f"invalid JSON pointer {path!r}")
+        return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+    def parent(doc: Any, parts: list[str]) -> tuple[Any, str]:
+        node = doc
+        for part in parts[:-1]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise fail(f"missing path component {part!r}")
+        return node, parts[-1]
+
+    def get(doc: Any, path: str) -> Any:
+        parts = split(path)
+        if not parts:
+            return doc
+        node, last = parent(doc, parts)
+        if isinstance(node, dict) and last in node:
+            return node[last]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            return node[int(last)]
+        raise fail(f"no value at {path!r}")
+
+    def remove(doc: Any, path: str) -> Any:
+        parts = split(path)
+        if not parts:
+            raise fail("cannot remove the whole document")
+        node, last = parent(doc, parts)
+        if isinstance(node, dict) and last in node:
+            return node.pop(last)
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            return node.pop(int(last))
+        raise fail(f"no value to remove at {path!r}")
+
+    def add(doc: Any, path: str, value: Any, *, replace: bool = False) -> Any:
+        parts = split(path)
+        if not parts:
+            return value
+        node, last = parent(doc, parts)
+        if isinstance(node, dict):
+            if replace and last not in node:
+                raise fail(f"no value to replace at {path!r}")
+            node[last] = value
+        elif isinstance(node, list):
+            if last == "-" and not replace:
+                node.append(value)
+            elif last.isdigit() and int(last) <= len(node) - (1 if replace else 0):
+                if replace:
+                    node[int(last)] = value
+                else:
+                    node.insert(int(last), value)
+            else:
+                raise fail(f"index out of range at {path!r}")
+        else:
+            raise fail(f"cannot add at {path!r}")
+        return doc
+
+    doc: Any = copy.deepcopy(document)
+    for operation in operations:
+        if not isinstance(operation, dict) or not isinstance(operation.get("path"), str):
+            raise fail(f"invalid operation {operation!r}")
+        op, path = operation.get("op"), operation["path"]
+        if op in ("add", "replace", "test") and "value" not in operation:
+            raise fail(f"operation {op} at {path!r} needs a value")
+        if op == "add":
+            doc = add(doc, path, copy.deepcopy(operation["value"]))
+        elif op == "replace":
+            doc = add(doc, path, copy.deepcopy(operation["value"]), replace=True)
+        elif op == "remove":
+            remove(doc, path)
+        elif op in ("move", "copy"):
+            source = str(operation.get("from", ""))
+            value = remove(doc, source) if op == "move" else copy.deepcopy(get(doc, source))
+            doc = add(doc, path, value)
+        elif op == "test":
+            if get(doc, path) != operation["value"]:
+                raise fail(f"testing value at {path!r} failed")
+        else:
+            raise fail(f"unexpected operation {op!r}")
+    return doc
 
 
 def _continue_as_run(script: PodScript) -> PodScript:
@@ -3412,7 +3739,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self._watch(url.path, query, headers)
                     return
                 fake._run_request_hooks(method, url.path, after=False)
-                status, payload = fake._handle(method, url.path, query, body)
+                status, payload = fake._handle(
+                    method, url.path, query, body, self.headers.get("Content-Type") or ""
+                )
                 fake._run_request_hooks(method, url.path, after=True)
         except ApiError as error:
             status, payload = error.code, error.status()
