@@ -23,7 +23,10 @@ What it emulates, for what `gpu_runners` uses:
 - A scheduler, cluster autoscaler and kubelet per `PodScript`: events with the real reasons,
   messages and sources, pod conditions and container states as they progress, node scale-up,
   `activeDeadlineSeconds`, graceful deletion, and the garbage collector that deletes Secrets
-  whose owner Pod is gone.
+  whose owner Pod is gone. Tests end pods as the cluster would: `finish_pod` (an exit code and
+  reason, e.g. OOMKilled), `exceed_deadline`, `preempt_pod` (a GKE Spot VM reclaimed: the
+  kubelet's graceful node shutdown, then the node gone) and `lose_pod_with_node` (the node
+  gone, then PodGC).
 - Pod logs (`GET .../pods/{name}/log` with `container`, `follow`, `tailLines`,
   `sinceSeconds`): plain text, a chunked stream with `follow=true` that ends when the container
   terminates, and the kubelet's 400 while the container waits. A started runner container
@@ -1506,13 +1509,23 @@ class FakeKubernetes:
             lines = self._container_log(key, obj["metadata"]["uid"], name)
             return "".join(f"{line.text}\n" for line in lines)
 
-    def finish_pod(self, name: str, *, exit_code: int = 0, namespace: str | None = None) -> JSON:
+    def finish_pod(
+        self,
+        name: str,
+        *,
+        exit_code: int = 0,
+        namespace: str | None = None,
+        reason: str | None = None,
+    ) -> JSON:
         """Ends a running pod's containers as its process would (the runner's one job is done).
 
         Args:
             name: Pod name.
             exit_code: The containers' exit code; 0 gives phase Succeeded, else Failed.
             namespace: The pod's namespace; default: the fake's.
+            reason: The terminated state's reason, e.g. "OOMKilled" (with exit code 137) for a
+                container the kernel killed at its memory limit; default: "Completed" for
+                exit code 0, else "Error", as the kubelet reports.
 
         Returns:
             The updated pod (a copy).
@@ -1525,8 +1538,118 @@ class FakeKubernetes:
             pod = self._objects["pods"].get(key)
             if pod is None:
                 raise LookupError(f"FakeKubernetes.finish_pod: no pod {key[0]}/{key[1]}")
-            updated = self._terminate(key, pod["metadata"]["uid"], exit_code)
+            updated = self._terminate(key, pod["metadata"]["uid"], exit_code, reason)
             return copy.deepcopy(updated if updated is not None else pod)
+
+    def exceed_deadline(self, name: str, namespace: str | None = None) -> JSON:
+        """Ends a pod on its node now as the kubelet does once `activeDeadlineSeconds` passed:
+        phase Failed, reason DeadlineExceeded, containers killed, a DeadlineExceeded event.
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: The pod is not on a node yet, or has already finished.
+        """
+        key, pod = self._bound_pod("exceed_deadline", name, namespace)
+        with self._lock:
+            self._deadline(key, pod["metadata"]["uid"])
+            return copy.deepcopy(self._objects["pods"][key])
+
+    def preempt_pod(self, name: str, namespace: str | None = None, *,
+                    keep_node: bool = False) -> JSON:
+        """Reclaims the Spot VM under a pod, as GKE does, seen through the kubelet's graceful
+        node shutdown: every unfinished pod on the node fails (phase Failed, reason
+        Terminated, condition DisruptionTarget True with reason TerminationByKubelet), its
+        running containers exit on SIGTERM (143, "Error"), those never started are reported
+        as the kubelet does for them (137, "ContainerStatusUnknown"), and its log streams end.
+        Then the node object goes (a DELETED watch event; its pool may scale up again), unless
+        `keep_node`; its GPUs are free either way. The pods stay, bound to the gone node,
+        until deleted (`lose_pod_with_node` then plays PodGC).
+
+        Returns:
+            The named pod as updated (a copy).
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: The pod is not on a node yet (nothing to preempt), or has finished.
+        """
+        key, pod = self._bound_pod("preempt_pod", name, namespace)
+        node_name = pod["spec"]["nodeName"]
+        with self._lock:
+            for victim_key, victim in sorted(self._objects["pods"].items()):
+                if victim["spec"].get("nodeName") != node_name or _is_terminal(victim):
+                    continue
+                running = [s["name"] for s in victim["status"].get("containerStatuses") or []
+                           if "running" in (s.get("state") or {})]
+                updated = self._update("pods", victim_key, victim["metadata"]["uid"],
+                                       _shut_down)
+                for container in running:
+                    self._event(cast(JSON, updated), "Normal", "Killing",
+                                f"Stopping container {container}", _KUBELET,
+                                f"spec.containers{{{container}}}")
+            self._update_quota_usage()
+            if not keep_node:
+                self._remove_node(node_name)
+            return copy.deepcopy(self._objects["pods"][key])
+
+    def lose_pod_with_node(self, name: str, namespace: str | None = None) -> JSON:
+        """The pod's node disappears (if still there) and PodGC removes its pods, as the
+        controller manager does for pods bound to a node that no longer exists: an
+        unfinished pod first fails (phase Failed, condition DisruptionTarget True with reason
+        DeletionByPodGC), then every pod of the node is deleted at once (grace period 0), and
+        the garbage collector takes the Secrets it owned.
+
+        Returns:
+            The named pod as deleted (a copy).
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: The pod is not on a node yet.
+        """
+        key, pod = self._bound_pod("lose_pod_with_node", name, namespace, finished_ok=True)
+        node_name = pod["spec"]["nodeName"]
+        with self._lock:
+            self._remove_node(node_name)
+            removed: JSON = {}
+            for victim_key, victim in sorted(self._objects["pods"].items()):
+                if victim["spec"].get("nodeName") != node_name:
+                    continue
+                if not _is_terminal(victim):
+                    self._update("pods", victim_key, victim["metadata"]["uid"], _collected)
+                gone = self._remove("pods", victim_key)
+                if victim_key == key:
+                    removed = gone
+            return copy.deepcopy(removed)
+
+    def _bound_pod(self, caller: str, name: str, namespace: str | None, *,
+                   finished_ok: bool = False) -> tuple[tuple[str, str], JSON]:
+        """The pod `name` (a copy) for a control that needs it on a node."""
+        key = (namespace or self.namespace, name)
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None:
+                raise LookupError(f"FakeKubernetes.{caller}: no pod {key[0]}/{key[1]}")
+            if not pod["spec"].get("nodeName"):
+                raise ValueError(
+                    f"FakeKubernetes.{caller}: pod {key[0]}/{key[1]} is not scheduled on a node "
+                    f"yet (phase {pod['status'].get('phase')}, no spec.nodeName): wait until it "
+                    "is bound"
+                )
+            if _is_terminal(pod) and not finished_ok:
+                raise ValueError(
+                    f"FakeKubernetes.{caller}: pod {key[0]}/{key[1]} has already finished "
+                    f"(phase {pod['status']['phase']})"
+                )
+            return key, copy.deepcopy(pod)
+
+    def _remove_node(self, name: str) -> None:
+        """The node object goes (caller holds the lock); an autoscaled pool may regrow."""
+        node = self._objects["nodes"].get(("", name))
+        if node is None:
+            return
+        self._remove("nodes", ("", name))
+        pool = (node["metadata"].get("labels") or {}).get(_GKE_NODEPOOL_LABEL, "")
+        if self._pool_sizes[pool] > 0:
+            self._pool_sizes[pool] -= 1
 
     # --- ReplicaSets and volumes ---------------------------------------------------------
 
@@ -2334,6 +2457,9 @@ class FakeKubernetes:
     def _kubelet_start(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
         """The kubelet admits the pod: startTime, containers waiting in ContainerCreating."""
 
+        if not self._alive(key, uid):
+            return
+
         def admitted(pod: JSON) -> None:
             status = pod["status"]
             status["startTime"] = _now()
@@ -2408,7 +2534,15 @@ class FakeKubernetes:
         self._pod_container_events(key, uid, "Normal", "Pulling", 'Pulling image "{image}"')
         self._timeline.call_later(script.step_delay, lambda: self._pulled(key, uid, script))
 
+    def _alive(self, key: tuple[str, str], uid: str) -> bool:
+        """Whether the pod with `uid` still exists and has not finished (its script goes on)."""
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            return pod is not None and pod["metadata"]["uid"] == uid and not _is_terminal(pod)
+
     def _pulled(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        if not self._alive(key, uid):
+            return
         if script.outcome is Outcome.IMAGE_PULL_ERROR:
             self._image_pull_failed(key, uid, script)
             return
@@ -2504,7 +2638,7 @@ class FakeKubernetes:
     def _image_pull_failed(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
         with self._lock:
             pod = self._objects["pods"].get(key)
-            if pod is None or pod["metadata"]["uid"] != uid:
+            if pod is None or pod["metadata"]["uid"] != uid or _is_terminal(pod):
                 return
             images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
         errors = {
@@ -2536,6 +2670,8 @@ class FakeKubernetes:
         self._update("pods", key, uid, waiting("ErrImagePull", errors))
 
         def back_off() -> None:
+            if not self._alive(key, uid):
+                return
             messages = {name: f'Back-off pulling image "{image}"' for name, image in images.items()}
             for name in images:
                 self._container_event(key, uid, name, "Normal", "BackOff", messages[name])
@@ -2546,7 +2682,9 @@ class FakeKubernetes:
 
         self._timeline.call_later(script.step_delay, back_off)
 
-    def _terminate(self, key: tuple[str, str], uid: str, exit_code: int) -> JSON | None:
+    def _terminate(
+        self, key: tuple[str, str], uid: str, exit_code: int, reason: str | None = None
+    ) -> JSON | None:
         """The containers exit with `exit_code`; the pod becomes Succeeded or Failed, unless
         its restartPolicy restarts them (then see `_back_off`)."""
 
@@ -2554,12 +2692,12 @@ class FakeKubernetes:
             succeeded = exit_code == 0
             policy = pod["spec"].get("restartPolicy", "Always")
             if policy == "Always" or policy == "OnFailure" and not succeeded:
-                _back_off(pod, exit_code)
+                _back_off(pod, exit_code, reason)
                 return
             pod["status"]["phase"] = "Succeeded" if succeeded else "Failed"
-            reason = "PodCompleted" if succeeded else "PodFailed"
+            why = "PodCompleted" if succeeded else "PodFailed"
             for condition in ("Ready", "ContainersReady"):
-                _set_condition(pod, condition, "False", reason)
+                _set_condition(pod, condition, "False", why)
             _set_condition(pod, "PodReadyToStartContainers", "False")
             for status in pod["status"].get("containerStatuses") or []:
                 started = (status["state"].get("running") or {}).get("startedAt", _now())
@@ -2567,7 +2705,7 @@ class FakeKubernetes:
                 status["state"] = {
                     "terminated": {
                         "exitCode": exit_code,
-                        "reason": "Completed" if succeeded else "Error",
+                        "reason": reason or ("Completed" if succeeded else "Error"),
                         "startedAt": started,
                         "finishedAt": _now(),
                         "containerID": status.get("containerID", ""),
@@ -2591,19 +2729,8 @@ class FakeKubernetes:
             )
             for condition in ("Ready", "ContainersReady"):
                 _set_condition(pod, condition, "False", "PodFailed")
-            for status in pod["status"].get("containerStatuses") or []:
-                running = status["state"].get("running")
-                if running is not None:
-                    status.update(ready=False, started=False)
-                    status["state"] = {
-                        "terminated": {
-                            "exitCode": 137,
-                            "reason": "Error",
-                            "startedAt": running["startedAt"],
-                            "finishedAt": _now(),
-                            "containerID": status.get("containerID", ""),
-                        }
-                    }
+            _set_condition(pod, "PodReadyToStartContainers", "False")
+            _kill_containers(pod, 137)
 
         with self._lock:
             pod = self._objects["pods"].get(key)
@@ -3397,7 +3524,7 @@ def _qos_class(spec: JSON) -> str:
     return "Guaranteed" if guaranteed else "Burstable"
 
 
-def _back_off(pod: JSON, exit_code: int) -> None:
+def _back_off(pod: JSON, exit_code: int, reason: str | None = None) -> None:
     """The kubelet restarts exited containers, after a back-off (10 s, doubling, capped at
     300 s): the pod stays Running, each container waits in CrashLoopBackOff with its exit in
     `lastState` and its restartCount one higher. The fake does not start it again."""
@@ -3410,7 +3537,8 @@ def _back_off(pod: JSON, exit_code: int) -> None:
         restarts = int(status.get("restartCount", 0)) + 1
         status.update(ready=False, started=False, restartCount=restarts)
         status["lastState"] = {"terminated": {
-            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "exitCode": exit_code,
+            "reason": reason or ("Completed" if exit_code == 0 else "Error"),
             "startedAt": started, "finishedAt": _now(),
             "containerID": status.get("containerID", "")}}
         delay = min(300, 10 * 2 ** (restarts - 1))
@@ -3418,6 +3546,61 @@ def _back_off(pod: JSON, exit_code: int) -> None:
             "reason": "CrashLoopBackOff",
             "message": f"back-off {delay}s restarting failed container={status['name']} "
                        f"pod={name}_{namespace}({uid})"}}
+
+
+_SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+_PODGC_MESSAGE = "PodGC: node no longer exists"
+_UNKNOWN_CONTAINER_MESSAGE = "The container could not be located when the pod was terminated"
+
+
+def _kill_containers(pod: JSON, exit_code: int) -> None:
+    """The kubelet stops a pod's containers: a running one ends with `exit_code` ("Error");
+    one never started is reported terminated with 137, "ContainerStatusUnknown", as the
+    kubelet does for a container of a terminal pod it has no record of running."""
+    spec, status = pod["spec"], pod["status"]
+    for group, spec_key in (("initContainerStatuses", "initContainers"),
+                            ("containerStatuses", "containers")):
+        containers = spec.get(spec_key) or []
+        if not containers:
+            continue
+        statuses = status.setdefault(group, [])
+        known = {s["name"] for s in statuses}
+        statuses.extend(
+            {"name": c["name"], "image": c["image"], "imageID": "", "ready": False,
+             "restartCount": 0, "started": False, "state": {}, "lastState": {}}
+            for c in containers if c["name"] not in known
+        )
+        for container in statuses:
+            state = container.get("state") or {}
+            if "terminated" in state:
+                continue
+            container.update(ready=False, started=False)
+            running = state.get("running")
+            if running is not None:
+                container["state"] = {"terminated": {
+                    "exitCode": exit_code, "reason": "Error", "startedAt": running["startedAt"],
+                    "finishedAt": _now(), "containerID": container.get("containerID", "")}}
+            else:
+                container["state"] = {"terminated": {
+                    "exitCode": 137, "reason": "ContainerStatusUnknown",
+                    "message": _UNKNOWN_CONTAINER_MESSAGE, "startedAt": None,
+                    "finishedAt": None}}
+
+
+def _shut_down(pod: JSON) -> None:
+    """The kubelet's graceful node shutdown ends a pod (nodeshutdown manager)."""
+    pod["status"].update(phase="Failed", reason="Terminated", message=_SHUTDOWN_MESSAGE)
+    _set_condition(pod, "DisruptionTarget", "True", "TerminationByKubelet", _SHUTDOWN_MESSAGE)
+    for condition in ("Ready", "ContainersReady"):
+        _set_condition(pod, condition, "False", "PodFailed")
+    _set_condition(pod, "PodReadyToStartContainers", "False")
+    _kill_containers(pod, 143)
+
+
+def _collected(pod: JSON) -> None:
+    """PodGC fails an unfinished pod whose node is gone before deleting it."""
+    pod["status"]["phase"] = "Failed"
+    _set_condition(pod, "DisruptionTarget", "True", "DeletionByPodGC", _PODGC_MESSAGE)
 
 
 def _set_condition(

@@ -1953,3 +1953,182 @@ def test_config_maps_are_checked_by_rbac(make_fake_kube: MakeFake) -> None:
 
     assert refused.value.status == 403
     assert fake.forbidden == ["patch configmaps", "delete configmaps"]
+
+
+# --- Preemption, node loss and genuine failures ------------------------------------------------
+
+
+def changes_since(
+    list_call: Callable[..., Any], version: str, count: int, *args: Any
+) -> list[tuple[str, Obj]]:
+    """The first `count` watch events after `version`, as (type, object as a dict)."""
+    seen: list[tuple[str, Obj]] = []
+    stream = watch.Watch()
+    for event in stream.stream(list_call, *args, resource_version=version, timeout_seconds=5):
+        seen.append((event["type"], attrs(event["object"])))
+        if len(seen) == count:
+            stream.stop()
+    return seen
+
+
+def condition(pod: Obj, kind: str) -> Obj:
+    return next(c for c in pod["status"]["conditions"] if c["type"] == kind)
+
+
+SHUTDOWN = "Pod was terminated in response to imminent node shutdown."
+
+
+def test_preempting_a_running_pod_fails_it_as_graceful_node_shutdown_and_removes_its_node(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1))
+    pod = watch_pod(core, "gpu-7-1", running)[-1]
+    node = pod["spec"]["node_name"]
+    lines: list[str] = []
+    ended = follow_log(core, "gpu-7-1", lines)
+    start = list_version(core)
+
+    fake_kube.preempt_pod("gpu-7-1")
+
+    [(kind, failed)] = changes_since(core.list_namespaced_pod, start, 1, NS)
+    assert kind == "MODIFIED"
+    status = failed["status"]
+    assert (status["phase"], status["reason"], status["message"]) == (
+        "Failed", "Terminated", SHUTDOWN)
+    target = condition(failed, "DisruptionTarget")
+    assert (target["status"], target["reason"], target["message"]) == (
+        "True", "TerminationByKubelet", SHUTDOWN)
+    assert condition(failed, "Ready")["status"] == "False"
+    container = status["container_statuses"][0]
+    assert container["ready"] is False
+    terminated = container["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (143, "Error")
+    [(node_change, gone)] = changes_since(core.list_node, start, 1)
+    assert (node_change, gone["metadata"]["name"]) == ("DELETED", node)
+    assert node not in [n["metadata"]["name"] for n in fake_kube.nodes()]
+    assert ended.wait(5), "the log follow did not end with the container"
+    assert "Killing" in reasons(pod_events(core, "gpu-7-1"))
+
+
+def test_a_pod_preempted_while_its_containers_wait_reports_them_never_started(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    # Its Secret volume never appears: scheduled, admitted, containers in ContainerCreating.
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", secret_volume="absent"))
+    watch_pod(core, "gpu-7-1", container_status_is("waiting"))
+
+    preempted = fake_kube.preempt_pod("gpu-7-1")
+
+    pod = attrs(core.read_namespaced_pod("gpu-7-1", NS))
+    assert pod["status"]["phase"] == preempted["status"]["phase"] == "Failed"
+    terminated = pod["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"], terminated["message"]) == (
+        137, "ContainerStatusUnknown",
+        "The container could not be located when the pod was terminated")
+    time.sleep(0.1)  # the rest of its script does not revive it
+    assert attrs(core.read_namespaced_pod("gpu-7-1", NS))["status"]["phase"] == "Failed"
+
+
+def test_a_preempted_gpu_frees_its_gpu_on_a_kept_node_and_its_pool_regrows_when_removed(
+    make_fake_kube: MakeFake,
+) -> None:
+    pool = FakeNodePool("gpu-l4", {NODE_GPU_LABEL: "true"}, gpus_per_node=1, max_nodes=1)
+    fake = make_fake_kube(node_pools=[pool])
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1))
+    first = watch_pod(core, "gpu-7-1", running)[-1]["spec"]["node_name"]
+
+    fake.preempt_pod("gpu-7-1", keep_node=True)
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-2", gpus=1))
+    second = watch_pod(core, "gpu-7-2", running)[-1]["spec"]["node_name"]
+    fake.preempt_pod("gpu-7-2")  # the pool's one node goes: the autoscaler may add one again
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-3", gpus=1))
+    third = watch_pod(core, "gpu-7-3", running)[-1]["spec"]["node_name"]
+
+    assert second == first  # the GPU was free again on the kept node
+    assert third != second
+    assert [n["metadata"]["name"] for n in fake.nodes() if "gpu-l4" in n["metadata"]["name"]] == [
+        third]
+
+
+def test_a_pod_not_yet_on_a_node_cannot_be_preempted(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(scheduler=lambda pod: PodScript.unschedulable())
+    api_for(fake).create_namespaced_pod(NS, runner_pod("gpu-7-1"))
+
+    with pytest.raises(ValueError, match="not scheduled on a node yet"):
+        fake.preempt_pod("gpu-7-1")
+    with pytest.raises(ValueError, match="not scheduled on a node yet"):
+        fake.lose_pod_with_node("gpu-7-1")
+    with pytest.raises(LookupError):
+        fake.preempt_pod("absent")
+
+
+def test_a_pod_whose_node_is_lost_is_failed_then_deleted_by_pod_gc_with_its_secrets(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    pod = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1)))
+    core.create_namespaced_secret(NS, secret("gpu-7-1-jit", owner_references=owner(pod)))
+    node = watch_pod(core, "gpu-7-1", running)[-1]["spec"]["node_name"]
+    start = list_version(core)
+
+    fake_kube.lose_pod_with_node("gpu-7-1")
+
+    [(node_change, gone)] = changes_since(core.list_node, start, 1)
+    assert (node_change, gone["metadata"]["name"]) == ("DELETED", node)
+    (first, failed), (second, deleted) = changes_since(core.list_namespaced_pod, start, 2, NS)
+    assert (first, second) == ("MODIFIED", "DELETED")
+    assert failed["status"]["phase"] == "Failed"
+    target = condition(failed, "DisruptionTarget")
+    assert (target["status"], target["reason"], target["message"]) == (
+        "True", "DeletionByPodGC", "PodGC: node no longer exists")
+    assert deleted["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert fake_kube.pods() == [] and fake_kube.secrets() == []
+
+
+def test_pod_gc_after_a_preemption_only_deletes_the_failed_pod(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1))
+    watch_pod(core, "gpu-7-1", running)
+    fake_kube.preempt_pod("gpu-7-1")
+    start = list_version(core)
+
+    fake_kube.lose_pod_with_node("gpu-7-1")
+
+    [(kind, deleted)] = changes_since(core.list_namespaced_pod, start, 1, NS)
+    assert kind == "DELETED"
+    assert condition(deleted, "DisruptionTarget")["reason"] == "TerminationByKubelet"
+
+
+def test_finish_pod_reports_an_oom_kill(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1"))
+    watch_pod(core, "gpu-7-1", running)
+
+    fake_kube.finish_pod("gpu-7-1", exit_code=137, reason="OOMKilled")
+
+    pod = attrs(core.read_namespaced_pod("gpu-7-1", NS))
+    assert pod["status"]["phase"] == "Failed"
+    assert pod["status"]["reason"] is None
+    assert all(c["type"] != "DisruptionTarget" for c in pod["status"]["conditions"])
+    terminated = pod["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (137, "OOMKilled")
+
+
+def test_exceed_deadline_fails_a_running_pod_as_active_deadline_seconds_would(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1"))
+    watch_pod(core, "gpu-7-1", running)
+
+    fake_kube.exceed_deadline("gpu-7-1")
+
+    pod = attrs(core.read_namespaced_pod("gpu-7-1", NS))
+    assert (pod["status"]["phase"], pod["status"]["reason"], pod["status"]["message"]) == (
+        "Failed", "DeadlineExceeded",
+        "Pod was active on the node longer than the specified deadline")
+    assert pod["status"]["container_statuses"][0]["state"]["terminated"]["exit_code"] == 137
+    assert "DeadlineExceeded" in reasons(pod_events(core, "gpu-7-1"))
+    with pytest.raises(ValueError, match="already finished"):
+        fake_kube.exceed_deadline("gpu-7-1")
