@@ -8,6 +8,13 @@ headers. Tests drive its state directly (`add_runner`, `set_runner_status`, `set
 and queue faults with `inject` to reproduce outages, rate limits, slow answers and dropped
 connections on any route.
 
+Workflow jobs (see `add_job`): each run has attempts, each attempt its jobs. GitHub's dispatch
+is emulated: a queued job whose needs have completed goes to the first online, idle runner
+carrying all its labels, whenever a job is queued or a runner comes online or idles. Tests end
+jobs (`complete_job`, `finish_job`), lose runners (`lose_runner`, then `fail_lost_job`), and the
+client re-runs failed jobs (`rerun-failed-jobs`: a new attempt with the failed jobs and their
+dependents queued again, with their original labels) or cancels runs.
+
 GitHub Apps (see `register_app`, `install_app`): the fake mints installation tokens for App
 JWTs it verifies (tests/fakes/github_app_auth.py) and accepts them on every route like the PAT,
 within the permissions and repositories they were narrowed to, until they expire on the fake's
@@ -49,6 +56,7 @@ from tests.fakes.loopback_server import LoopbackServer
 DOCS = "https://docs.github.com/rest"
 DOCS_RUNNERS = f"{DOCS}/actions/self-hosted-runners"
 DOCS_RUNS = f"{DOCS}/actions/workflow-runs#get-a-workflow-run"
+DOCS_JOBS = f"{DOCS}/actions/workflow-jobs"
 DOCS_PERMISSIONS = f"{DOCS}/actions/permissions"
 DOCS_RUNNER_GROUPS = f"{DOCS}/actions/self-hosted-runner-groups"
 DOCS_REPOS = f"{DOCS}/repos/repos#get-a-repository"
@@ -82,6 +90,9 @@ FORK_PR_SETTINGS_KEYS = (
     "require_approval_for_fork_pr_workflows",
 )
 MAX_JIT_LABELS = 100  # generate-jitconfig accepts 1 to 100 labels
+#: "A workflow run can be re-run a maximum of 50 times" (full and partial re-runs alike).
+MAX_RERUNS = 50
+JOB_CONCLUSIONS = frozenset({"success", "failure", "cancelled", "skipped", "neutral", "timed_out"})
 
 
 
@@ -242,6 +253,11 @@ class FakeGitHub(LoopbackServer):
         self._callbacks: list[Callable[[RecordedRequest], None]] = []
         self._next_runner_id = 1
         self._next_label_id = 1
+        #: run id -> its attempts' jobs, attempt 1 first (see `add_job`, `jobs`).
+        self._attempts: dict[int, list[list[dict[str, Any]]]] = {}
+        #: job id -> the names of the jobs it needs (the workflow's `needs`; not in the JSON).
+        self._needs: dict[int, tuple[str, ...]] = {}
+        self._next_job_id = 1
         # One lock for all state: handler threads and the test thread both mutate it.
         self._changed = threading.Condition(threading.RLock())
 
@@ -330,6 +346,7 @@ class FakeGitHub(LoopbackServer):
             runner = self._new_runner(name, labels, os="Linux", ephemeral=ephemeral)
             runner["status"] = status
             runner["busy"] = busy
+            self._dispatch()
             self._changed.notify_all()
             return runner
 
@@ -431,6 +448,7 @@ class FakeGitHub(LoopbackServer):
                 runner["busy"] = busy
             elif status == "offline":
                 runner["busy"] = False
+            self._dispatch()
             self._changed.notify_all()
 
     def finish_job(self, name: str) -> None:
@@ -444,8 +462,257 @@ class FakeGitHub(LoopbackServer):
             runner = self.runner_named(name)
             if runner is None:
                 raise KeyError(f"finish_job: no runner named {name!r}")
+            job = self._job_of_runner(name)
+            if job is not None:
+                self._complete(job, "success")
             del self.runners[runner["id"]]
+            self._dispatch()
             self._changed.notify_all()
+
+    # --- workflow jobs ---------------------------------------------------------------------
+
+    def add_job(
+        self, run_id: int, name: str, labels: list[str], *, needs: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Queues a job in the run's current attempt (creating the run, in progress, attempt
+        1, if missing) and dispatches it if a runner fits; returns its GitHub representation.
+
+        Args:
+            run_id: The workflow run.
+            name: The job's name, unique in the attempt.
+            labels: Its `runs-on` labels; a runner must carry all of them (case-insensitive).
+            needs: Names of jobs of the same attempt it needs: it waits until they completed,
+                and is skipped (conclusion "skipped") when one did not succeed.
+        """
+        if not labels:
+            raise ValueError("add_job: a job runs on at least one label")
+        with self._changed:
+            run = self.workflow_runs.get(run_id)
+            if run is None:
+                run = self._new_run(run_id)
+                run["status"], run["conclusion"] = "in_progress", None
+            attempt = self._current_jobs(run_id)
+            if any(job["name"] == name for job in attempt):
+                raise ValueError(f"add_job: run {run_id} has a job named {name!r} already")
+            known = {job["name"] for job in attempt}
+            missing = sorted(set(needs) - known)
+            if missing:
+                raise ValueError(f"add_job: {name!r} needs unknown jobs {missing}")
+            job = self._new_job(run, name, list(labels), tuple(needs))
+            attempt.append(job)
+            if run["status"] == "completed":
+                run["status"], run["conclusion"] = "in_progress", None
+            self._settle(run_id)
+            self._dispatch()
+            self._changed.notify_all()
+            return dict(job)
+
+    def jobs(self, run_id: int, attempt: int | None = None) -> list[dict[str, Any]]:
+        """Copies of the jobs of one attempt of a run (default: its current attempt).
+
+        Raises:
+            KeyError: No such run or attempt.
+        """
+        with self._changed:
+            attempts = self._attempts.get(run_id)
+            run = self.workflow_runs.get(run_id)
+            if run is None:
+                raise KeyError(f"jobs: no workflow run {run_id}")
+            number = run["run_attempt"] if attempt is None else attempt
+            if attempts is None and number == run["run_attempt"]:
+                return []
+            if attempts is None or not 1 <= number <= len(attempts):
+                raise KeyError(f"jobs: run {run_id} has no attempt {number}")
+            return [dict(job) for job in attempts[number - 1]]
+
+    def complete_job(self, runner_name: str, conclusion: str = "success") -> dict[str, Any]:
+        """The job on runner `runner_name` ends with `conclusion`; an ephemeral (JIT) runner's
+        registration is removed, as after a single-use runner's job, another runner becomes
+        idle. Returns the completed job.
+
+        Raises:
+            KeyError: No such runner, or it runs no job.
+        """
+        if conclusion not in JOB_CONCLUSIONS:
+            raise ValueError(f"complete_job: conclusion must be one of {sorted(JOB_CONCLUSIONS)}")
+        with self._changed:
+            runner = self.runner_named(runner_name)
+            job = self._job_of_runner(runner_name)
+            if runner is None or job is None:
+                raise KeyError(f"complete_job: no runner named {runner_name!r} runs a job")
+            self._complete(job, conclusion)
+            if runner["ephemeral"]:
+                del self.runners[runner["id"]]
+            else:
+                runner["busy"] = False
+            self._dispatch()
+            self._changed.notify_all()
+            return dict(job)
+
+    def lose_runner(self, runner_name: str) -> None:
+        """The runner's machine vanished (a Spot VM reclaimed): it goes offline, and stays
+        busy while GitHub still counts its job as in progress (see `fail_lost_job`).
+
+        Raises:
+            KeyError: No such runner.
+        """
+        with self._changed:
+            runner = self.runner_named(runner_name)
+            if runner is None:
+                raise KeyError(f"lose_runner: no runner named {runner_name!r}")
+            runner["status"] = "offline"
+            runner["busy"] = self._job_of_runner(runner_name) is not None
+            self._changed.notify_all()
+
+    def fail_lost_job(self, runner_name: str) -> dict[str, Any]:
+        """GitHub gives up on a lost runner: its job fails ("The runner has received a
+        shutdown signal" / lost communication); the registration stays, offline, not busy.
+        Returns the failed job.
+
+        Raises:
+            KeyError: No such runner, or it runs no job.
+        """
+        with self._changed:
+            runner = self.runner_named(runner_name)
+            job = self._job_of_runner(runner_name)
+            if runner is None or job is None:
+                raise KeyError(f"fail_lost_job: no runner named {runner_name!r} runs a job")
+            self._complete(job, "failure")
+            runner["status"], runner["busy"] = "offline", False
+            self._dispatch()
+            self._changed.notify_all()
+            return dict(job)
+
+    def _new_run(self, run_id: int) -> dict[str, Any]:
+        api = f"https://api.github.com/repos/{self.owner}/{self.repo}/actions/runs/{run_id}"
+        run: dict[str, Any] = {
+            "id": run_id,
+            "run_attempt": 1,
+            "html_url": f"https://github.com/{self.owner}/{self.repo}/actions/runs/{run_id}",
+            "jobs_url": f"{api}/jobs",
+            "cancel_url": f"{api}/cancel",
+            "rerun_url": f"{api}/rerun",
+        }
+        self.workflow_runs[run_id] = run
+        return run
+
+    def _current_jobs(self, run_id: int) -> list[dict[str, Any]]:
+        """The jobs of the run's current attempt (caller holds the lock)."""
+        run = self.workflow_runs[run_id]
+        attempts = self._attempts.setdefault(run_id, [])
+        while len(attempts) < run["run_attempt"]:
+            attempts.append([])
+        return attempts[run["run_attempt"] - 1]
+
+    def _new_job(
+        self, run: dict[str, Any], name: str, labels: list[str], needs: tuple[str, ...]
+    ) -> dict[str, Any]:
+        job_id = self._next_job_id
+        self._next_job_id += 1
+        now = _timestamp(_now())
+        base = f"{self.owner}/{self.repo}"
+        job: dict[str, Any] = {
+            "id": job_id,
+            "run_id": run["id"],
+            "run_attempt": run["run_attempt"],
+            "run_url": f"https://api.github.com/repos/{base}/actions/runs/{run['id']}",
+            "url": f"https://api.github.com/repos/{base}/actions/jobs/{job_id}",
+            "html_url": f"https://github.com/{base}/actions/runs/{run['id']}/job/{job_id}",
+            "head_sha": "0" * 40,
+            "workflow_name": "CI",
+            "name": name,
+            "status": "queued",
+            "conclusion": None,
+            "created_at": now,
+            "started_at": now,  # GitHub reports the queueing time until a runner takes it
+            "completed_at": None,
+            "labels": labels,
+            "runner_id": None,
+            "runner_name": None,
+            "runner_group_id": None,
+            "runner_group_name": None,
+            "steps": [],
+        }
+        self._needs[job_id] = needs
+        return job
+
+    def _job_of_runner(self, runner_name: str) -> dict[str, Any] | None:
+        """The in-progress job assigned to the runner of that name (caller holds the lock)."""
+        for run_id in sorted(self._attempts):
+            for job in self._current_jobs(run_id):
+                if job["status"] == "in_progress" and job["runner_name"] == runner_name:
+                    return job
+        return None
+
+    def _complete(self, job: dict[str, Any], conclusion: str) -> None:
+        job.update(status="completed", conclusion=conclusion, completed_at=_timestamp(_now()))
+        self._settle(job["run_id"])
+
+    def _settle(self, run_id: int) -> None:
+        """Skips queued jobs whose needs did not all succeed, and completes the run once every
+        job of its current attempt has (caller holds the lock)."""
+        jobs = self._current_jobs(run_id)
+        by_name = {job["name"]: job for job in jobs}
+        changed = True
+        while changed:
+            changed = False
+            for job in jobs:
+                if job["status"] != "queued":
+                    continue
+                needed = [by_name[name] for name in self._needs.get(job["id"], ())]
+                # As without `if: always()`: a need that failed, was cancelled or was itself
+                # skipped skips the job.
+                if any(n["status"] == "completed" and n["conclusion"] != "success"
+                       for n in needed):
+                    job.update(status="completed", conclusion="skipped",
+                               completed_at=_timestamp(_now()))
+                    changed = True
+        run = self.workflow_runs[run_id]
+        if jobs and all(job["status"] == "completed" for job in jobs):
+            conclusions = {job["conclusion"] for job in jobs}
+            run["status"] = "completed"
+            run["conclusion"] = (
+                "failure" if conclusions & {"failure", "timed_out"}
+                else "cancelled" if "cancelled" in conclusions
+                else "success"
+            )
+
+    def _dispatch(self) -> None:
+        """Gives each queued job whose needs have completed to the first online, idle runner
+        carrying all its labels, as GitHub's job dispatch does (caller holds the lock)."""
+        for run_id in sorted(self._attempts):
+            run = self.workflow_runs[run_id]
+            jobs = self._current_jobs(run_id)
+            by_name = {job["name"]: job for job in jobs}
+            for job in jobs:
+                if job["status"] != "queued" or any(
+                    by_name[name]["status"] != "completed" for name in self._needs[job["id"]]
+                ):
+                    continue
+                wanted = {label.lower() for label in job["labels"]}
+                runner = next(
+                    (
+                        runner
+                        for _, runner in sorted(self.runners.items())
+                        if runner["status"] == "online"
+                        and not runner["busy"]
+                        and wanted <= {label["name"].lower() for label in runner["labels"]}
+                    ),
+                    None,
+                )
+                if runner is None:
+                    continue
+                runner["busy"] = True
+                job.update(
+                    status="in_progress",
+                    started_at=_timestamp(_now()),
+                    runner_id=runner["id"],
+                    runner_name=runner["name"],
+                    runner_group_id=runner.get("runner_group_id", DEFAULT_RUNNER_GROUP_ID),
+                    runner_group_name="Default",
+                )
+                if run["status"] in ("queued", "pending", "waiting", "requested"):
+                    run["status"] = "in_progress"
 
     def set_run_status(self, run_id: int, status: str, conclusion: str | None = None) -> None:
         """Creates or updates a workflow run; a completed run needs a conclusion, others none."""
@@ -458,14 +725,7 @@ class FakeGitHub(LoopbackServer):
         if status != "completed" and conclusion is not None:
             raise ValueError("set_run_status: only a completed run has a conclusion")
         with self._changed:
-            run = self.workflow_runs.setdefault(
-                run_id,
-                {
-                    "id": run_id,
-                    "run_attempt": 1,
-                    "html_url": f"https://github.com/{self.owner}/{self.repo}/actions/runs/{run_id}",
-                },
-            )
+            run = self.workflow_runs.get(run_id) or self._new_run(run_id)
             run["status"] = status
             run["conclusion"] = conclusion
             self._changed.notify_all()
@@ -694,6 +954,36 @@ class FakeGitHub(LoopbackServer):
         (
             "GET",
             re.compile(
+                r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/actions/runs/(?P<run_id>\d+)/jobs$"
+            ),
+            "_list_jobs",
+        ),
+        (
+            "GET",
+            re.compile(
+                r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/actions/runs/(?P<run_id>\d+)"
+                r"/attempts/(?P<attempt>\d+)/jobs$"
+            ),
+            "_list_attempt_jobs",
+        ),
+        (
+            "POST",
+            re.compile(
+                r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/actions/runs/(?P<run_id>\d+)"
+                r"/rerun-failed-jobs$"
+            ),
+            "_rerun_failed_jobs",
+        ),
+        (
+            "POST",
+            re.compile(
+                r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)/actions/runs/(?P<run_id>\d+)/cancel$"
+            ),
+            "_cancel_run",
+        ),
+        (
+            "GET",
+            re.compile(
                 r"^/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)"
                 r"/actions/permissions/fork-pr-workflows-private-repos$"
             ),
@@ -910,6 +1200,100 @@ class FakeGitHub(LoopbackServer):
         if run is None:
             return _not_found(DOCS_RUNS)
         return _Answer(200, dict(run))
+
+    def _list_jobs(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
+        docs = f"{DOCS_JOBS}#list-jobs-for-a-workflow-run"
+        run_id = int(params["run_id"])
+        if run_id not in self.workflow_runs:
+            return _not_found(docs)
+        chosen = (request.query.get("filter") or ["latest"])[-1]
+        if chosen not in ("latest", "all"):
+            return _validation_failed(
+                f"{chosen!r} is not a valid value for filter: use latest or all.", docs
+            )
+        attempts = self._attempts.get(run_id) or []
+        if chosen == "latest":
+            jobs = list(self._current_jobs(run_id)) if attempts else []
+        else:
+            seen: dict[int, dict[str, Any]] = {}
+            for attempt in attempts:
+                for job in attempt:
+                    seen.setdefault(job["id"], job)
+            jobs = list(seen.values())
+        return self._page(request, "jobs", [dict(job) for job in jobs])
+
+    def _list_attempt_jobs(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
+        docs = f"{DOCS_JOBS}#list-jobs-for-a-workflow-run-attempt"
+        run = self.workflow_runs.get(int(params["run_id"]))
+        number = int(params["attempt"])
+        if run is None or not 1 <= number <= run["run_attempt"]:
+            return _not_found(docs)
+        attempts = self._attempts.get(run["id"]) or []
+        jobs = attempts[number - 1] if number <= len(attempts) else []
+        return self._page(request, "jobs", [dict(job) for job in jobs])
+
+    def _rerun_failed_jobs(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
+        docs = f"{DOCS}/actions/workflow-runs#re-run-failed-jobs-from-a-workflow-run"
+        run = self.workflow_runs.get(int(params["run_id"]))
+        if run is None:
+            return _not_found(docs)
+        body = request.body
+        if body is not None and (
+            not isinstance(body, dict)
+            or not isinstance(body.get("enable_debug_logging", False), bool)
+            or set(body) - {"enable_debug_logging"}
+        ):
+            return _validation_failed('"enable_debug_logging" must be a boolean.', docs)
+        if run["status"] != "completed":
+            return _error(403, "This workflow is already running", docs)
+        jobs = self._current_jobs(run["id"]) if run["id"] in self._attempts else []
+        rerun = {
+            job["name"]
+            for job in jobs
+            if job["conclusion"] in ("failure", "cancelled", "timed_out")
+        }
+        if not rerun or run["run_attempt"] > MAX_RERUNS:
+            return _error(403, "This workflow run cannot be retried", docs)
+        grew = True
+        while grew:  # and every job needing one of them, transitively
+            before = len(rerun)
+            rerun |= {
+                job["name"] for job in jobs if set(self._needs.get(job["id"], ())) & rerun
+            }
+            grew = len(rerun) > before
+        run["run_attempt"] += 1
+        run.update(status="queued", conclusion=None)
+        run["debug_logging"] = bool((body or {}).get("enable_debug_logging", False))
+        self._attempts[run["id"]].append(
+            [
+                self._new_job(run, job["name"], list(job["labels"]), self._needs[job["id"]])
+                if job["name"] in rerun
+                else job  # carried into the new attempt as it ran
+                for job in jobs
+            ]
+        )
+        self._settle(run["id"])
+        self._dispatch()
+        return _Answer(201, {})
+
+    def _cancel_run(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
+        docs = f"{DOCS}/actions/workflow-runs#cancel-a-workflow-run"
+        run = self.workflow_runs.get(int(params["run_id"]))
+        if run is None:
+            return _not_found(docs)
+        if run["status"] == "completed":
+            return _error(409, "Cannot cancel a workflow run that is completed.", docs)
+        now = _timestamp(_now())
+        for job in self._current_jobs(run["id"]) if run["id"] in self._attempts else []:
+            if job["status"] == "completed":
+                continue
+            runner = self.runners.get(job["runner_id"]) if job["runner_id"] else None
+            if runner is not None:
+                runner["busy"] = False
+            job.update(status="completed", conclusion="cancelled", completed_at=now)
+        run.update(status="completed", conclusion="cancelled")
+        self._dispatch()
+        return _Answer(202, {})
 
     def _get_fork_pr_settings(self, request: RecordedRequest, params: dict[str, str]) -> _Answer:
         if not self.private:

@@ -6,11 +6,14 @@ Existing fakes fall short (no watch, label selectors ignored, namespace bugs), h
 
 What it emulates, for what `gpu_runners` uses:
 
-- Pods, Secrets and Events in `/api/v1/namespaces/{ns}/...` (and cluster-wide lists in
-  `/api/v1/{resource}`): create, get, delete, deletecollection, list with label and field
-  selectors, `limit`/`continue` pagination from a consistent snapshot, and `watch=true` streams
-  from a `resourceVersion`, honouring `timeoutSeconds`. Nodes, Namespaces and ResourceQuotas are
-  readable. Errors are `Status` objects with the API server's reasons and message shapes.
+- Pods, Secrets, ConfigMaps and Events in `/api/v1/namespaces/{ns}/...` (and cluster-wide
+  lists in `/api/v1/{resource}`): create, get, delete, deletecollection, list with label and
+  field selectors, `limit`/`continue` pagination from a consistent snapshot, and `watch=true`
+  streams from a `resourceVersion`, honouring `timeoutSeconds`. ConfigMaps can also be replaced
+  (PUT, 409 Conflict when `metadata.resourceVersion` is stale) and patched (JSON patch, JSON
+  merge patch, strategic merge patch), and `immutable` ones refuse data changes; every
+  namespace holds `kube-root-ca.crt`. Nodes, Namespaces and ResourceQuotas are readable.
+  Errors are `Status` objects with the API server's reasons and message shapes.
 - The API server's admission on create, in its order: object validation (names, labels,
   containers, and a strict JSON-schema check (tests/harness/kubernetes_schema.py)),
   Pod Security `restricted`, ResourceQuota on `nvidia.com/gpu` and pod count, then 409 on a name
@@ -20,7 +23,10 @@ What it emulates, for what `gpu_runners` uses:
 - A scheduler, cluster autoscaler and kubelet per `PodScript`: events with the real reasons,
   messages and sources, pod conditions and container states as they progress, node scale-up,
   `activeDeadlineSeconds`, graceful deletion, and the garbage collector that deletes Secrets
-  whose owner Pod is gone.
+  whose owner Pod is gone. Tests end pods as the cluster would: `finish_pod` (an exit code and
+  reason, e.g. OOMKilled), `exceed_deadline`, `preempt_pod` (a GKE Spot VM reclaimed: the
+  kubelet's graceful node shutdown, then the node gone) and `lose_pod_with_node` (the node
+  gone, then PodGC).
 - Pod logs (`GET .../pods/{name}/log` with `container`, `follow`, `tailLines`,
   `sinceSeconds`): plain text, a chunked stream with `follow=true` that ends when the container
   terminates, and the kubelet's 400 while the container waits. A started runner container
@@ -43,7 +49,8 @@ What it emulates, for what `gpu_runners` uses:
 Deliberately stricter than a real API server: unknown fields are rejected (422) instead of
 dropped with a warning, so a misspelt field fails the test; GKE's ExtendedResourceToleration
 admission (which adds the GPU toleration) is not emulated, so a pod must tolerate GPU taints
-itself. Not emulated: PUT/PATCH (405), ServiceAccount existence, logs of a previous container
+itself. Not emulated: PUT/PATCH of anything but ConfigMaps (405), server-side apply
+(`application/apply-patch+yaml`, 415), ServiceAccount existence, logs of a previous container
 (`previous`), `timestamps`, `limitBytes`, a scheduler retry of pods left Pending (a pod that is
 unschedulable stays so). RBAC is checked only when `rbac_rules` are given; a Role's rules
 never grant a cluster-scoped resource (nodes, namespaces, tokenreviews): `cluster_rules` do.
@@ -396,6 +403,7 @@ _RESOURCES = {
             },
         ),
         _Resource("secrets", "Secret", True, True, _COMMON_FIELDS | {"type"}),
+        _Resource("configmaps", "ConfigMap", True, True, _COMMON_FIELDS),
         _Resource(
             "events",
             "Event",
@@ -792,6 +800,46 @@ def _validate_secret(secret: JSON) -> list[str]:
     return errors
 
 
+#: The most `data` plus `binaryData` a ConfigMap may hold (corev1.MaxSecretSize, 1 MiB).
+MAX_CONFIG_MAP_BYTES = 1024 * 1024
+
+
+def _validate_config_map(config_map: JSON) -> list[str]:
+    """ValidateConfigMap: keys, no key in both maps, string values, 1 MiB in all."""
+    errors: list[str] = []
+    data = config_map.get("data") or {}
+    binary = config_map.get("binaryData") or {}
+    total = 0
+    for section, values in (("data", data), ("binaryData", binary)):
+        if not isinstance(values, dict):
+            continue  # the schema check reports the type
+        for key, value in values.items():
+            if not _SECRET_KEY.fullmatch(key) or len(key) > 253:
+                errors.append(
+                    f'{section}[{key}]: Invalid value: "{key}": a valid config key must consist '
+                    "of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or "
+                    "'KEY_NAME',  or 'key-name', regex used for validation is '[-._a-zA-Z0-9]+')"
+                )
+            if not isinstance(value, str):
+                errors.append(f"{section}[{key}]: Invalid value: must be a string")
+                continue
+            if section == "binaryData":
+                try:
+                    total += len(base64.b64decode(value, validate=True))
+                except ValueError:
+                    errors.append(f"binaryData[{key}]: Invalid value: not valid base64")
+            else:
+                total += len(value.encode())
+    if isinstance(data, dict) and isinstance(binary, dict):
+        errors += [
+            f'data[{key}]: Invalid value: "{key}": duplicate of key present in binaryData'
+            for key in sorted(set(data) & set(binary))
+        ]
+    if total > MAX_CONFIG_MAP_BYTES:
+        errors.append(f"[]: Too long: may not be more than {MAX_CONFIG_MAP_BYTES} bytes")
+    return errors
+
+
 def _pod_security_violations(pod: JSON) -> list[str]:
     """Violations of the Pod Security Standard `restricted`, worded as the admission plugin."""
     spec = pod.get("spec") or {}
@@ -1100,7 +1148,8 @@ class FakeKubernetes:
             gpu_quota: `requests.nvidia.com/gpu` hard limit of a ResourceQuota in `namespace`.
             pod_quota: `pods` hard limit of that ResourceQuota.
             scheduler: Chooses each new pod's `PodScript`; default: `default_script`.
-            validate: Check Pod and Secret bodies against the strict schema (422 if not).
+            validate: Check Pod, Secret and ConfigMap bodies against the strict schema (422 if
+                not).
             node_pools: Autoscaled pools; default: one NVIDIA L4 pool at zero nodes, max 3.
             quota_name: Name of the ResourceQuota (it appears in the 403 message).
             pod_security: The level `namespace` enforces ("restricted" as the runner plane's).
@@ -1183,6 +1232,7 @@ class FakeKubernetes:
             if name == namespace and pod_security == "restricted":
                 labels[PSA_ENFORCE_LABEL] = PSA_LEVEL
             self._store("namespaces", {"metadata": {"name": name, "labels": labels}})
+            self._store("configmaps", _root_ca_config_map(name))
         for node in default_nodes() if nodes is None else nodes:
             self._add_node(node.name, dict(node.labels), node.gpus, node.taints)
         if self._hard:
@@ -1296,6 +1346,11 @@ class FakeKubernetes:
     def secrets(self, namespace: str | None = None) -> list[JSON]:
         """Copies of the Secrets in `namespace` (default: the fake's), sorted by name."""
         return self._list_copies("secrets", namespace)
+
+    def configmaps(self, namespace: str | None = None) -> list[JSON]:
+        """Copies of the ConfigMaps in `namespace` (default: the fake's), sorted by name; every
+        namespace holds `kube-root-ca.crt`, as the root CA publisher keeps it there."""
+        return self._list_copies("configmaps", namespace)
 
     def events(self, namespace: str | None = None) -> list[JSON]:
         """Copies of the Events in `namespace` (default: the fake's), in creation order."""
@@ -1454,13 +1509,23 @@ class FakeKubernetes:
             lines = self._container_log(key, obj["metadata"]["uid"], name)
             return "".join(f"{line.text}\n" for line in lines)
 
-    def finish_pod(self, name: str, *, exit_code: int = 0, namespace: str | None = None) -> JSON:
+    def finish_pod(
+        self,
+        name: str,
+        *,
+        exit_code: int = 0,
+        namespace: str | None = None,
+        reason: str | None = None,
+    ) -> JSON:
         """Ends a running pod's containers as its process would (the runner's one job is done).
 
         Args:
             name: Pod name.
             exit_code: The containers' exit code; 0 gives phase Succeeded, else Failed.
             namespace: The pod's namespace; default: the fake's.
+            reason: The terminated state's reason, e.g. "OOMKilled" (with exit code 137) for a
+                container the kernel killed at its memory limit; default: "Completed" for
+                exit code 0, else "Error", as the kubelet reports.
 
         Returns:
             The updated pod (a copy).
@@ -1473,8 +1538,118 @@ class FakeKubernetes:
             pod = self._objects["pods"].get(key)
             if pod is None:
                 raise LookupError(f"FakeKubernetes.finish_pod: no pod {key[0]}/{key[1]}")
-            updated = self._terminate(key, pod["metadata"]["uid"], exit_code)
+            updated = self._terminate(key, pod["metadata"]["uid"], exit_code, reason)
             return copy.deepcopy(updated if updated is not None else pod)
+
+    def exceed_deadline(self, name: str, namespace: str | None = None) -> JSON:
+        """Ends a pod on its node now as the kubelet does once `activeDeadlineSeconds` passed:
+        phase Failed, reason DeadlineExceeded, containers killed, a DeadlineExceeded event.
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: The pod is not on a node yet, or has already finished.
+        """
+        key, pod = self._bound_pod("exceed_deadline", name, namespace)
+        with self._lock:
+            self._deadline(key, pod["metadata"]["uid"])
+            return copy.deepcopy(self._objects["pods"][key])
+
+    def preempt_pod(self, name: str, namespace: str | None = None, *,
+                    keep_node: bool = False) -> JSON:
+        """Reclaims the Spot VM under a pod, as GKE does, seen through the kubelet's graceful
+        node shutdown: every unfinished pod on the node fails (phase Failed, reason
+        Terminated, condition DisruptionTarget True with reason TerminationByKubelet), its
+        running containers exit on SIGTERM (143, "Error"), those never started are reported
+        as the kubelet does for them (137, "ContainerStatusUnknown"), and its log streams end.
+        Then the node object goes (a DELETED watch event; its pool may scale up again), unless
+        `keep_node`; its GPUs are free either way. The pods stay, bound to the gone node,
+        until deleted (`lose_pod_with_node` then plays PodGC).
+
+        Returns:
+            The named pod as updated (a copy).
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: The pod is not on a node yet (nothing to preempt), or has finished.
+        """
+        key, pod = self._bound_pod("preempt_pod", name, namespace)
+        node_name = pod["spec"]["nodeName"]
+        with self._lock:
+            for victim_key, victim in sorted(self._objects["pods"].items()):
+                if victim["spec"].get("nodeName") != node_name or _is_terminal(victim):
+                    continue
+                running = [s["name"] for s in victim["status"].get("containerStatuses") or []
+                           if "running" in (s.get("state") or {})]
+                updated = self._update("pods", victim_key, victim["metadata"]["uid"],
+                                       _shut_down)
+                for container in running:
+                    self._event(cast(JSON, updated), "Normal", "Killing",
+                                f"Stopping container {container}", _KUBELET,
+                                f"spec.containers{{{container}}}")
+            self._update_quota_usage()
+            if not keep_node:
+                self._remove_node(node_name)
+            return copy.deepcopy(self._objects["pods"][key])
+
+    def lose_pod_with_node(self, name: str, namespace: str | None = None) -> JSON:
+        """The pod's node disappears (if still there) and PodGC removes its pods, as the
+        controller manager does for pods bound to a node that no longer exists: an
+        unfinished pod first fails (phase Failed, condition DisruptionTarget True with reason
+        DeletionByPodGC), then every pod of the node is deleted at once (grace period 0), and
+        the garbage collector takes the Secrets it owned.
+
+        Returns:
+            The named pod as deleted (a copy).
+
+        Raises:
+            LookupError: No such pod.
+            ValueError: The pod is not on a node yet.
+        """
+        key, pod = self._bound_pod("lose_pod_with_node", name, namespace, finished_ok=True)
+        node_name = pod["spec"]["nodeName"]
+        with self._lock:
+            self._remove_node(node_name)
+            removed: JSON = {}
+            for victim_key, victim in sorted(self._objects["pods"].items()):
+                if victim["spec"].get("nodeName") != node_name:
+                    continue
+                if not _is_terminal(victim):
+                    self._update("pods", victim_key, victim["metadata"]["uid"], _collected)
+                gone = self._remove("pods", victim_key)
+                if victim_key == key:
+                    removed = gone
+            return copy.deepcopy(removed)
+
+    def _bound_pod(self, caller: str, name: str, namespace: str | None, *,
+                   finished_ok: bool = False) -> tuple[tuple[str, str], JSON]:
+        """The pod `name` (a copy) for a control that needs it on a node."""
+        key = (namespace or self.namespace, name)
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            if pod is None:
+                raise LookupError(f"FakeKubernetes.{caller}: no pod {key[0]}/{key[1]}")
+            if not pod["spec"].get("nodeName"):
+                raise ValueError(
+                    f"FakeKubernetes.{caller}: pod {key[0]}/{key[1]} is not scheduled on a node "
+                    f"yet (phase {pod['status'].get('phase')}, no spec.nodeName): wait until it "
+                    "is bound"
+                )
+            if _is_terminal(pod) and not finished_ok:
+                raise ValueError(
+                    f"FakeKubernetes.{caller}: pod {key[0]}/{key[1]} has already finished "
+                    f"(phase {pod['status']['phase']})"
+                )
+            return key, copy.deepcopy(pod)
+
+    def _remove_node(self, name: str) -> None:
+        """The node object goes (caller holds the lock); an autoscaled pool may regrow."""
+        node = self._objects["nodes"].get(("", name))
+        if node is None:
+            return
+        self._remove("nodes", ("", name))
+        pool = (node["metadata"].get("labels") or {}).get(_GKE_NODEPOOL_LABEL, "")
+        if self._pool_sizes[pool] > 0:
+            self._pool_sizes[pool] -= 1
 
     # --- ReplicaSets and volumes ---------------------------------------------------------
 
@@ -1683,7 +1858,8 @@ class FakeKubernetes:
     def seed(self, *objects: JSON) -> list[JSON]:
         """Stores objects as they are (no admission, no scheduling), e.g. 5,000 finished pods.
 
-        Each object needs `kind` (Pod, Secret, Event or Deployment) and `metadata.name`; the
+        Each object needs `kind` (Pod, Secret, ConfigMap, Event or Deployment) and
+        `metadata.name`; the
         namespace defaults to the fake's. Status is kept as given (a Pod without one is
         Pending).
 
@@ -1695,9 +1871,10 @@ class FakeKubernetes:
         with self._lock:
             for obj in objects:
                 plural = kinds.get(str(obj.get("kind")))
-                if plural not in ("pods", "secrets", "events", "deployments"):
+                if plural not in ("pods", "secrets", "configmaps", "events", "deployments"):
                     raise ValueError(
-                        f"FakeKubernetes.seed: kind must be Pod, Secret, Event or Deployment, "
+                        f"FakeKubernetes.seed: kind must be Pod, Secret, ConfigMap, Event or "
+                        f"Deployment, "
                         f"got {obj.get('kind')!r}"
                     )
                 body = copy.deepcopy(obj)
@@ -1907,7 +2084,7 @@ class FakeKubernetes:
             )
         with self._lock:
             self._check_namespace(namespace)
-            if plural in ("pods", "secrets"):
+            if plural in ("pods", "secrets", "configmaps"):
                 self._validate(obj)
             if plural == "pods":
                 self._default_pod(obj)
@@ -1954,7 +2131,9 @@ class FakeKubernetes:
     def _validate(self, obj: JSON) -> None:
         kind = obj["kind"]
         errors = _validate_metadata(obj["metadata"])
-        errors += _validate_pod(obj) if kind == "Pod" else _validate_secret(obj)
+        errors += {
+            "Pod": _validate_pod, "Secret": _validate_secret, "ConfigMap": _validate_config_map
+        }[kind](obj)
         if self.validate:
             errors += strict_errors(obj)
         if errors:
@@ -2278,6 +2457,9 @@ class FakeKubernetes:
     def _kubelet_start(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
         """The kubelet admits the pod: startTime, containers waiting in ContainerCreating."""
 
+        if not self._alive(key, uid):
+            return
+
         def admitted(pod: JSON) -> None:
             status = pod["status"]
             status["startTime"] = _now()
@@ -2352,7 +2534,15 @@ class FakeKubernetes:
         self._pod_container_events(key, uid, "Normal", "Pulling", 'Pulling image "{image}"')
         self._timeline.call_later(script.step_delay, lambda: self._pulled(key, uid, script))
 
+    def _alive(self, key: tuple[str, str], uid: str) -> bool:
+        """Whether the pod with `uid` still exists and has not finished (its script goes on)."""
+        with self._lock:
+            pod = self._objects["pods"].get(key)
+            return pod is not None and pod["metadata"]["uid"] == uid and not _is_terminal(pod)
+
     def _pulled(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
+        if not self._alive(key, uid):
+            return
         if script.outcome is Outcome.IMAGE_PULL_ERROR:
             self._image_pull_failed(key, uid, script)
             return
@@ -2448,7 +2638,7 @@ class FakeKubernetes:
     def _image_pull_failed(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
         with self._lock:
             pod = self._objects["pods"].get(key)
-            if pod is None or pod["metadata"]["uid"] != uid:
+            if pod is None or pod["metadata"]["uid"] != uid or _is_terminal(pod):
                 return
             images = {c["name"]: c["image"] for c in pod["spec"]["containers"]}
         errors = {
@@ -2480,6 +2670,8 @@ class FakeKubernetes:
         self._update("pods", key, uid, waiting("ErrImagePull", errors))
 
         def back_off() -> None:
+            if not self._alive(key, uid):
+                return
             messages = {name: f'Back-off pulling image "{image}"' for name, image in images.items()}
             for name in images:
                 self._container_event(key, uid, name, "Normal", "BackOff", messages[name])
@@ -2490,7 +2682,9 @@ class FakeKubernetes:
 
         self._timeline.call_later(script.step_delay, back_off)
 
-    def _terminate(self, key: tuple[str, str], uid: str, exit_code: int) -> JSON | None:
+    def _terminate(
+        self, key: tuple[str, str], uid: str, exit_code: int, reason: str | None = None
+    ) -> JSON | None:
         """The containers exit with `exit_code`; the pod becomes Succeeded or Failed, unless
         its restartPolicy restarts them (then see `_back_off`)."""
 
@@ -2498,12 +2692,12 @@ class FakeKubernetes:
             succeeded = exit_code == 0
             policy = pod["spec"].get("restartPolicy", "Always")
             if policy == "Always" or policy == "OnFailure" and not succeeded:
-                _back_off(pod, exit_code)
+                _back_off(pod, exit_code, reason)
                 return
             pod["status"]["phase"] = "Succeeded" if succeeded else "Failed"
-            reason = "PodCompleted" if succeeded else "PodFailed"
+            why = "PodCompleted" if succeeded else "PodFailed"
             for condition in ("Ready", "ContainersReady"):
-                _set_condition(pod, condition, "False", reason)
+                _set_condition(pod, condition, "False", why)
             _set_condition(pod, "PodReadyToStartContainers", "False")
             for status in pod["status"].get("containerStatuses") or []:
                 started = (status["state"].get("running") or {}).get("startedAt", _now())
@@ -2511,7 +2705,7 @@ class FakeKubernetes:
                 status["state"] = {
                     "terminated": {
                         "exitCode": exit_code,
-                        "reason": "Completed" if succeeded else "Error",
+                        "reason": reason or ("Completed" if succeeded else "Error"),
                         "startedAt": started,
                         "finishedAt": _now(),
                         "containerID": status.get("containerID", ""),
@@ -2535,19 +2729,8 @@ class FakeKubernetes:
             )
             for condition in ("Ready", "ContainersReady"):
                 _set_condition(pod, condition, "False", "PodFailed")
-            for status in pod["status"].get("containerStatuses") or []:
-                running = status["state"].get("running")
-                if running is not None:
-                    status.update(ready=False, started=False)
-                    status["state"] = {
-                        "terminated": {
-                            "exitCode": 137,
-                            "reason": "Error",
-                            "startedAt": running["startedAt"],
-                            "finishedAt": _now(),
-                            "containerID": status.get("containerID", ""),
-                        }
-                    }
+            _set_condition(pod, "PodReadyToStartContainers", "False")
+            _kill_containers(pod, 137)
 
         with self._lock:
             pod = self._objects["pods"].get(key)
@@ -2936,7 +3119,12 @@ class FakeKubernetes:
                             f'"{resource}" in API group "{group}"{where}')
 
     def _handle(
-        self, method: str, path: str, query: Mapping[str, str], body: Any
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: Any,
+        content_type: str = "application/json",
     ) -> tuple[int, JSON]:
         """Answers one non-watch request: (status, JSON body)."""
         if path == "/version":
@@ -2955,7 +3143,10 @@ class FakeKubernetes:
                 raise ApiError(405, f"the server does not allow this method on the requested "
                                     f"resource ({method} {path})", reason="MethodNotAllowed")
             return 201, self.review_token(body)
-        if method not in ("GET", "POST", "DELETE"):
+        updatable = resource.plural in _UPDATABLE and name is not None
+        if method not in ("GET", "POST", "DELETE") and not (
+            updatable and method in ("PUT", "PATCH")
+        ):
             raise ApiError(405, f"the fake does not implement {method} on {resource.plural}")
         if name is None:
             if method == "GET":
@@ -2978,7 +3169,117 @@ class FakeKubernetes:
                 return 200, copy.deepcopy(obj)
             if method == "POST":
                 raise ApiError(405, f"POST to a named {resource.kind} is not allowed")
+            if method == "PUT":
+                return 200, self._replace_object(resource, key, body)
+            if method == "PATCH":
+                return 200, self._patch_object(resource, key, body, content_type)
             return 200, self._delete(resource, key, query, body)
+
+    def _replace_object(self, resource: _Resource, key: tuple[str, str], body: Any) -> JSON:
+        """PUT: the whole object, checked against the stored one's resourceVersion if given."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the body of a {resource.kind} update must be a JSON object")
+        obj = copy.deepcopy(body)
+        obj.setdefault("apiVersion", "v1")
+        obj.setdefault("kind", resource.kind)
+        if obj["kind"] != resource.kind or obj["apiVersion"] != resource.api_version:
+            raise ApiError(
+                400,
+                f"the API version in the data ({obj['apiVersion']}) and kind ({obj['kind']}) do "
+                f"not match the path's ({resource.api_version}, {resource.kind})",
+            )
+        metadata = obj.setdefault("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ApiError(400, "metadata must be a JSON object")
+        if metadata.get("name", key[1]) != key[1]:
+            raise ApiError(
+                400,
+                f"the name of the object ({metadata.get('name')}) does not match the name on "
+                f"the URL ({key[1]})",
+            )
+        if metadata.get("namespace", key[0]) != key[0]:
+            raise ApiError(
+                400,
+                "the namespace of the provided object does not match the namespace sent on "
+                "the request",
+            )
+        metadata["name"], metadata["namespace"] = key[1], key[0]
+        return self._update_object(resource, key, obj)
+
+    def _patch_object(
+        self, resource: _Resource, key: tuple[str, str], body: Any, content_type: str
+    ) -> JSON:
+        """PATCH: a JSON patch, a JSON merge patch, or a strategic merge patch (for a
+        ConfigMap, whose fields carry no list merge strategy, the same as a merge patch)."""
+        media = content_type.split(";")[0].strip().lower()
+        current = copy.deepcopy(self._objects[resource.plural][key])
+        if media == "application/json-patch+json":
+            if not isinstance(body, list):
+                raise ApiError(400, "the body of a JSON patch must be a list of operations")
+            patched = _json_patch(current, body)
+        elif media in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            if not isinstance(body, dict):
+                raise ApiError(400, "the body of a merge patch must be a JSON object")
+            patched = _merge_patch(current, body)
+        else:
+            raise ApiError(
+                415,
+                f"the body of the request was in an unknown format - accepted media types "
+                f"include: {', '.join(_PATCH_MEDIA_TYPES)}",
+                reason="UnsupportedMediaType",
+            )
+        if not isinstance(patched, dict) or not isinstance(patched.get("metadata"), dict):
+            raise ApiError(422, f"the patch leaves no {resource.kind} object")
+        metadata = patched["metadata"]
+        if metadata.get("name") != key[1] or metadata.get("namespace") != key[0]:
+            raise ApiError(400, "a patch may not change metadata.name or metadata.namespace")
+        # A patch naming no resourceVersion applies to the latest; one naming it is checked.
+        if "resourceVersion" not in _patched_metadata(body):
+            metadata.pop("resourceVersion", None)
+        return self._update_object(resource, key, patched)
+
+    def _update_object(self, resource: _Resource, key: tuple[str, str], obj: JSON) -> JSON:
+        """Stores `obj` over the stored object (caller holds the lock): optimistic
+        concurrency on resourceVersion, the stored uid and creation time, validation, and no
+        new resourceVersion when nothing changed (as the API server's no-op update)."""
+        stored = self._objects[resource.plural][key]
+        metadata = obj["metadata"]
+        name = key[1]
+        wanted = metadata.get("resourceVersion")
+        if wanted not in (None, "") and str(wanted) != stored["metadata"]["resourceVersion"]:
+            raise ApiError(
+                409,
+                f'Operation cannot be fulfilled on {resource.plural} "{name}": the object has '
+                "been modified; please apply your changes to the latest version and try again",
+                reason="Conflict",
+                details={"name": name, "kind": resource.plural},
+            )
+        uid = metadata.get("uid")
+        if uid not in (None, "") and uid != stored["metadata"]["uid"]:
+            raise ApiError(
+                409,
+                f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                f"{stored['metadata']['uid']}",
+                reason="Conflict",
+                details={"name": name, "kind": resource.plural},
+            )
+        for server_field in ("uid", "creationTimestamp", "resourceVersion"):
+            metadata[server_field] = stored["metadata"][server_field]
+        if stored.get("immutable") is True and (
+            any(obj.get(f) != stored.get(f) for f in ("data", "binaryData"))
+            or obj.get("immutable") is not True
+        ):
+            raise ApiError(
+                422,
+                f'{resource.kind} "{name}" is invalid: [data: Forbidden: field is immutable when '
+                "`immutable` is set, immutable: Forbidden: field is immutable when `immutable` "
+                "is set]",
+                details={"name": name, "kind": resource.kind},
+            )
+        self._validate(obj)
+        if obj == stored:
+            return copy.deepcopy(stored)
+        return copy.deepcopy(self._replace(resource.plural, key, obj))
 
     def _delete(
         self, resource: _Resource, key: tuple[str, str], query: Mapping[str, str], body: Any
@@ -3044,6 +3345,159 @@ class FakeKubernetes:
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
 
 
+#: Resources the fake lets PUT and PATCH change (others answer 405).
+_UPDATABLE = frozenset({"configmaps"})
+_PATCH_MEDIA_TYPES = (
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/apply-patch+yaml",
+    "application/strategic-merge-patch+json",
+)
+_ROOT_CA_PEM = (
+    "-----BEGIN CERTIFICATE-----\nMIIFakeKubernetesRootCertificateAuthorityForTests\n"
+    "-----END CERTIFICATE-----\n"
+)
+
+
+def _root_ca_config_map(namespace: str) -> JSON:
+    """The ConfigMap the root CA publisher keeps in every namespace."""
+    return {
+        "metadata": {
+            "name": "kube-root-ca.crt",
+            "namespace": namespace,
+            "annotations": {
+                "kubernetes.io/description": "Contains a CA bundle that can be used to verify "
+                "the kube-apiserver when using internal endpoints such as the internal service "
+                "IP or kubernetes.default.svc. No other usage is guaranteed across "
+                "distributions of Kubernetes clusters."
+            },
+        },
+        "data": {"ca.crt": _ROOT_CA_PEM},
+    }
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: objects merge key by key, null removes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _merge_patch(result.get(key), value)
+    return result
+
+
+def _patched_metadata(patch: Any) -> JSON:
+    """The metadata a merge patch sets, or that a JSON patch's operations touch."""
+    if isinstance(patch, dict):
+        metadata = patch.get("metadata")
+        return metadata if isinstance(metadata, dict) else {}
+    touched: JSON = {}
+    for operation in patch if isinstance(patch, list) else []:
+        path = str(operation.get("path", "")) if isinstance(operation, dict) else ""
+        if path.startswith("/metadata/"):
+            touched[path.split("/")[2].replace("~1", "/").replace("~0", "~")] = True
+    return touched
+
+
+def _json_patch(document: JSON, operations: list[Any]) -> Any:
+    """RFC 6902 JSON patch (add, remove, replace, move, copy, test), as the API server applies
+    it: a failing operation is a 422 (a failed `test` included)."""
+
+    def fail(message: str) -> ApiError:
+        return ApiError(422, f"the server rejected our request due to an error in our request: "
+                             f"{message}")
+
+    def split(path: str) -> list[str]:
+        if path == "":
+            return []
+        if not path.startswith("/"):
+            raise fail(f"invalid JSON pointer {path!r}")
+        return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+    def parent(doc: Any, parts: list[str]) -> tuple[Any, str]:
+        node = doc
+        for part in parts[:-1]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise fail(f"missing path component {part!r}")
+        return node, parts[-1]
+
+    def get(doc: Any, path: str) -> Any:
+        parts = split(path)
+        if not parts:
+            return doc
+        node, last = parent(doc, parts)
+        if isinstance(node, dict) and last in node:
+            return node[last]
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            return node[int(last)]
+        raise fail(f"no value at {path!r}")
+
+    def remove(doc: Any, path: str) -> Any:
+        parts = split(path)
+        if not parts:
+            raise fail("cannot remove the whole document")
+        node, last = parent(doc, parts)
+        if isinstance(node, dict) and last in node:
+            return node.pop(last)
+        if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+            return node.pop(int(last))
+        raise fail(f"no value to remove at {path!r}")
+
+    def add(doc: Any, path: str, value: Any, *, replace: bool = False) -> Any:
+        parts = split(path)
+        if not parts:
+            return value
+        node, last = parent(doc, parts)
+        if isinstance(node, dict):
+            if replace and last not in node:
+                raise fail(f"no value to replace at {path!r}")
+            node[last] = value
+        elif isinstance(node, list):
+            if last == "-" and not replace:
+                node.append(value)
+            elif last.isdigit() and int(last) <= len(node) - (1 if replace else 0):
+                if replace:
+                    node[int(last)] = value
+                else:
+                    node.insert(int(last), value)
+            else:
+                raise fail(f"index out of range at {path!r}")
+        else:
+            raise fail(f"cannot add at {path!r}")
+        return doc
+
+    doc: Any = copy.deepcopy(document)
+    for operation in operations:
+        if not isinstance(operation, dict) or not isinstance(operation.get("path"), str):
+            raise fail(f"invalid operation {operation!r}")
+        op, path = operation.get("op"), operation["path"]
+        if op in ("add", "replace", "test") and "value" not in operation:
+            raise fail(f"operation {op} at {path!r} needs a value")
+        if op == "add":
+            doc = add(doc, path, copy.deepcopy(operation["value"]))
+        elif op == "replace":
+            doc = add(doc, path, copy.deepcopy(operation["value"]), replace=True)
+        elif op == "remove":
+            remove(doc, path)
+        elif op in ("move", "copy"):
+            source = str(operation.get("from", ""))
+            value = remove(doc, source) if op == "move" else copy.deepcopy(get(doc, source))
+            doc = add(doc, path, value)
+        elif op == "test":
+            if get(doc, path) != operation["value"]:
+                raise fail(f"testing value at {path!r} failed")
+        else:
+            raise fail(f"unexpected operation {op!r}")
+    return doc
+
+
 def _continue_as_run(script: PodScript) -> PodScript:
     """The script a scaled-up pod continues with once its node is there: it runs."""
     return PodScript(
@@ -3070,7 +3524,7 @@ def _qos_class(spec: JSON) -> str:
     return "Guaranteed" if guaranteed else "Burstable"
 
 
-def _back_off(pod: JSON, exit_code: int) -> None:
+def _back_off(pod: JSON, exit_code: int, reason: str | None = None) -> None:
     """The kubelet restarts exited containers, after a back-off (10 s, doubling, capped at
     300 s): the pod stays Running, each container waits in CrashLoopBackOff with its exit in
     `lastState` and its restartCount one higher. The fake does not start it again."""
@@ -3083,7 +3537,8 @@ def _back_off(pod: JSON, exit_code: int) -> None:
         restarts = int(status.get("restartCount", 0)) + 1
         status.update(ready=False, started=False, restartCount=restarts)
         status["lastState"] = {"terminated": {
-            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "exitCode": exit_code,
+            "reason": reason or ("Completed" if exit_code == 0 else "Error"),
             "startedAt": started, "finishedAt": _now(),
             "containerID": status.get("containerID", "")}}
         delay = min(300, 10 * 2 ** (restarts - 1))
@@ -3091,6 +3546,61 @@ def _back_off(pod: JSON, exit_code: int) -> None:
             "reason": "CrashLoopBackOff",
             "message": f"back-off {delay}s restarting failed container={status['name']} "
                        f"pod={name}_{namespace}({uid})"}}
+
+
+_SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
+_PODGC_MESSAGE = "PodGC: node no longer exists"
+_UNKNOWN_CONTAINER_MESSAGE = "The container could not be located when the pod was terminated"
+
+
+def _kill_containers(pod: JSON, exit_code: int) -> None:
+    """The kubelet stops a pod's containers: a running one ends with `exit_code` ("Error");
+    one never started is reported terminated with 137, "ContainerStatusUnknown", as the
+    kubelet does for a container of a terminal pod it has no record of running."""
+    spec, status = pod["spec"], pod["status"]
+    for group, spec_key in (("initContainerStatuses", "initContainers"),
+                            ("containerStatuses", "containers")):
+        containers = spec.get(spec_key) or []
+        if not containers:
+            continue
+        statuses = status.setdefault(group, [])
+        known = {s["name"] for s in statuses}
+        statuses.extend(
+            {"name": c["name"], "image": c["image"], "imageID": "", "ready": False,
+             "restartCount": 0, "started": False, "state": {}, "lastState": {}}
+            for c in containers if c["name"] not in known
+        )
+        for container in statuses:
+            state = container.get("state") or {}
+            if "terminated" in state:
+                continue
+            container.update(ready=False, started=False)
+            running = state.get("running")
+            if running is not None:
+                container["state"] = {"terminated": {
+                    "exitCode": exit_code, "reason": "Error", "startedAt": running["startedAt"],
+                    "finishedAt": _now(), "containerID": container.get("containerID", "")}}
+            else:
+                container["state"] = {"terminated": {
+                    "exitCode": 137, "reason": "ContainerStatusUnknown",
+                    "message": _UNKNOWN_CONTAINER_MESSAGE, "startedAt": None,
+                    "finishedAt": None}}
+
+
+def _shut_down(pod: JSON) -> None:
+    """The kubelet's graceful node shutdown ends a pod (nodeshutdown manager)."""
+    pod["status"].update(phase="Failed", reason="Terminated", message=_SHUTDOWN_MESSAGE)
+    _set_condition(pod, "DisruptionTarget", "True", "TerminationByKubelet", _SHUTDOWN_MESSAGE)
+    for condition in ("Ready", "ContainersReady"):
+        _set_condition(pod, condition, "False", "PodFailed")
+    _set_condition(pod, "PodReadyToStartContainers", "False")
+    _kill_containers(pod, 143)
+
+
+def _collected(pod: JSON) -> None:
+    """PodGC fails an unfinished pod whose node is gone before deleting it."""
+    pod["status"]["phase"] = "Failed"
+    _set_condition(pod, "DisruptionTarget", "True", "DeletionByPodGC", _PODGC_MESSAGE)
 
 
 def _set_condition(
@@ -3412,7 +3922,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self._watch(url.path, query, headers)
                     return
                 fake._run_request_hooks(method, url.path, after=False)
-                status, payload = fake._handle(method, url.path, query, body)
+                status, payload = fake._handle(
+                    method, url.path, query, body, self.headers.get("Content-Type") or ""
+                )
                 fake._run_request_hooks(method, url.path, after=True)
         except ApiError as error:
             status, payload = error.code, error.status()

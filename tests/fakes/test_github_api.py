@@ -737,3 +737,239 @@ def test_installation_token_expires_on_the_fake_clock_and_can_be_revoked(
     assert call(app_github, "GET", RUNNERS, auth=f"Bearer {first}").status == 401
     now[0] += 121
     assert call(app_github, "GET", RUNNERS, auth=f"Bearer {second}").status == 401
+
+
+# --- workflow jobs, dispatch, re-runs and cancellation -------------------------------------------
+
+RUN = f"{REPO}/actions/runs/42"
+
+
+def job_names(answer: Answer) -> list[tuple[str, str, str | None]]:
+    return [(job["name"], job["status"], job["conclusion"]) for job in answer.body["jobs"]]
+
+
+def register_jit(github: FakeGitHub, name: str) -> None:
+    assert call(github, "POST", f"{RUNNERS}/generate-jitconfig", jit_body(name)).status == 201
+
+
+def test_a_queued_job_waits_for_an_online_idle_runner_with_all_its_labels(
+    fake_github: FakeGitHub,
+) -> None:
+    job = fake_github.add_job(42, "gpu", ["self-hosted", "gpu-7-1"])
+    fake_github.add_runner("cpu-1", ["self-hosted", "cpu"])
+    fake_github.add_runner("busy-gpu", ["self-hosted", "gpu-7-1"], busy=True)
+    register_jit(fake_github, "gpu-7-1")  # registered, offline until it connects
+
+    assert (job["status"], job["conclusion"], job["runner_name"]) == ("queued", None, None)
+    assert (job["run_id"], job["run_attempt"]) == (42, 1)
+    assert fake_github.jobs(42)[0]["status"] == "queued"
+    fake_github.set_runner_status("gpu-7-1", "online")
+    [taken] = fake_github.jobs(42)
+    runner = fake_github.runner_named("gpu-7-1")
+    assert runner is not None
+    assert (taken["status"], taken["runner_name"], taken["runner_id"]) == (
+        "in_progress", "gpu-7-1", runner["id"])
+    assert runner["busy"] is True
+    run = call(fake_github, "GET", RUN).body
+    assert (run["status"], run["conclusion"], run["run_attempt"]) == ("in_progress", None, 1)
+
+
+def test_labels_match_case_insensitively_and_a_runner_takes_one_job_at_a_time(
+    fake_github: FakeGitHub,
+) -> None:
+    fake_github.add_runner("gpu-a", ["self-hosted", "GPU"])
+    first = fake_github.add_job(42, "one", ["gpu"])
+    second = fake_github.add_job(42, "two", ["gpu"])
+
+    assert first["runner_name"] == "gpu-a"
+    assert second["status"] == "queued"
+    fake_github.complete_job("gpu-a")  # not ephemeral: it idles and takes the next one
+    assert [job["runner_name"] for job in fake_github.jobs(42)] == ["gpu-a", "gpu-a"]
+    assert fake_github.jobs(42)[1]["status"] == "in_progress"
+
+
+def test_completing_the_last_job_completes_the_run_and_removes_the_jit_runner(
+    fake_github: FakeGitHub,
+) -> None:
+    register_jit(fake_github, "gpu-7-1")
+    fake_github.set_runner_status("gpu-7-1", "online")
+    fake_github.add_job(42, "gpu", ["gpu-7-1"])
+
+    done = fake_github.complete_job("gpu-7-1")
+
+    assert (done["status"], done["conclusion"]) == ("completed", "success")
+    assert done["completed_at"] is not None
+    assert fake_github.runner_named("gpu-7-1") is None
+    run = call(fake_github, "GET", RUN).body
+    assert (run["status"], run["conclusion"]) == ("completed", "success")
+
+
+@pytest.mark.parametrize(
+    ("conclusions", "run_conclusion"),
+    [(["success", "failure", "cancelled"], "failure"),
+     (["success", "cancelled"], "cancelled"),
+     (["success", "success"], "success")],
+)
+def test_the_run_concludes_from_its_jobs(
+    fake_github: FakeGitHub, conclusions: list[str], run_conclusion: str
+) -> None:
+    fake_github.add_runner("any", ["x"])
+    for index, _ in enumerate(conclusions):
+        fake_github.add_job(42, f"job-{index}", ["x"])
+    for conclusion in conclusions:
+        fake_github.complete_job("any", conclusion)
+
+    assert call(fake_github, "GET", RUN).body["conclusion"] == run_conclusion
+
+
+def test_jobs_routes_page_with_link_headers_and_404_for_unknown_runs_and_attempts() -> None:
+    with FakeGitHub(page_size_max=2) as github:
+        for index in range(3):
+            github.add_job(42, f"job-{index}", ["x"])
+
+        first = call(github, "GET", f"{RUN}/jobs?per_page=2")
+        link = next_link(first)
+        assert link is not None
+        second = call(github, "GET", "", url=link)
+        attempt = call(github, "GET", f"{RUN}/attempts/1/jobs")
+
+        assert first.body["total_count"] == 3
+        assert [j["name"] for j in first.body["jobs"] + second.body["jobs"]] == [
+            "job-0", "job-1", "job-2"]
+        assert attempt.body["total_count"] == 3
+        assert call(github, "GET", f"{REPO}/actions/runs/7/jobs").status == 404
+        assert call(github, "GET", f"{RUN}/attempts/2/jobs").status == 404
+        assert call(github, "GET", f"{RUN}/jobs?filter=newest").status == 422
+
+
+def test_a_lost_runner_stays_busy_until_github_fails_its_job(fake_github: FakeGitHub) -> None:
+    register_jit(fake_github, "gpu-7-1")
+    fake_github.set_runner_status("gpu-7-1", "online")
+    fake_github.add_job(42, "gpu", ["gpu-7-1"])
+
+    fake_github.lose_runner("gpu-7-1")
+    lost = fake_github.runner_named("gpu-7-1")
+    assert lost is not None
+    assert (lost["status"], lost["busy"]) == ("offline", True)
+    assert fake_github.jobs(42)[0]["status"] == "in_progress"
+    failed = fake_github.fail_lost_job("gpu-7-1")
+
+    assert (failed["status"], failed["conclusion"]) == ("completed", "failure")
+    after = fake_github.runner_named("gpu-7-1")
+    assert after is not None
+    assert (after["status"], after["busy"]) == ("offline", False)
+
+
+def test_the_full_story_a_preempted_gpu_job_is_rerun_on_a_new_runner_with_its_label(
+    fake_github: FakeGitHub,
+) -> None:
+    fake_github.add_job(42, "build", ["ubuntu-latest"])
+    fake_github.add_runner("hosted", ["ubuntu-latest"])
+    fake_github.complete_job("hosted")
+    gpu = fake_github.add_job(42, "gpu", ["self-hosted", "gpu-7-1"], needs=("build",))
+    fake_github.add_job(42, "cleanup", ["ubuntu-latest"], needs=("gpu",))
+    assert gpu["status"] == "queued"
+    register_jit(fake_github, "gpu-7-1")
+    fake_github.set_runner_status("gpu-7-1", "online")
+    assert fake_github.jobs(42)[1]["runner_name"] == "gpu-7-1"
+
+    fake_github.lose_runner("gpu-7-1")
+    fake_github.fail_lost_job("gpu-7-1")
+
+    run = call(fake_github, "GET", RUN).body
+    assert (run["status"], run["conclusion"]) == ("completed", "failure")
+    assert job_names(call(fake_github, "GET", f"{RUN}/jobs")) == [
+        ("build", "completed", "success"),
+        ("gpu", "completed", "failure"),
+        ("cleanup", "completed", "skipped"),
+    ]
+    rerun = call(fake_github, "POST", f"{RUN}/rerun-failed-jobs", {"enable_debug_logging": False})
+    assert (rerun.status, rerun.body) == (201, {})
+    run = call(fake_github, "GET", RUN).body
+    assert (run["run_attempt"], run["status"], run["conclusion"]) == (2, "queued", None)
+    attempt = call(fake_github, "GET", f"{RUN}/attempts/2/jobs").body["jobs"]
+    assert [(j["name"], j["status"], j["conclusion"]) for j in attempt] == [
+        ("build", "completed", "success"),
+        ("gpu", "queued", None),
+        ("cleanup", "queued", None),
+    ]
+    assert attempt[1]["labels"] == ["self-hosted", "gpu-7-1"]
+    assert attempt[1]["run_attempt"] == 2 and attempt[1]["id"] != gpu["id"]
+    everything = call(fake_github, "GET", f"{RUN}/jobs?filter=all").body
+    assert everything["total_count"] == 5  # build once, gpu and cleanup of both attempts
+
+    # A new runner, registered with the job's label, connects.
+    registered = call(fake_github, "POST", f"{RUNNERS}/generate-jitconfig",
+                      jit_body("gpu-7-1-b", labels=["self-hosted", "gpu-7-1"]))
+    assert registered.status == 201
+    fake_github.set_runner_status("gpu-7-1-b", "online")
+
+    taken = fake_github.jobs(42)[1]
+    assert (taken["status"], taken["runner_name"]) == ("in_progress", "gpu-7-1-b")
+    assert call(fake_github, "GET", RUN).body["status"] == "in_progress"
+    fake_github.complete_job("gpu-7-1-b")
+    fake_github.complete_job("hosted")  # cleanup, on the hosted runner
+    run = call(fake_github, "GET", RUN).body
+    assert (run["status"], run["conclusion"]) == ("completed", "success")
+    assert fake_github.jobs(42, attempt=1)[1]["conclusion"] == "failure"
+
+
+def test_rerun_failed_jobs_is_refused_while_running_without_failures_and_after_50(
+    fake_github: FakeGitHub,
+) -> None:
+    fake_github.add_runner("any", ["x"])
+    fake_github.add_job(42, "job", ["x"])
+
+    running = call(fake_github, "POST", f"{RUN}/rerun-failed-jobs")
+    fake_github.complete_job("any")
+    succeeded = call(fake_github, "POST", f"{RUN}/rerun-failed-jobs")
+
+    assert (running.status, running.body["message"]) == (403, "This workflow is already running")
+    assert (succeeded.status, succeeded.body["message"]) == (
+        403, "This workflow run cannot be retried")
+    assert call(fake_github, "POST", f"{REPO}/actions/runs/7/rerun-failed-jobs").status == 404
+    fake_github.add_job(43, "job", ["x"])
+    for _ in range(51):
+        fake_github.complete_job("any", "failure")
+        answer = call(fake_github, "POST", f"{REPO}/actions/runs/43/rerun-failed-jobs")
+    assert answer.status == 403
+    assert call(fake_github, "GET", f"{REPO}/actions/runs/43").body["run_attempt"] == 51
+
+
+def test_cancel_completes_open_jobs_as_cancelled_and_idles_their_runners(
+    fake_github: FakeGitHub,
+) -> None:
+    fake_github.add_runner("any", ["x"])
+    fake_github.add_job(42, "running", ["x"])
+    fake_github.add_job(42, "queued", ["x"])
+
+    answer = call(fake_github, "POST", f"{RUN}/cancel")
+
+    assert answer.status == 202
+    assert [(j["status"], j["conclusion"]) for j in fake_github.jobs(42)] == [
+        ("completed", "cancelled"), ("completed", "cancelled")]
+    runner = fake_github.runner_named("any")
+    assert runner is not None and runner["busy"] is False
+    run = call(fake_github, "GET", RUN).body
+    assert (run["status"], run["conclusion"]) == ("completed", "cancelled")
+    again = call(fake_github, "POST", f"{RUN}/cancel")
+    assert (again.status, again.body["message"]) == (
+        409, "Cannot cancel a workflow run that is completed.")
+    rerun = call(fake_github, "POST", f"{RUN}/rerun-failed-jobs")
+    assert rerun.status == 201
+    assert [j["runner_name"] for j in fake_github.jobs(42)] == ["any", None]
+
+
+def test_job_routes_need_actions_read_and_rerun_and_cancel_actions_write(
+    fake_github: FakeGitHub, app_key: AppKeyPair
+) -> None:
+    fake_github.register_app(APP_ID, CLIENT_ID, app_key.public_pem)
+    fake_github.install_app(APP_ID, INSTALLATION_ID, {"actions": "read"})
+    token = mint(fake_github, app_jwt(app_key)).body["token"]
+    fake_github.add_job(42, "job", ["x"])
+    auth = f"Bearer {token}"
+
+    assert call(fake_github, "GET", f"{RUN}/jobs", auth=auth).status == 200
+    assert call(fake_github, "GET", f"{RUN}/attempts/1/jobs", auth=auth).status == 200
+    assert call(fake_github, "POST", f"{RUN}/cancel", auth=auth).status == 403
+    assert call(fake_github, "POST", f"{RUN}/rerun-failed-jobs", auth=auth).status == 403

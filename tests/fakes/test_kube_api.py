@@ -1774,3 +1774,361 @@ def test_a_replica_set_replaces_a_deleted_pod_at_once_with_new_empty_volumes(
     assert second["metadata"]["uid"] != first["metadata"]["uid"]
     assert list(fake.empty_dir(second["metadata"]["name"], "work").iterdir()) == []
     assert not work.exists()
+
+
+# --- ConfigMaps --------------------------------------------------------------------------------
+
+
+def config_map(name: str, data: dict[str, str], labels: dict[str, str] | None = None
+               ) -> client.V1ConfigMap:
+    model = client.V1ConfigMap.from_dict(
+        {"apiVersion": "v1", "kind": "ConfigMap",
+         "metadata": {"name": name, "labels": labels or {}}, "data": data})
+    assert model is not None
+    return model
+
+
+def test_config_map_round_trip_through_create_read_list_and_delete(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    created = attrs(core.create_namespaced_config_map(
+        NS, config_map("preempted-gpu-7", {"attempts": "1"}, {"app": "broker"})))
+    core.create_namespaced_config_map(NS, config_map("other", {"x": "y"}))
+
+    assert created["data"] == {"attempts": "1"}
+    uid = created["metadata"]["uid"]
+    assert attrs(core.read_namespaced_config_map("preempted-gpu-7", NS))["metadata"]["uid"] == uid
+    listing = attrs(core.list_namespaced_config_map(NS, label_selector="app=broker"))
+    assert [item["metadata"]["name"] for item in listing["items"]] == ["preempted-gpu-7"]
+    assert int(listing["metadata"]["resource_version"]) == fake_kube.resource_version
+    # The root CA publisher's ConfigMap is in every namespace, as in a real cluster.
+    assert names(core.list_namespaced_config_map(NS)) == [
+        "kube-root-ca.crt", "other", "preempted-gpu-7"]
+    assert [c["metadata"]["name"] for c in fake_kube.configmaps()] == [
+        "kube-root-ca.crt", "other", "preempted-gpu-7"]
+    status = core.delete_namespaced_config_map("preempted-gpu-7", NS)
+    assert isinstance(status, dict)
+    assert status["details"] == {"name": "preempted-gpu-7", "kind": "configmaps", "uid": uid}
+    with pytest.raises(client.ApiException) as missing:
+        core.delete_namespaced_config_map("preempted-gpu-7", NS)
+    assert missing.value.status == 404
+    assert status_of(missing.value)["message"] == 'configmaps "preempted-gpu-7" not found'
+
+
+def test_replacing_a_config_map_with_its_resource_version_succeeds_once(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    created = core.create_namespaced_config_map(NS, config_map("state", {"attempts": "1"}))
+    assert created.metadata is not None
+    first_version = created.metadata.resource_version
+
+    created.data = {"attempts": "2"}
+    replaced = attrs(core.replace_namespaced_config_map("state", NS, created))
+
+    assert replaced["data"] == {"attempts": "2"}
+    assert int(replaced["metadata"]["resource_version"]) > int(str(first_version))
+    assert replaced["metadata"]["uid"] == created.metadata.uid
+    created.data = {"attempts": "3"}  # still carries the first resourceVersion
+    with pytest.raises(client.ApiException) as stale:
+        core.replace_namespaced_config_map("state", NS, created)
+    assert stale.value.status == 409
+    assert status_of(stale.value)["reason"] == "Conflict"
+    assert status_of(stale.value)["message"] == (
+        'Operation cannot be fulfilled on configmaps "state": the object has been modified; '
+        "please apply your changes to the latest version and try again"
+    )
+    assert status_of(stale.value)["details"] == {"name": "state", "kind": "configmaps"}
+    assert fake_kube.configmaps()[-1]["data"] == {"attempts": "2"}
+
+
+def test_a_replace_without_resource_version_is_unconditional_and_a_no_op_keeps_the_version(
+    core: client.CoreV1Api,
+) -> None:
+    core.create_namespaced_config_map(NS, config_map("state", {"attempts": "1"}))
+
+    replaced = attrs(core.replace_namespaced_config_map(
+        "state", NS, config_map("state", {"attempts": "5"})))
+    again = attrs(core.replace_namespaced_config_map(
+        "state", NS, config_map("state", {"attempts": "5"})))
+
+    assert replaced["data"] == {"attempts": "5"}
+    assert again["metadata"]["resource_version"] == replaced["metadata"]["resource_version"]
+    with pytest.raises(client.ApiException) as missing:
+        core.replace_namespaced_config_map("absent", NS, config_map("absent", {}))
+    assert missing.value.status == 404
+    with pytest.raises(client.ApiException) as renamed:
+        core.replace_namespaced_config_map("state", NS, config_map("other", {}))
+    assert renamed.value.status == 400
+
+
+def test_config_maps_patch_by_strategic_merge_json_merge_and_json_patch(
+    core: client.CoreV1Api,
+) -> None:
+    core.create_namespaced_config_map(NS, config_map("state", {"a": "1", "b": "2"}))
+
+    strategic = attrs(core.patch_namespaced_config_map(
+        "state", NS, {"data": {"b": None, "c": "3"}}))
+    merged = attrs(core.patch_namespaced_config_map(
+        "state", NS, {"metadata": {"labels": {"x": "y"}}, "data": {"a": "9"}},
+        _content_type="application/merge-patch+json"))
+    patched = attrs(core.patch_namespaced_config_map(
+        "state", NS, [{"op": "test", "path": "/data/a", "value": "9"},
+                      {"op": "replace", "path": "/data/c", "value": "4"}]))
+
+    assert strategic["data"] == {"a": "1", "c": "3"}
+    assert merged["data"] == {"a": "9", "c": "3"}
+    assert merged["metadata"]["labels"] == {"x": "y"}
+    assert patched["data"] == {"a": "9", "c": "4"}
+    with pytest.raises(client.ApiException) as failed_test:
+        core.patch_namespaced_config_map(
+            "state", NS, [{"op": "test", "path": "/data/a", "value": "1"}])
+    assert failed_test.value.status == 422
+
+
+def test_a_patch_naming_a_stale_resource_version_is_409(core: client.CoreV1Api) -> None:
+    created = core.create_namespaced_config_map(NS, config_map("state", {"a": "1"}))
+    assert created.metadata is not None
+    core.patch_namespaced_config_map("state", NS, {"data": {"a": "2"}})
+
+    with pytest.raises(client.ApiException) as stale:
+        core.patch_namespaced_config_map(
+            "state", NS,
+            {"metadata": {"resourceVersion": created.metadata.resource_version},
+             "data": {"a": "3"}},
+            _content_type="application/merge-patch+json")
+
+    assert stale.value.status == 409
+    assert status_of(stale.value)["reason"] == "Conflict"
+
+
+def test_invalid_config_maps_are_422(fake_kube: FakeKubernetes, core: client.CoreV1Api) -> None:
+    too_big = {"a": "x" * (600 * 1024), "b": "y" * (600 * 1024)}
+    with pytest.raises(client.ApiException) as large:
+        core.create_namespaced_config_map(NS, config_map("big", too_big))
+    with pytest.raises(client.ApiException) as bad_key:
+        core.create_namespaced_config_map(NS, config_map("keys", {"no/slash": "1"}))
+    with pytest.raises(client.ApiException) as bad_name:
+        core.create_namespaced_config_map(NS, config_map("Upper", {}))
+    number, _ = post_raw(fake_kube, f"/api/v1/namespaces/{NS}/configmaps", {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "n"}, "data": {"a": 1}})
+
+    assert (large.value.status, bad_key.value.status, bad_name.value.status) == (422, 422, 422)
+    assert "Too long: may not be more than 1048576 bytes" in status_of(large.value)["message"]
+    assert "a valid config key must consist of" in status_of(bad_key.value)["message"]
+    assert number == 422
+    created = core.create_namespaced_config_map(NS, config_map("state", {"a": "1"}))
+    created.data = too_big
+    with pytest.raises(client.ApiException) as grown:
+        core.replace_namespaced_config_map("state", NS, created)
+    assert grown.value.status == 422
+
+
+def test_an_immutable_config_map_refuses_data_changes(core: client.CoreV1Api) -> None:
+    body = config_map("frozen", {"a": "1"})
+    body.immutable = True
+    core.create_namespaced_config_map(NS, body)
+
+    with pytest.raises(client.ApiException) as refused:
+        core.patch_namespaced_config_map("frozen", NS, {"data": {"a": "2"}})
+    labelled = attrs(core.patch_namespaced_config_map(
+        "frozen", NS, {"metadata": {"labels": {"k": "v"}}}))
+
+    assert refused.value.status == 422
+    assert "field is immutable when `immutable` is set" in status_of(refused.value)["message"]
+    assert labelled["metadata"]["labels"] == {"k": "v"}
+
+
+def test_config_maps_are_checked_by_rbac(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(rbac_rules=[
+        {"api_groups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]},
+    ])
+    core = api_for(fake)
+    core.create_namespaced_config_map(NS, config_map("state", {"a": "1"}))
+    core.replace_namespaced_config_map("state", NS, config_map("state", {"a": "2"}))
+
+    with pytest.raises(client.ApiException) as refused:
+        core.patch_namespaced_config_map("state", NS, {"data": {"a": "3"}})
+    with pytest.raises(client.ApiException):
+        core.delete_namespaced_config_map("state", NS)
+
+    assert refused.value.status == 403
+    assert fake.forbidden == ["patch configmaps", "delete configmaps"]
+
+
+# --- Preemption, node loss and genuine failures ------------------------------------------------
+
+
+def changes_since(
+    list_call: Callable[..., Any], version: str, count: int, *args: Any
+) -> list[tuple[str, Obj]]:
+    """The first `count` watch events after `version`, as (type, object as a dict)."""
+    seen: list[tuple[str, Obj]] = []
+    stream = watch.Watch()
+    for event in stream.stream(list_call, *args, resource_version=version, timeout_seconds=5):
+        seen.append((event["type"], attrs(event["object"])))
+        if len(seen) == count:
+            stream.stop()
+    return seen
+
+
+def condition(pod: Obj, kind: str) -> Obj:
+    return next(c for c in pod["status"]["conditions"] if c["type"] == kind)
+
+
+SHUTDOWN = "Pod was terminated in response to imminent node shutdown."
+
+
+def test_preempting_a_running_pod_fails_it_as_graceful_node_shutdown_and_removes_its_node(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1))
+    pod = watch_pod(core, "gpu-7-1", running)[-1]
+    node = pod["spec"]["node_name"]
+    lines: list[str] = []
+    ended = follow_log(core, "gpu-7-1", lines)
+    start = list_version(core)
+
+    fake_kube.preempt_pod("gpu-7-1")
+
+    [(kind, failed)] = changes_since(core.list_namespaced_pod, start, 1, NS)
+    assert kind == "MODIFIED"
+    status = failed["status"]
+    assert (status["phase"], status["reason"], status["message"]) == (
+        "Failed", "Terminated", SHUTDOWN)
+    target = condition(failed, "DisruptionTarget")
+    assert (target["status"], target["reason"], target["message"]) == (
+        "True", "TerminationByKubelet", SHUTDOWN)
+    assert condition(failed, "Ready")["status"] == "False"
+    container = status["container_statuses"][0]
+    assert container["ready"] is False
+    terminated = container["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (143, "Error")
+    [(node_change, gone)] = changes_since(core.list_node, start, 1)
+    assert (node_change, gone["metadata"]["name"]) == ("DELETED", node)
+    assert node not in [n["metadata"]["name"] for n in fake_kube.nodes()]
+    assert ended.wait(5), "the log follow did not end with the container"
+    assert "Killing" in reasons(pod_events(core, "gpu-7-1"))
+
+
+def test_a_pod_preempted_while_its_containers_wait_reports_them_never_started(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    # Its Secret volume never appears: scheduled, admitted, containers in ContainerCreating.
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", secret_volume="absent"))
+    watch_pod(core, "gpu-7-1", container_status_is("waiting"))
+
+    preempted = fake_kube.preempt_pod("gpu-7-1")
+
+    pod = attrs(core.read_namespaced_pod("gpu-7-1", NS))
+    assert pod["status"]["phase"] == preempted["status"]["phase"] == "Failed"
+    terminated = pod["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"], terminated["message"]) == (
+        137, "ContainerStatusUnknown",
+        "The container could not be located when the pod was terminated")
+    time.sleep(0.1)  # the rest of its script does not revive it
+    assert attrs(core.read_namespaced_pod("gpu-7-1", NS))["status"]["phase"] == "Failed"
+
+
+def test_a_preempted_gpu_frees_its_gpu_on_a_kept_node_and_its_pool_regrows_when_removed(
+    make_fake_kube: MakeFake,
+) -> None:
+    pool = FakeNodePool("gpu-l4", {NODE_GPU_LABEL: "true"}, gpus_per_node=1, max_nodes=1)
+    fake = make_fake_kube(node_pools=[pool])
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1))
+    first = watch_pod(core, "gpu-7-1", running)[-1]["spec"]["node_name"]
+
+    fake.preempt_pod("gpu-7-1", keep_node=True)
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-2", gpus=1))
+    second = watch_pod(core, "gpu-7-2", running)[-1]["spec"]["node_name"]
+    fake.preempt_pod("gpu-7-2")  # the pool's one node goes: the autoscaler may add one again
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-3", gpus=1))
+    third = watch_pod(core, "gpu-7-3", running)[-1]["spec"]["node_name"]
+
+    assert second == first  # the GPU was free again on the kept node
+    assert third != second
+    assert [n["metadata"]["name"] for n in fake.nodes() if "gpu-l4" in n["metadata"]["name"]] == [
+        third]
+
+
+def test_a_pod_not_yet_on_a_node_cannot_be_preempted(make_fake_kube: MakeFake) -> None:
+    fake = make_fake_kube(scheduler=lambda pod: PodScript.unschedulable())
+    api_for(fake).create_namespaced_pod(NS, runner_pod("gpu-7-1"))
+
+    with pytest.raises(ValueError, match="not scheduled on a node yet"):
+        fake.preempt_pod("gpu-7-1")
+    with pytest.raises(ValueError, match="not scheduled on a node yet"):
+        fake.lose_pod_with_node("gpu-7-1")
+    with pytest.raises(LookupError):
+        fake.preempt_pod("absent")
+
+
+def test_a_pod_whose_node_is_lost_is_failed_then_deleted_by_pod_gc_with_its_secrets(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    pod = attrs(core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1)))
+    core.create_namespaced_secret(NS, secret("gpu-7-1-jit", owner_references=owner(pod)))
+    node = watch_pod(core, "gpu-7-1", running)[-1]["spec"]["node_name"]
+    start = list_version(core)
+
+    fake_kube.lose_pod_with_node("gpu-7-1")
+
+    [(node_change, gone)] = changes_since(core.list_node, start, 1)
+    assert (node_change, gone["metadata"]["name"]) == ("DELETED", node)
+    (first, failed), (second, deleted) = changes_since(core.list_namespaced_pod, start, 2, NS)
+    assert (first, second) == ("MODIFIED", "DELETED")
+    assert failed["status"]["phase"] == "Failed"
+    target = condition(failed, "DisruptionTarget")
+    assert (target["status"], target["reason"], target["message"]) == (
+        "True", "DeletionByPodGC", "PodGC: node no longer exists")
+    assert deleted["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert fake_kube.pods() == [] and fake_kube.secrets() == []
+
+
+def test_pod_gc_after_a_preemption_only_deletes_the_failed_pod(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1", gpus=1))
+    watch_pod(core, "gpu-7-1", running)
+    fake_kube.preempt_pod("gpu-7-1")
+    start = list_version(core)
+
+    fake_kube.lose_pod_with_node("gpu-7-1")
+
+    [(kind, deleted)] = changes_since(core.list_namespaced_pod, start, 1, NS)
+    assert kind == "DELETED"
+    assert condition(deleted, "DisruptionTarget")["reason"] == "TerminationByKubelet"
+
+
+def test_finish_pod_reports_an_oom_kill(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1"))
+    watch_pod(core, "gpu-7-1", running)
+
+    fake_kube.finish_pod("gpu-7-1", exit_code=137, reason="OOMKilled")
+
+    pod = attrs(core.read_namespaced_pod("gpu-7-1", NS))
+    assert pod["status"]["phase"] == "Failed"
+    assert pod["status"]["reason"] is None
+    assert all(c["type"] != "DisruptionTarget" for c in pod["status"]["conditions"])
+    terminated = pod["status"]["container_statuses"][0]["state"]["terminated"]
+    assert (terminated["exit_code"], terminated["reason"]) == (137, "OOMKilled")
+
+
+def test_exceed_deadline_fails_a_running_pod_as_active_deadline_seconds_would(
+    fake_kube: FakeKubernetes, core: client.CoreV1Api
+) -> None:
+    core.create_namespaced_pod(NS, runner_pod("gpu-7-1"))
+    watch_pod(core, "gpu-7-1", running)
+
+    fake_kube.exceed_deadline("gpu-7-1")
+
+    pod = attrs(core.read_namespaced_pod("gpu-7-1", NS))
+    assert (pod["status"]["phase"], pod["status"]["reason"], pod["status"]["message"]) == (
+        "Failed", "DeadlineExceeded",
+        "Pod was active on the node longer than the specified deadline")
+    assert pod["status"]["container_statuses"][0]["state"]["terminated"]["exit_code"] == 137
+    assert "DeadlineExceeded" in reasons(pod_events(core, "gpu-7-1"))
+    with pytest.raises(ValueError, match="already finished"):
+        fake_kube.exceed_deadline("gpu-7-1")
