@@ -197,8 +197,12 @@ broker = RunnerBroker(
         repository=config.repository_full_name,
         repository_id=repository_ids.repository_id,
         repository_owner_id=repository_ids.owner_id,
+        # Named as GKE names the node pools, so a retry after a Spot preemption can be pinned
+        # to the pool's on-demand fallback by its cloud.google.com/gke-nodepool label.
         gpu_pools=[GpuPool(accelerator=pool.accelerator_type,
-                           max_gpus_per_pod=pool.accelerator_count)
+                           max_gpus_per_pod=pool.accelerator_count,
+                           name=pool.name, spot=pool.spot,
+                           on_demand_fallback=pool.on_demand_fallback)
                    for pool in config.gpu_pools],
         max_runtime_minutes=config.max_runtime_minutes,
         gpu_cap_per_repository=config.effective_gpu_cap_per_repository,
@@ -211,6 +215,7 @@ broker = RunnerBroker(
         require_image_digests=config.require_image_digests,
         registry_mirrors=mirror_prefixes,
         reaper_interval_seconds=config.reaper_interval_seconds,
+        max_preemption_retries=config.max_preemption_retries,
         egress_cidrs=config.egress_cidrs,
         api_server_cidrs=api_server_cidrs,
         runner_image_pull_secret=config.image_private,

@@ -111,6 +111,8 @@ class RunnerBrokerArgs:
     #: Upstream registry host -> mirror prefix the GPU pods pull job images through.
     registry_mirrors: Mapping[str, str] = field(default_factory=dict)
     reaper_interval_seconds: int = 300
+    #: Times one run is recovered after Spot preemption of its GPU node; 0 turns recovery off.
+    max_preemption_retries: int = contract.DEFAULT_MAX_PREEMPTION_RETRIES
     #: Where GitHub is (HTTPS only).
     egress_cidrs: Sequence[str] = ("0.0.0.0/0",)
     #: The Kubernetes API server's addresses (GKE: the control plane endpoint /32). Empty when
@@ -167,6 +169,8 @@ def broker_environment(args: RunnerBrokerArgs) -> list[EnvVarArgsDict]:
          "value": str(args.gpu_cap_per_repository)},
         {"name": contract.ENV_REAPER_INTERVAL_SECONDS,
          "value": str(args.reaper_interval_seconds)},
+        {"name": contract.ENV_MAX_PREEMPTION_RETRIES,
+         "value": str(args.max_preemption_retries)},
         {"name": contract.ENV_BROKER_PORT, "value": str(contract.BROKER_PORT)},
     ]
     if args.runner_image_pull_secret:

@@ -151,6 +151,9 @@ class GpuPool:
     max_nodes: int
     spot: bool
     zones: tuple[str, ...]
+    #: `name` of the on-demand pool where retries run after a Spot preemption of this pool,
+    #: or None: retries stay in this pool.
+    on_demand_fallback: str | None = None
 
     @property
     def warm(self) -> bool:
@@ -249,6 +252,8 @@ class StackConfig:
     image_mirror_credentials: Mapping[str, UpstreamCredentials]
     gpu_cap_per_repository: int
     reaper_interval_seconds: int
+    #: Times the broker recovers one run after Spot preemption of its GPU node; 0: never.
+    max_preemption_retries: int
     # repository settings
     repository_private: bool
     seed_compatibility: bool
@@ -394,7 +399,7 @@ def _check_gpu_pool(reader: _Reader, index: int, entry: Any, zonal_location: str
         reader.problem(key, entry, "an object with name, machineType, acceleratorType, ...")
         return None
     known = {"name", "machineType", "acceleratorType", "acceleratorCount", "minNodes",
-             "maxNodes", "spot", "zones"}
+             "maxNodes", "spot", "zones", "onDemandFallback"}
     for unknown in sorted(set(entry) - known):
         reader.problem(f"{key}.{unknown}", entry[unknown],
                        "unknown field; allowed: " + ", ".join(sorted(known)))
@@ -462,6 +467,11 @@ def _check_gpu_pool(reader: _Reader, index: int, entry: Any, zonal_location: str
         elif zonal_location and zone != zonal_location:
             reader.problem(f"{key}.zones[{zone_index}]", zone,
                            f"a zonal cluster's pools live in its zone ({zonal_location})")
+    fallback = entry.get("onDemandFallback")
+    if fallback is not None and (not isinstance(fallback, str) or not _GKE_NAME.match(fallback)):
+        reader.problem(f"{key}.onDemandFallback", fallback,
+                       "the name of another entry of gpuPools (an on-demand pool)")
+        fallback = None
     return GpuPool(
         name=name if isinstance(name, str) else "",
         machine_type=machine_type if isinstance(machine_type, str) else "",
@@ -471,7 +481,44 @@ def _check_gpu_pool(reader: _Reader, index: int, entry: Any, zonal_location: str
         max_nodes=max_nodes,
         spot=spot,
         zones=tuple(z for z in zones if isinstance(z, str)),
+        on_demand_fallback=fallback,
     )
+
+
+def _check_fallbacks(reader: _Reader, pools: list[GpuPool | None]) -> None:
+    """Each onDemandFallback names an on-demand pool that takes any pod of its Spot pool."""
+    by_name = {pool.name: pool for pool in pools if pool is not None}
+    for index, pool in enumerate(pools):
+        if pool is None or pool.on_demand_fallback is None:
+            continue
+        key = f"gpuPools[{index}].onDemandFallback"
+        target = by_name.get(pool.on_demand_fallback)
+        if not pool.spot:
+            reader.problem(key, pool.on_demand_fallback,
+                           "only a pool with spot: true has a fallback (an on-demand pool is "
+                           "not preempted)")
+        elif pool.on_demand_fallback == pool.name:
+            reader.problem(key, pool.on_demand_fallback,
+                           "another pool than this one: retries after a preemption go to an "
+                           "on-demand pool")
+        elif target is None:
+            reader.problem(key, pool.on_demand_fallback,
+                           "the name of another entry of gpuPools; pools: "
+                           + ", ".join(sorted(by_name)))
+        elif target.spot:
+            reader.problem(key, pool.on_demand_fallback,
+                           f"pool {target.name} has spot: true; the fallback must be an "
+                           "on-demand pool (spot: false)")
+        elif target.accelerator_type != pool.accelerator_type:
+            reader.problem(key, pool.on_demand_fallback,
+                           f"pool {target.name} has {target.accelerator_type}, this pool "
+                           f"{pool.accelerator_type}: the fallback must have the same "
+                           "acceleratorType")
+        elif target.accelerator_count < pool.accelerator_count:
+            reader.problem(key, pool.on_demand_fallback,
+                           f"pool {target.name} has {target.accelerator_count} GPU(s) per node, "
+                           f"fewer than this pool's {pool.accelerator_count}: a pod that fits "
+                           "here must fit there")
 
 
 def _check_gpu_pools(reader: _Reader, location: str) -> tuple[GpuPool, ...]:
@@ -488,6 +535,7 @@ def _check_gpu_pools(reader: _Reader, location: str) -> tuple[GpuPool, ...]:
     names = [p.name for p in pools if p is not None]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         reader.problem("gpuPools", duplicate, "pool names must be unique")
+    _check_fallbacks(reader, pools)
     return tuple(p for p in pools if p is not None)
 
 
@@ -862,6 +910,8 @@ def load_stack_config(config: pulumi.Config | None = None) -> StackConfig:
         gpu_cap_per_repository=reader.integer("gpuCapPerRepository", minimum=0),
         reaper_interval_seconds=reader.integer("reaperIntervalSeconds", minimum=30,
                                                maximum=3600),
+        max_preemption_retries=reader.integer("maxPreemptionRetries", minimum=0,
+                                              maximum=contract.MAX_PREEMPTION_RETRIES_LIMIT),
         repository_private=reader.boolean("repositoryPrivate"),
         seed_compatibility=seed_compatibility,
         branch_protection=reader.boolean("branchProtection"),

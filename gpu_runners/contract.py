@@ -34,6 +34,11 @@ RUNNER_UID = 1000
 
 NODE_GPU_LABEL = "gpu"  # "true" on GPU pools, "false" on the CPU pool (the seed's labels)
 GKE_ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+#: GKE's node label naming the node pool a node belongs to (its `name`, as the stack declares
+#: it); a retry after a Spot preemption pins its pod to the fallback pool with it.
+GKE_NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"
+#: GKE's node label, "true" on Spot VMs (absent on on-demand nodes).
+GKE_SPOT_LABEL = "cloud.google.com/gke-spot"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT_KEY = "nvidia.com/gpu"
 GPU_TAINT_VALUE = "present"
@@ -88,6 +93,7 @@ BASE_RUNNER_APP = "base-runner"
 ENV_NAMESPACE = "GPU_RUNNERS_NAMESPACE"
 ENV_IMAGE = "GPU_RUNNERS_IMAGE"
 #: JSON list of the cluster's GPU pools: [{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}, ...]
+#: with, from the stack, each pool's "name", "spot" and "onDemandFallback" (gpu_runners.gpu_pools).
 ENV_GPU_POOLS = "GPU_RUNNERS_GPU_POOLS"
 ENV_IMAGE_PULL_SECRET = "GPU_RUNNERS_IMAGE_PULL_SECRET"
 ENV_MAX_RUNTIME_MINUTES = "GPU_RUNNERS_MAX_RUNTIME_MINUTES"
@@ -171,6 +177,12 @@ ENV_REGISTRY_MIRRORS = "GPU_RUNNERS_REGISTRY_MIRRORS"
 #: Most GPUs one repository's runners may hold at once.
 ENV_GPU_CAP_PER_REPOSITORY = "GPU_RUNNERS_GPU_CAP_PER_REPOSITORY"
 ENV_REAPER_INTERVAL_SECONDS = "GPU_RUNNERS_REAPER_INTERVAL_SECONDS"
+#: Times the broker recovers one run after Spot preemption of its GPU node (stack config
+#: maxPreemptionRetries); 0 turns recovery off. From 0 to MAX_PREEMPTION_RETRIES_LIMIT,
+#: DEFAULT_MAX_PREEMPTION_RETRIES when unset.
+ENV_MAX_PREEMPTION_RETRIES = "GPU_RUNNERS_MAX_PREEMPTION_RETRIES"
+DEFAULT_MAX_PREEMPTION_RETRIES = 2
+MAX_PREEMPTION_RETRIES_LIMIT = 5
 ENV_BROKER_PORT = "GPU_RUNNERS_BROKER_PORT"
 #: The broker's GitHub App, when the stack configures one instead of the PAT: the App's client
 #: ID or numeric App ID (the JWT's `iss`), the installation on the repository or organisation,

@@ -63,6 +63,9 @@ class RunnerPodOptions:
             image), the runner is injected into it from this image (see runner_injection).
         image_env: The environment `image` declares in its config (read by the broker when it
             resolves the image); an injected runner's PATH and LD_LIBRARY_PATH extend it.
+        node_pool: GKE node pool to pin the pod to (its nodes' `cloud.google.com/gke-nodepool`
+            label), or None for any pool of the GPU type. Set by the broker on a retry after a
+            Spot preemption, to the pool's on-demand fallback.
     """
 
     namespace: str
@@ -76,6 +79,7 @@ class RunnerPodOptions:
     extra_labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     runner_image: str | None = None
     image_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    node_pool: str | None = None
 
     @property
     def injects_runner(self) -> bool:
@@ -104,6 +108,11 @@ class RunnerPodOptions:
             )
         for key, value in self.extra_labels.items():
             _check_label(key, value)
+        if self.node_pool is not None:
+            problem = label_value_problem(self.node_pool) if self.node_pool else "it is empty"
+            if problem is not None:
+                raise UsageError(f"node_pool: {self.node_pool!r} is not a node pool name: "
+                                 f"{problem}")
         # A copy, read-only: a caller changing its dict later must not change the pod.
         object.__setattr__(self, "extra_labels", MappingProxyType(dict(self.extra_labels)))
         object.__setattr__(self, "image_env", MappingProxyType(dict(self.image_env)))

@@ -96,7 +96,7 @@ def build_gpu_pod(
 
     Args:
         identity: The run attempt; names the pod and labels it.
-        options: Image, sizes, deadline and labels.
+        options: Image, sizes, deadline, labels and the node pool, if pinned to one.
         gpu_type: GKE accelerator to pin the pod to, or None for any GPU pool.
 
     Returns:
@@ -105,6 +105,9 @@ def build_gpu_pod(
     node_selector = {contract.NODE_GPU_LABEL: "true"}
     if gpu_type:
         node_selector[contract.GKE_ACCELERATOR_LABEL] = gpu_type
+    if options.node_pool:
+        # A retry after a Spot preemption: the pool's on-demand fallback, by GKE's pool label.
+        node_selector[contract.GKE_NODEPOOL_LABEL] = options.node_pool
     gpus = str(options.gpu_count)
     resources = {"cpu": options.cpu, "memory": options.memory, contract.GPU_RESOURCE: gpus}
     # Requests equal to limits: the pod is Guaranteed, so neither CPU nor memory is taken

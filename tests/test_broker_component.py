@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from gpu_runners import contract
+from gpu_runners.gpu_pools import GpuPool, fallback_pool, parse_gpu_pools
 from tests.harness.kubernetes_schema import KUBERNETES_VERSION, strict_errors
 from tests.harness.mock_stack import (
     OWNER_ID,
@@ -194,7 +195,9 @@ def test_broker_environment_carries_the_resolved_numeric_ids_and_the_default_pol
     assert broker_env(dev) == {
         contract.ENV_NAMESPACE: RUNNER_NS,
         contract.ENV_IMAGE: dev.outputs["runnerImage"],
-        contract.ENV_GPU_POOLS: json.dumps([{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]),
+        # Named as GKE names the pool; dev's one pool is Spot, without an on-demand fallback.
+        contract.ENV_GPU_POOLS: json.dumps([{"accelerator": "nvidia-l4", "maxGpusPerPod": 1,
+                                             "name": "l4-spot", "spot": True}]),
         contract.ENV_MAX_RUNTIME_MINUTES: str(stack_settings("dev")["maxRuntimeMinutes"]),
         contract.ENV_REPOSITORY: "Acme-ML/Vision-Models",
         # As the tokens' claims carry them: decimal strings, never "715823406.0".
@@ -214,6 +217,7 @@ def test_broker_environment_carries_the_resolved_numeric_ids_and_the_default_pol
         # gpuCapPerRepository 0: the namespace's GPU quota (one L4 in dev).
         contract.ENV_GPU_CAP_PER_REPOSITORY: "1",
         contract.ENV_REAPER_INTERVAL_SECONDS: "300",
+        contract.ENV_MAX_PREEMPTION_RETRIES: str(contract.DEFAULT_MAX_PREEMPTION_RETRIES),
         contract.ENV_BROKER_PORT: str(contract.BROKER_PORT),
         # GPU runner pods pull the private runner image with the runner namespace's Secret.
         contract.ENV_IMAGE_PULL_SECRET: contract.IMAGE_PULL_SECRET_NAME,
@@ -250,8 +254,33 @@ def test_configured_policy_reaches_the_broker_as_written() -> None:
     assert env[contract.ENV_MAX_RUNTIME_MINUTES] == "480"
     # prod: two L4 per node, four nodes.
     assert json.loads(env[contract.ENV_GPU_POOLS]) == [
-        {"accelerator": "nvidia-l4", "maxGpusPerPod": 2}]
+        {"accelerator": "nvidia-l4", "maxGpusPerPod": 2, "name": "l4-x2"}]
     assert run.outputs["brokerAudience"] == "acme-gpu-broker"
+
+
+def test_spot_pools_reach_the_broker_with_their_fallback_and_the_retry_limit() -> None:
+    spot = {"name": "l4-spot", "machineType": "g2-standard-8", "acceleratorType": "nvidia-l4",
+            "maxNodes": 2, "spot": True, "onDemandFallback": "l4"}
+    on_demand = {"name": "l4", "machineType": "g2-standard-24", "acceleratorType": "nvidia-l4",
+                 "acceleratorCount": 2, "maxNodes": 1, "spot": False}
+    run = run_program("dev", {"gpuPools": [spot, on_demand], "maxPreemptionRetries": 4})
+
+    env = broker_env(run)
+    assert env[contract.ENV_MAX_PREEMPTION_RETRIES] == "4"
+    pools = parse_gpu_pools(env[contract.ENV_GPU_POOLS])
+    assert pools == (
+        GpuPool("nvidia-l4", 1, name="l4-spot", spot=True, on_demand_fallback="l4"),
+        GpuPool("nvidia-l4", 2, name="l4", spot=False),
+    )
+    # The pool names the broker pins a retry with are GKE's node pool names.
+    node_pools = {pool.inputs["name"] for pool in run.of_type("gcp:container/nodePool:NodePool")}
+    assert {pool.name for pool in pools} <= node_pools
+    assert fallback_pool(pools, "l4-spot") == pools[1]
+
+
+def test_zero_preemption_retries_reach_the_broker_as_recovery_off() -> None:
+    env = broker_env(run_program("dev", {"maxPreemptionRetries": 0}))
+    assert env[contract.ENV_MAX_PREEMPTION_RETRIES] == "0"
 
 
 def test_repository_ids_are_looked_up_through_the_explicit_github_provider(

@@ -20,6 +20,8 @@ from tests.harness.mock_stack import (
 
 L4_POOL = {"name": "l4", "machineType": "g2-standard-8", "acceleratorType": "nvidia-l4",
            "maxNodes": 2}
+#: An on-demand L4 pool a Spot L4 pool may fall back to.
+L4_ON_DEMAND = {**L4_POOL, "name": "l4-on-demand", "spot": False}
 
 
 def config_problems(overrides: dict[str, Any], *, secrets: dict[str, Any] | None = None,
@@ -32,6 +34,11 @@ def config_problems(overrides: dict[str, Any], *, secrets: dict[str, Any] | None
 
 def pool(**fields: Any) -> list[dict[str, Any]]:
     return [{**L4_POOL, **fields}]
+
+
+def with_fallback(target: dict[str, Any], **fields: Any) -> list[dict[str, Any]]:
+    """A Spot L4 pool falling back to `target` (the second entry)."""
+    return [{**L4_POOL, "spot": True, "onDemandFallback": target["name"], **fields}, target]
 
 
 BAD_CONFIGS = [
@@ -70,6 +77,24 @@ BAD_CONFIGS = [
     ("misspelt pool field", {"gpuPools": pool(maxNode=2)}, "gpuPools[0].maxNode"),
     ("duplicate pool names", {"gpuPools": [L4_POOL, L4_POOL]}, "gpuPools"),
     ("no GPU pool", {"gpuPools": []}, "gpuPools"),
+    ("fallback on an on-demand pool",
+     {"gpuPools": with_fallback(L4_ON_DEMAND, spot=False)}, "gpuPools[0].onDemandFallback"),
+    ("fallback to an unknown pool", {"gpuPools": pool(onDemandFallback="l4-ondemand")},
+     "gpuPools[0].onDemandFallback"),
+    ("fallback to itself", {"gpuPools": pool(onDemandFallback="l4")},
+     "gpuPools[0].onDemandFallback"),
+    ("fallback to another Spot pool", {"gpuPools": with_fallback({**L4_ON_DEMAND, "spot": True})},
+     "gpuPools[0].onDemandFallback"),
+    ("fallback to a pool of another accelerator",
+     {"gpuPools": with_fallback({**L4_ON_DEMAND, "machineType": "n1-standard-8",
+                                 "acceleratorType": "nvidia-tesla-t4"})},
+     "gpuPools[0].onDemandFallback"),
+    ("fallback to a pool of fewer GPUs per node",
+     {"gpuPools": with_fallback(L4_ON_DEMAND, machineType="g2-standard-24",
+                                acceleratorCount=2)},
+     "gpuPools[0].onDemandFallback"),
+    ("fallback that is not a pool name", {"gpuPools": pool(onDemandFallback=["l4-on-demand"])},
+     "gpuPools[0].onDemandFallback"),
     ("owner with a double hyphen", {"githubOwner": "acme--ml"}, "githubOwner"),
     ("repository given as owner/name", {"githubRepository": "acme/models"}, "githubRepository"),
     ("namespace with capitals", {"runnerNamespace": "GitHub-Runners"}, "runnerNamespace"),
@@ -81,6 +106,8 @@ BAD_CONFIGS = [
      "gpuQuota"),
     ("egress CIDR that is not one", {"egressCidrs": ["github.com"]}, "egressCidrs[0]"),
     ("reaper interval under 30 s", {"reaperIntervalSeconds": 5}, "reaperIntervalSeconds"),
+    ("negative preemption retries", {"maxPreemptionRetries": -1}, "maxPreemptionRetries"),
+    ("preemption retries above 5", {"maxPreemptionRetries": 6}, "maxPreemptionRetries"),
     ("broker namespace shared with the runners", {"brokerNamespace": "github-runners"},
      "brokerNamespace"),
     ("broker namespace of Kubernetes itself", {"brokerNamespace": "kube-system"},
@@ -173,6 +200,26 @@ def test_broker_defaults_are_the_contracts() -> None:
     assert declarations["oidcIssuer"]["default"] == contract.GITHUB_OIDC_ISSUER
     assert declarations["brokerAllowedEvents"]["default"] == list(
         contract.DEFAULT_ALLOWED_EVENTS)
+    assert declarations["maxPreemptionRetries"]["default"] == (
+        contract.DEFAULT_MAX_PREEMPTION_RETRIES)
+
+
+def test_fallback_problems_name_the_key_and_what_the_target_lacks() -> None:
+    problems = config_problems({"gpuPools": with_fallback(
+        L4_ON_DEMAND, machineType="g2-standard-24", acceleratorCount=2),
+        "maxPreemptionRetries": 9})
+    assert "gpuPools[0].onDemandFallback = 'l4-on-demand': pool l4-on-demand has 1 GPU(s) " \
+        "per node, fewer than this pool's 2: a pod that fits here must fit there" in problems
+    assert "maxPreemptionRetries = 9: must be >= 0 and <= 5" in problems
+
+
+def test_a_spot_pool_may_fall_back_to_a_larger_on_demand_pool() -> None:
+    run = run_program("dev", {"gpuPools": with_fallback(
+        {**L4_ON_DEMAND, "machineType": "g2-standard-24", "acceleratorCount": 2})})
+    pools = {pool.inputs["name"]: pool.inputs
+             for pool in run.of_type("gcp:container/nodePool:NodePool")}
+    assert pools["l4"]["nodeConfig"]["spot"] is True
+    assert pools["l4-on-demand"]["nodeConfig"]["spot"] is False
 
 
 def test_every_problem_is_listed_at_once() -> None:

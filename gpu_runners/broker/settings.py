@@ -66,6 +66,8 @@ class BrokerSettings:
             through (GKE image streaming); empty: pulled from their registries.
         gpu_cap_per_repository: Most GPUs the repository's live runner pods may hold at once.
         reaper_interval_seconds: Seconds between two reaper passes.
+        max_preemption_retries: Times one run is recovered after Spot preemption of its GPU
+            node (a replacement pod, or a re-run of its failed jobs); 0: never.
         port: The port the broker listens on.
     """
 
@@ -91,6 +93,7 @@ class BrokerSettings:
     gpu_cap_per_repository: int
     reaper_interval_seconds: float
     port: int
+    max_preemption_retries: int = contract.DEFAULT_MAX_PREEMPTION_RETRIES
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> BrokerSettings:
@@ -133,6 +136,10 @@ class BrokerSettings:
                 default=int(DEFAULT_REAPER_INTERVAL_SECONDS))),
             port=reader.integer(contract.ENV_BROKER_PORT, low=1, high=65_535,
                                 default=contract.BROKER_PORT),
+            max_preemption_retries=reader.integer(
+                contract.ENV_MAX_PREEMPTION_RETRIES, low=0,
+                high=contract.MAX_PREEMPTION_RETRIES_LIMIT,
+                default=contract.DEFAULT_MAX_PREEMPTION_RETRIES),
         )
         if not reader.problems:
             try:

@@ -145,3 +145,49 @@ def check_deployment(fact: DeploymentFact | None, *, what: str, namespace: str,
         f"{fact.available_replicas}/{fact.replicas} replica(s) available ({fact.reason})",
         fix=f"{describe} and kubectl -n {namespace} logs deployment/{name} say why",
     )
+
+
+def check_spot_pool(pool: GpuPool, pools: Sequence[GpuPool], nodes: Sequence[NodeFact],
+                    max_preemption_retries: int) -> CheckResult:
+    """The pool's live nodes are Spot VMs exactly when the stack says so; and what a
+    preemption of the pool leads to (its on-demand fallback, recovery off)."""
+    if not pool.name:
+        return CheckResult(
+            f"spot: {pool.accelerator}", Status.SKIP,
+            f"the broker's {contract.ENV_GPU_POOLS} names no pool (written before pools were "
+            "named): run pulumi up for this stack to compare the pools with their nodes")
+    check = f"spot: {pool.name}"
+    of_pool = [node for node in nodes if node.labels.get(contract.GKE_NODEPOOL_LABEL) == pool.name]
+    spot_nodes = [node for node in of_pool if node.labels.get(contract.GKE_SPOT_LABEL) == "true"]
+    configured = "Spot" if pool.spot else "on-demand"
+    mismatched = ([node for node in of_pool if node not in spot_nodes] if pool.spot
+                  else spot_nodes)
+    if mismatched:
+        names = ", ".join(node.name for node in mismatched)
+        seen = (f"on-demand (no {contract.GKE_SPOT_LABEL}=true label)" if pool.spot
+                else f"Spot VMs ({contract.GKE_SPOT_LABEL}=true)")
+        return CheckResult(
+            check, Status.FAIL,
+            f"the stack declares pool {pool.name} {configured}, but node(s) {names} are {seen}",
+            fix=f"the node pool was changed outside the stack: run pulumi up for this stack "
+                f"(GKE recreates pool {pool.name} with spot: {str(pool.spot).lower()}), or set "
+                f"gpuPools[].spot of {pool.name} to what you want and run pulumi up")
+    if of_pool:
+        nodes_seen = f"{len(of_pool)} node(s) up, all {configured}"
+    else:
+        nodes_seen = "no node up to compare"
+    if not pool.spot:
+        fallback_of = [p.name for p in pools if p.on_demand_fallback == pool.name]
+        role = (f"; on-demand fallback of {', '.join(fallback_of)}" if fallback_of else "")
+        return CheckResult(check, Status.PASS, f"on-demand ({nodes_seen}){role}")
+    if max_preemption_retries == 0:
+        recovery = ("preemption recovery is off (maxPreemptionRetries 0): a run whose node is "
+                    "reclaimed fails")
+    elif pool.on_demand_fallback is not None:
+        recovery = (f"after a preemption the broker retries a run up to "
+                    f"{max_preemption_retries} time(s) in on-demand pool "
+                    f"{pool.on_demand_fallback}")
+    else:
+        recovery = (f"no onDemandFallback: after a preemption the broker retries a run up to "
+                    f"{max_preemption_retries} time(s) in this Spot pool")
+    return CheckResult(check, Status.PASS, f"Spot ({nodes_seen}); {recovery}")

@@ -93,3 +93,42 @@ def check_base_runner_online(runners: Sequence[Runner], namespace: str) -> Check
         fix=f"kubectl -n {namespace} logs deployment/{contract.BASE_RUNNER_APP} says why it "
             "did not register (a wrong or expired runner PAT, no network to GitHub)",
     )
+
+
+def check_actions_write(scopes_header: str | None, source: str,
+                        broker_env: Mapping[str, str], max_preemption_retries: int) -> CheckResult:
+    """With Spot preemption recovery on, the broker's credential may write Actions runs.
+
+    The broker re-runs a run's failed jobs after its Spot node was reclaimed, and cancels a
+    run it gives up on (`POST /repos/{owner}/{repo}/actions/runs/{id}/rerun-failed-jobs` and
+    `/cancel`): GitHub's Actions: write permission, which a classic PAT holds with `repo`.
+    """
+    check = "token: actions write"
+    if max_preemption_retries == 0:
+        return CheckResult(check, Status.SKIP,
+                           "preemption recovery is off (maxPreemptionRetries 0): the broker "
+                           "re-runs and cancels no run")
+    why = ("to re-run a run after its Spot node was reclaimed (rerun-failed-jobs, cancel)")
+    app_id = broker_env.get(contract.ENV_GITHUB_APP_ID)
+    if app_id:
+        return CheckResult(check, Status.SKIP,
+                           f"the broker authenticates as GitHub App {app_id}, whose permissions "
+                           "this token cannot read: the App needs Repository permissions -> "
+                           f"Actions: Read and write {why}")
+    if scopes_header is None:
+        return CheckResult(check, Status.SKIP,
+                           f"token from {source} is fine-grained (GitHub does not list its "
+                           "permissions): the broker's credential needs Actions: Read and "
+                           f"write on the repository {why}")
+    scopes = [scope.strip() for scope in scopes_header.split(",") if scope.strip()]
+    if REQUIRED_SCOPE in scopes:
+        return CheckResult(check, Status.PASS,
+                           f"classic PAT from {source}: its {REQUIRED_SCOPE} scope includes "
+                           f"Actions write, {why}")
+    return CheckResult(
+        check, Status.FAIL,
+        f"classic PAT from {source} has scopes {', '.join(scopes) or 'none'}, without "
+        f"{REQUIRED_SCOPE}: the broker cannot re-run a run after its Spot node was reclaimed",
+        fix=f"create the PAT with the {REQUIRED_SCOPE} scope (or set maxPreemptionRetries 0 to "
+            "turn recovery off), update the stack's secret and run pulumi up",
+    )

@@ -165,12 +165,13 @@ class _Examination:
         base = self._deployment(settings.namespace, contract.BASE_RUNNER_APP, "base runner")
         env = dict(broker.env) if broker is not None else {}
         pools = self._pools(env)
+        retries = self._max_preemption_retries(env)
         quotas = self._quotas()
         if quotas is not None:
             self.results.append(cluster_checks.check_quota(quotas, pools))
         repository = settings.repository or env.get(contract.ENV_REPOSITORY)
         if repository:
-            self._github(repository, env)
+            self._github(repository, env, retries)
         else:
             self.results.append(CheckResult(
                 "repository ids", Status.FAIL,
@@ -187,9 +188,12 @@ class _Examination:
                 "neither the broker nor the base runner names the runner image",
                 fix="run pulumi up for this stack"))
         self._runner_version(runner_version)
+        # One smoke pod per accelerator: a Spot pool and its on-demand fallback share one, and
+        # the smoke pod asks for the accelerator, not for a pool.
+        accelerators = _one_pool_per_accelerator(pools)
         smoke_ran = bool(image) and not settings.skip_smoke and bool(pools)
         if smoke_ran:
-            self._smoke(image, pull_secret, pools, quotas or [])
+            self._smoke(image, pull_secret, accelerators, quotas or [])
         elif settings.skip_smoke:
             self.results.append(CheckResult("GPU smoke", Status.SKIP, "--skip-smoke"))
         elif not pools:
@@ -203,8 +207,10 @@ class _Examination:
         except KubernetesError as e:
             self.log.line(f"cannot list nodes again: {e}")
         self.results.append(cluster_checks.check_gpu_node_labels(nodes))
-        for pool in pools:
+        for pool in accelerators:
             self.results.append(cluster_checks.check_gpu_driver(pool, nodes, smoke_ran=smoke_ran))
+        for pool in pools:
+            self.results.append(cluster_checks.check_spot_pool(pool, pools, nodes, retries))
 
     # --- cluster -------------------------------------------------------------------------------
 
@@ -228,6 +234,20 @@ class _Examination:
                                             fix="run pulumi up for this stack"))
             return ()
 
+    def _max_preemption_retries(self, env: dict[str, str]) -> int:
+        """The broker's maxPreemptionRetries; its default when the broker sets none."""
+        text = env.get(contract.ENV_MAX_PREEMPTION_RETRIES, "").strip()
+        if not text:
+            return contract.DEFAULT_MAX_PREEMPTION_RETRIES
+        if text.isascii() and text.isdigit() and int(text) <= contract.MAX_PREEMPTION_RETRIES_LIMIT:
+            return int(text)
+        self.results.append(CheckResult(
+            "broker: settings", Status.FAIL,
+            f"{contract.ENV_MAX_PREEMPTION_RETRIES}: {text!r} is not an integer from 0 to "
+            f"{contract.MAX_PREEMPTION_RETRIES_LIMIT}",
+            fix="run pulumi up for this stack"))
+        return contract.DEFAULT_MAX_PREEMPTION_RETRIES
+
     def _quotas(self) -> list[QuotaFact] | None:
         try:
             return self.cluster.list_quotas(self.settings.namespace)
@@ -239,7 +259,7 @@ class _Examination:
 
     # --- GitHub --------------------------------------------------------------------------------
 
-    def _github(self, repository: str, env: dict[str, str]) -> None:
+    def _github(self, repository: str, env: dict[str, str], retries: int) -> None:
         github = DoctorGitHub(self.token, RunnerScope(repository=repository),
                               api_url=self.settings.api_url)
         try:
@@ -252,6 +272,8 @@ class _Examination:
             self.results.append(github_checks.check_repository_ids(repository, answer.body, env))
             self.results.append(github_checks.check_token_scopes(answer.oauth_scopes,
                                                                  self.token.source))
+            self.results.append(github_checks.check_actions_write(
+                answer.oauth_scopes, self.token.source, env, retries))
         try:
             runners = list(github.list_runners())
         except GitHubError as e:
@@ -346,6 +368,14 @@ class _Examination:
             results, cold = smoke.judge_smoke(pool.accelerator, runs[name])
             self.results.extend(results)
             self.cold_starts.append(cold)
+
+
+def _one_pool_per_accelerator(pools: Sequence[GpuPool]) -> tuple[GpuPool, ...]:
+    """The first pool of each accelerator, in order."""
+    seen: dict[str, GpuPool] = {}
+    for pool in pools:
+        seen.setdefault(pool.accelerator, pool)
+    return tuple(seen.values())
 
 
 def _batches(pools: Sequence[GpuPool],

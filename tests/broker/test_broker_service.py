@@ -14,6 +14,7 @@ import pytest
 
 from gpu_runners import broker_api, contract
 from gpu_runners.broker.settings import BrokerSettings, SettingsError
+from gpu_runners.gpu_pools import GpuPool, fallback_pool
 from tests.broker.broker_harness import ServedBroker, call, delete, spawn
 from tests.fakes.github_api import FakeGitHub
 from tests.fakes.kube_api import FakeKubernetes
@@ -60,6 +61,42 @@ def test_settings_hold_the_stack_s_limits(env: dict[str, str]) -> None:
     assert settings.repository_id == 74
     assert settings.allowed_events == frozenset(contract.DEFAULT_ALLOWED_EVENTS)
     assert settings.gpu_cap_per_repository == 4
+
+
+def test_preemption_retries_default_to_two_and_zero_turns_recovery_off(
+    env: dict[str, str],
+) -> None:
+    unset = {k: v for k, v in env.items() if k != contract.ENV_MAX_PREEMPTION_RETRIES}
+    assert BrokerSettings.from_environ(unset).max_preemption_retries == 2
+    assert BrokerSettings.from_environ(
+        {**env, contract.ENV_MAX_PREEMPTION_RETRIES: "0"}).max_preemption_retries == 0
+    assert BrokerSettings.from_environ(
+        {**env, contract.ENV_MAX_PREEMPTION_RETRIES: "5"}).max_preemption_retries == 5
+
+
+@pytest.mark.parametrize("value", ["6", "-1", "two", "1.5"])
+def test_preemption_retries_outside_0_to_5_are_refused_naming_the_variable(
+    env: dict[str, str], value: str,
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        BrokerSettings.from_environ({**env, contract.ENV_MAX_PREEMPTION_RETRIES: value})
+
+    assert refused.value.problems == [
+        f"{contract.ENV_MAX_PREEMPTION_RETRIES}: {value!r} is not an integer from 0 to 5"]
+
+
+def test_the_broker_reads_named_spot_pools_and_their_fallbacks(env: dict[str, str]) -> None:
+    pools = ('[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1, "name": "l4-spot", '
+             '"spot": true, "onDemandFallback": "l4"}, '
+             '{"accelerator": "nvidia-l4", "maxGpusPerPod": 1, "name": "l4"}]')
+    settings = BrokerSettings.from_environ({**env, contract.ENV_GPU_POOLS: pools})
+
+    assert fallback_pool(settings.gpu_pools, "l4-spot") == GpuPool("nvidia-l4", 1, name="l4")
+    with pytest.raises(SettingsError, match=r"entry 0 \(l4-spot\): onDemandFallback 'l4' "
+                                            r"names a Spot pool"):
+        BrokerSettings.from_environ(
+            {**env, contract.ENV_GPU_POOLS: pools.replace('"name": "l4"}',
+                                                          '"name": "l4", "spot": true}')})
 
 
 def test_a_broker_process_with_bad_settings_exits_before_listening(

@@ -10,7 +10,7 @@ probe pod it prints `findings` and exits; a smoke pod prints `nvidia_smi` and ex
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,22 +24,27 @@ from tests.fakes.kube_api import FakeKubernetes, FakeNodePool
 
 JSON = dict[str, Any]
 IMAGE = "ghcr.io/acme/gpu-runner@sha256:" + "a" * 64
-POOLS = (GpuPool("nvidia-l4", 1), GpuPool("nvidia-tesla-t4", 2))
+#: A Spot L4 pool without an on-demand fallback and an on-demand T4 pool, named as GKE names them.
+POOLS = (GpuPool("nvidia-l4", 1, name="gpu-nvidia-l4", spot=True),
+         GpuPool("nvidia-tesla-t4", 2, name="gpu-nvidia-tesla-t4"))
 RUNNER_VERSION = "2.330.0"
 NOW = datetime.now(UTC)
 QUOTA_NAME = "gpu-runners"
 
 
-def fake_node_pools(max_nodes: int = 2) -> list[FakeNodePool]:
-    """One autoscaled GKE pool per entry of POOLS, at zero nodes, as the stack declares them."""
+def fake_node_pools(max_nodes: int = 2, pools: Sequence[GpuPool] = POOLS
+                    ) -> list[FakeNodePool]:
+    """One autoscaled GKE pool per entry of `pools`, at zero nodes, as the stack declares them:
+    named as the pool, its nodes labelled Spot as GKE labels Spot VMs."""
     return [
         FakeNodePool(
-            f"gpu-{pool.accelerator}",
-            {contract.NODE_GPU_LABEL: "true", contract.GKE_ACCELERATOR_LABEL: pool.accelerator},
+            pool.name,
+            {contract.NODE_GPU_LABEL: "true", contract.GKE_ACCELERATOR_LABEL: pool.accelerator,
+             **({contract.GKE_SPOT_LABEL: "true"} if pool.spot else {})},
             gpus_per_node=pool.max_gpus_per_pod,
             max_nodes=max_nodes,
         )
-        for pool in POOLS
+        for pool in pools
     ]
 
 
@@ -119,12 +124,13 @@ class Installation:
         self.kube.finish_pod(name, exit_code=self.smoke_exit_code, namespace=namespace)
 
 
-def broker_env(github: FakeGitHub) -> dict[str, str]:
+def broker_env(github: FakeGitHub, pools: Sequence[GpuPool] = POOLS) -> dict[str, str]:
     """The broker's settings as the stack sets them (components/broker.py)."""
     return {
         contract.ENV_NAMESPACE: contract.DEFAULT_NAMESPACE,
         contract.ENV_IMAGE: IMAGE,
-        contract.ENV_GPU_POOLS: format_gpu_pools(POOLS),
+        contract.ENV_GPU_POOLS: format_gpu_pools(pools),
+        contract.ENV_MAX_PREEMPTION_RETRIES: str(contract.DEFAULT_MAX_PREEMPTION_RETRIES),
         contract.ENV_REPOSITORY: f"{github.owner}/{github.repo}",
         contract.ENV_REPOSITORY_ID: str(github.repository_id),
         contract.ENV_REPOSITORY_OWNER_ID: str(github.owner_id),
@@ -132,14 +138,21 @@ def broker_env(github: FakeGitHub) -> dict[str, str]:
 
 
 def install(make_fake_kube: Callable[..., FakeKubernetes], github: FakeGitHub, *,
-            broker_available: bool = True, **kube_options: Any) -> Installation:
-    """Builds a healthy installation; `kube_options` override FakeKubernetes' arguments."""
+            broker_available: bool = True, pools: Sequence[GpuPool] = POOLS,
+            broker_settings: Mapping[str, str] | None = None,
+            **kube_options: Any) -> Installation:
+    """Builds a healthy installation; `kube_options` override FakeKubernetes' arguments.
+
+    `pools` are the stack's GPU pools (the broker's list and the cluster's node pools);
+    `broker_settings` override or add variables of the broker's environment.
+    """
     options: dict[str, Any] = {"gpu_quota": 4, "pod_quota": 20, "quota_name": QUOTA_NAME,
-                               "node_pools": fake_node_pools()}
+                               "node_pools": fake_node_pools(pools=pools)}
     options.update(kube_options)
     kube = make_fake_kube(**options)
+    env = {**broker_env(github, pools), **(broker_settings or {})}
     kube.seed(
-        deployment(contract.DEFAULT_BROKER_NAMESPACE, contract.BROKER_NAME, broker_env(github),
+        deployment(contract.DEFAULT_BROKER_NAMESPACE, contract.BROKER_NAME, env,
                    available=broker_available),
         deployment(contract.DEFAULT_NAMESPACE, contract.BASE_RUNNER_APP,
                    {contract.ENV_RUNNER_LABELS: contract.BASE_RUNNER_LABEL}),

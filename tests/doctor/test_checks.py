@@ -11,8 +11,10 @@ from gpu_runners.doctor.cluster_checks import (
     check_gpu_driver,
     check_gpu_node_labels,
     check_quota,
+    check_spot_pool,
 )
 from gpu_runners.doctor.cluster_facts import NodeFact, QuotaFact
+from gpu_runners.doctor.github_checks import check_actions_write
 from gpu_runners.doctor.pod_watch import NODE_READY, FailureKind, PodRun
 from gpu_runners.doctor.probe import probe_targets, registry_host
 from gpu_runners.doctor.report import CheckResult, Examination, Status, render_table
@@ -193,3 +195,32 @@ def test_the_table_lists_each_fix_and_the_exit_code_follows_failures() -> None:
     assert "  runner version: rebuild the image" in table
     assert table.endswith("1 check(s) failed.\n")
     assert (failing.exit_code, warned.exit_code) == (1, 0)
+
+
+# --- Spot pools and the right to re-run a run ------------------------------------------------
+
+
+def test_the_broker_s_app_or_a_fine_grained_token_is_told_to_hold_actions_write() -> None:
+    app = check_actions_write("repo", "env GITHUB_TOKEN", {contract.ENV_GITHUB_APP_ID: "Iv23li1"},
+                              2)
+    assert app.status is Status.SKIP
+    assert "GitHub App Iv23li1" in app.detail and "Actions: Read and write" in app.detail
+    fine = check_actions_write(None, "env GITHUB_TOKEN", {}, 2)
+    assert fine.status is Status.SKIP and "Actions: Read and write" in fine.detail
+    assert check_actions_write("repo", "env GITHUB_TOKEN", {}, 2).status is Status.PASS
+    off = check_actions_write("read:org", "env GITHUB_TOKEN", {}, 0)
+    assert off.status is Status.SKIP and "maxPreemptionRetries 0" in off.detail
+
+
+def test_a_spot_pool_with_one_on_demand_node_fails_naming_it() -> None:
+    pool = GpuPool("nvidia-l4", 1, name="l4-spot", spot=True)
+    spot = {contract.GKE_NODEPOOL_LABEL: "l4-spot", contract.GKE_SPOT_LABEL: "true"}
+    nodes = [gpu_node("n1", labels=spot),
+             gpu_node("n2", labels={contract.GKE_NODEPOOL_LABEL: "l4-spot"}),
+             gpu_node("other", labels={contract.GKE_NODEPOOL_LABEL: "t4"})]
+
+    result = check_spot_pool(pool, [pool], nodes, 2)
+
+    assert result.status is Status.FAIL
+    assert "node(s) n2 are on-demand" in result.detail
+    assert check_spot_pool(pool, [pool], nodes[:1], 2).status is Status.PASS

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from gpu_runners import contract
+from gpu_runners.gpu_pools import GpuPool
 from tests.doctor.conftest import RunDoctor
 from tests.doctor.installation import (
     NOW,
@@ -27,12 +28,13 @@ from tests.fakes.kube_api import FakeKubernetes, FakeNode, PodScript
 MakeFake = Callable[..., FakeKubernetes]
 EVERY_CHECK = [
     "nodes: CPU pool", "broker: available", "base runner: available",
-    "quota: runner namespace", "repository ids", "token: scopes", "token: runner administration",
+    "quota: runner namespace", "repository ids", "token: scopes", "token: actions write",
+    "token: runner administration",
     "base runner: online on GitHub", "image: pullable", "network: GitHub API",
     "network: image registry", "network: Kubernetes API server", "runner version",
     "scale-up: nvidia-l4", "GPU smoke: nvidia-l4", "scale-up: nvidia-tesla-t4",
     "GPU smoke: nvidia-tesla-t4", "nodes: GPU labels", "GPU driver: nvidia-l4",
-    "GPU driver: nvidia-tesla-t4",
+    "GPU driver: nvidia-tesla-t4", "spot: gpu-nvidia-l4", "spot: gpu-nvidia-tesla-t4",
 ]
 COLD_START = ["created", "scale-up decision", "node ready", "driver ready", "scheduled",
               "image pulled", "running", "finished"]
@@ -226,6 +228,11 @@ def test_a_token_without_the_repo_scope_and_runner_access_fails_both_checks(
     assert "403" in access["detail"]
     assert "Administration" in access["fix"]
     assert run.check("base runner: online on GitHub")["status"] == "skip"
+    # Nor can the broker re-run a run after a Spot preemption with such a PAT.
+    actions = run.check("token: actions write")
+    assert actions["status"] == "fail"
+    assert "cannot re-run a run after its Spot node was reclaimed" in actions["detail"]
+    assert "maxPreemptionRetries 0" in actions["fix"]
     assert installation.github.token not in run.stderr + str(run.report)
     assert installation.doctor_pods() == []
 
@@ -354,3 +361,108 @@ def test_a_scale_up_failing_on_gce_quota_fails_with_the_gcp_quota_fix(
     assert "raise the GCP quota for nvidia-l4 GPUs" in scale["fix"]
     assert run.check("GPU smoke: nvidia-tesla-t4")["status"] == "pass"
     assert installation.doctor_pods() == []
+
+
+# --- Spot pools ---------------------------------------------------------------------------------
+
+SPOT_L4 = GpuPool("nvidia-l4", 1, name="l4-spot", spot=True, on_demand_fallback="l4")
+ON_DEMAND_L4 = GpuPool("nvidia-l4", 1, name="l4")
+
+
+def test_each_pool_reports_its_spot_status_as_its_nodes_confirm_it(
+    installation: Installation, run_doctor: RunDoctor,
+) -> None:
+    run = run_doctor(installation)
+
+    assert run.check("spot: gpu-nvidia-l4")["detail"] == (
+        "Spot (1 node(s) up, all Spot); no onDemandFallback: after a preemption the broker "
+        "retries a run up to 2 time(s) in this Spot pool")
+    assert run.check("spot: gpu-nvidia-tesla-t4")["detail"] == "on-demand (1 node(s) up, all " \
+        "on-demand)"
+    actions = run.check("token: actions write")
+    assert actions["status"] == "pass"
+    assert "repo scope includes Actions write" in actions["detail"]
+
+
+def test_a_pool_whose_nodes_are_not_what_the_stack_declares_fails_with_the_fix(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    # The cluster's pools were changed by hand: the L4 pool is on-demand, the T4 pool Spot.
+    swapped = [replace(pool, spot=not pool.spot) for pool in POOLS]
+    installation = install(make_fake_kube, fake_github,
+                           node_pools=fake_node_pools(pools=swapped))
+
+    run = run_doctor(installation)
+
+    assert run.failed() == ["spot: gpu-nvidia-l4", "spot: gpu-nvidia-tesla-t4"]
+    l4 = run.check("spot: gpu-nvidia-l4")
+    assert re.fullmatch(r"the stack declares pool gpu-nvidia-l4 Spot, but node\(s\) "
+                        r"gke-fake-gpu-nvidia-l4-\w+ are on-demand \(no "
+                        r"cloud.google.com/gke-spot=true label\)", l4["detail"])
+    assert "run pulumi up" in l4["fix"] and "spot: true" in l4["fix"]
+    t4 = run.check("spot: gpu-nvidia-tesla-t4")
+    assert "declares pool gpu-nvidia-tesla-t4 on-demand" in t4["detail"]
+    assert "are Spot VMs (cloud.google.com/gke-spot=true)" in t4["detail"]
+    assert installation.doctor_pods() == []
+
+
+def test_a_spot_pool_names_its_on_demand_fallback_and_shares_one_smoke_pod_with_it(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    installation = install(make_fake_kube, fake_github, pools=[SPOT_L4, ON_DEMAND_L4],
+                           broker_settings={contract.ENV_MAX_PREEMPTION_RETRIES: "3"})
+
+    run = run_doctor(installation)
+
+    assert run.exit_code == 0, run.failed()
+    spot = run.check("spot: l4-spot")["detail"]
+    assert spot.endswith("after a preemption the broker retries a run up to 3 time(s) in "
+                         "on-demand pool l4")
+    assert run.check("spot: l4")["detail"].endswith("; on-demand fallback of l4-spot")
+    # One smoke pod for the accelerator the two pools share.
+    smoke = [name for name in installation.started if "-smoke-" in name]
+    assert len(smoke) == 1
+    assert [cold["pool"] for cold in run.report["cold_starts"]] == ["nvidia-l4"]
+    assert installation.doctor_pods() == []
+
+
+def test_zero_preemption_retries_say_recovery_is_off(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    installation = install(make_fake_kube, fake_github, pools=[SPOT_L4, ON_DEMAND_L4],
+                           broker_settings={contract.ENV_MAX_PREEMPTION_RETRIES: "0"})
+
+    run = run_doctor(installation, "--skip-smoke")
+
+    assert run.exit_code == 0, run.failed()
+    assert run.check("spot: l4-spot")["detail"] == (
+        "Spot (no node up to compare); preemption recovery is off (maxPreemptionRetries 0): "
+        "a run whose node is reclaimed fails")
+    assert run.check("token: actions write")["status"] == "skip"
+
+
+def test_a_broken_retry_setting_fails_the_broker_settings_check(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    installation = install(make_fake_kube, fake_github,
+                           broker_settings={contract.ENV_MAX_PREEMPTION_RETRIES: "9"})
+
+    run = run_doctor(installation, "--skip-smoke")
+
+    assert run.failed() == ["broker: settings"]
+    assert run.check("broker: settings")["detail"] == (
+        f"{contract.ENV_MAX_PREEMPTION_RETRIES}: '9' is not an integer from 0 to 5")
+
+
+def test_pools_the_broker_names_without_names_skip_the_spot_check(
+    make_fake_kube: MakeFake, fake_github: FakeGitHub, run_doctor: RunDoctor,
+) -> None:
+    # A broker deployed before pools were named: the two-key form.
+    installation = install(make_fake_kube, fake_github, broker_settings={
+        contract.ENV_GPU_POOLS: '[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]'})
+
+    run = run_doctor(installation, "--skip-smoke")
+
+    assert run.exit_code == 0, run.failed()
+    spot = run.check("spot: nvidia-l4")
+    assert spot["status"] == "skip" and "run pulumi up" in spot["detail"]

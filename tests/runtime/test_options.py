@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from gpu_runners import contract
 from gpu_runners.environment import default_max_runtime_seconds, resolve_namespace
 from gpu_runners.errors import UsageError
 from gpu_runners.github_api import load_token, scope_from
-from gpu_runners.gpu_pools import GpuPool, check_gpu_request, parse_gpu_pools, parse_gpu_types
+from gpu_runners.gpu_pools import (
+    GpuPool,
+    check_gpu_request,
+    fallback_pool,
+    format_gpu_pools,
+    parse_gpu_pools,
+    parse_gpu_types,
+)
 from gpu_runners.label_syntax import label_key_problem, label_value_problem
 from gpu_runners.pod_options import RunnerPodOptions
 from gpu_runners.quantities import parse_duration_seconds, parse_quantity
@@ -352,3 +360,82 @@ def test_labels_gpu_runners_sets_cannot_be_overridden(key: str) -> None:
     with pytest.raises(UsageError, match=f"^--label: '{key}' is set by gpu_runners"):
         RunnerPodOptions(namespace="github-runners", image="ghcr.io/acme/runner:1",
                          extra_labels={key: "1"})
+
+
+# --- GPU pools with names, Spot and on-demand fallbacks ------------------------------------------
+
+SPOT_L4 = GpuPool("nvidia-l4", 1, name="l4-spot", spot=True, on_demand_fallback="l4")
+ON_DEMAND_L4 = GpuPool("nvidia-l4", 2, name="l4")
+NAMED_POOLS = (SPOT_L4, ON_DEMAND_L4, GpuPool("nvidia-tesla-t4", 1, name="t4-spot", spot=True))
+
+
+def test_named_pools_round_trip_with_their_spot_status_and_fallback() -> None:
+    text = format_gpu_pools(NAMED_POOLS)
+
+    assert json.loads(text)[0] == {"accelerator": "nvidia-l4", "maxGpusPerPod": 1,
+                                   "name": "l4-spot", "spot": True, "onDemandFallback": "l4"}
+    assert json.loads(text)[1] == {"accelerator": "nvidia-l4", "maxGpusPerPod": 2, "name": "l4"}
+    assert parse_gpu_pools(text) == NAMED_POOLS
+
+
+def test_the_two_key_form_still_parses_as_nameless_on_demand_pools() -> None:
+    (pool,) = parse_gpu_pools('[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]')
+
+    assert pool == GpuPool("nvidia-l4", 1)
+    assert (pool.name, pool.spot, pool.on_demand_fallback) == ("", False, None)
+    assert format_gpu_pools([pool]) == '[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]'
+
+
+def test_the_fallback_of_a_spot_pool_is_its_on_demand_pool() -> None:
+    assert fallback_pool(NAMED_POOLS, "l4-spot") == ON_DEMAND_L4
+    assert fallback_pool(NAMED_POOLS, "t4-spot") is None  # no fallback: retry in its pool
+    assert fallback_pool(NAMED_POOLS, "l4") is None
+    assert fallback_pool(NAMED_POOLS, "gone") is None
+    assert fallback_pool(NAMED_POOLS, "") is None
+    assert fallback_pool(parse_gpu_pools('[{"accelerator": "nvidia-l4", "maxGpusPerPod": 1}]'),
+                         "") is None
+
+
+def _entry(**fields: object) -> dict[str, object]:
+    return {"accelerator": "nvidia-l4", "maxGpusPerPod": 1, "name": "l4-spot", "spot": True,
+            **fields}
+
+
+ON_DEMAND_ENTRY = {"accelerator": "nvidia-l4", "maxGpusPerPod": 1, "name": "l4"}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([_entry(spot="yes")], r"entry 0 .*\"spot\" must be true or false"),
+        ([_entry(name="L4 Spot")], r"entry 0 .*\"name\" must be a node pool name"),
+        ([_entry(onDemandFallback=3)], r"entry 0 .*\"onDemandFallback\" must be the name"),
+        ([_entry(zones=["us-central1-a"])], r"entry 0 .*unknown key\(s\) zones"),
+        ([_entry(name="", onDemandFallback="l4"), ON_DEMAND_ENTRY], r"entry 0 .*needs its"),
+        ([_entry(onDemandFallback="l4", spot=False), ON_DEMAND_ENTRY],
+         r"entry 0 \(l4-spot\): onDemandFallback 'l4' is set on an on-demand pool"),
+        ([_entry(onDemandFallback="l4-spot")], r"entry 0 \(l4-spot\): .* names the pool itself"),
+        ([_entry(onDemandFallback="l4")], r"entry 0 \(l4-spot\): .* names no pool"),
+        ([_entry(onDemandFallback="l4"), {**ON_DEMAND_ENTRY, "spot": True}],
+         r"entry 0 \(l4-spot\): .* names a Spot pool"),
+        ([_entry(onDemandFallback="l4"), {**ON_DEMAND_ENTRY, "accelerator": "nvidia-tesla-t4"}],
+         r"entry 0 \(l4-spot\): .* has nvidia-tesla-t4, not nvidia-l4"),
+        ([_entry(onDemandFallback="l4", maxGpusPerPod=2), ON_DEMAND_ENTRY],
+         r"entry 0 \(l4-spot\): .* fewer than this pool's 2"),
+        ([_entry(), _entry()], r"several entries are named l4-spot"),
+    ],
+)
+def test_bad_pool_names_spot_or_fallbacks_are_refused_naming_the_entry(
+    entries: list[object], message: str
+) -> None:
+    with pytest.raises(UsageError, match=contract.ENV_GPU_POOLS + ".*" + message):
+        parse_gpu_pools(json.dumps(entries))
+
+
+def test_a_request_fits_a_type_if_it_fits_any_pool_of_that_type() -> None:
+    # The Spot L4 pool has 1 GPU a node, its on-demand fallback 2.
+    check_gpu_request(2, ("nvidia-l4",), NAMED_POOLS)
+    with pytest.raises(UsageError, match=r"^--gpus: 3 is more than a nvidia-l4 node has \(2\); "
+                                         r"pools: nvidia-l4 \(up to 2\), nvidia-tesla-t4 \(up to "
+                                         r"1\)$"):
+        check_gpu_request(3, ("nvidia-l4",), NAMED_POOLS)

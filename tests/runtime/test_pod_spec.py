@@ -222,6 +222,20 @@ def test_pod_validates_against_the_strict_kubernetes_schema(gpu_type: str | None
     assert strict_errors(pod) == []
 
 
+def test_a_pod_pinned_to_a_node_pool_selects_it_by_gkes_pool_label() -> None:
+    pod = pod_json("nvidia-l4", node_pool="l4-on-demand", image_pull_secret="ghcr-pull")
+
+    assert pod["spec"]["nodeSelector"] == {
+        "gpu": "true",
+        "cloud.google.com/gke-accelerator": "nvidia-l4",
+        "cloud.google.com/gke-nodepool": "l4-on-demand",
+    }
+    assert contract.GKE_NODEPOOL_LABEL == "cloud.google.com/gke-nodepool"
+    assert strict_errors(pod) == []
+    # Without a pool: any pool of the type, as before.
+    assert contract.GKE_NODEPOOL_LABEL not in pod_json("nvidia-l4")["spec"]["nodeSelector"]
+
+
 def owner_pod() -> V1Pod:
     pod = build_gpu_pod(IDENTITY, options(), "nvidia-l4")
     assert pod.metadata is not None
@@ -263,6 +277,8 @@ def test_secret_refuses_an_owner_the_api_server_has_not_returned() -> None:
         ({"extra_labels": {contract.LABEL_RUN_ID: "1"}}, "--label"),
         ({"extra_labels": {"bad key!": "x"}}, "--label"),
         ({"extra_labels": {"team": "no spaces"}}, "--label"),
+        ({"node_pool": "l4 on demand"}, "node_pool"),
+        ({"node_pool": ""}, "node_pool"),
     ],
 )
 def test_bad_pod_options_are_refused_naming_the_option(
