@@ -181,9 +181,11 @@ class Recovery:
             return None
         loss = self.assess(record, pod)
         if loss is None:
-            if pod is not None and pod.status is not None and pod.status.phase in (
-                    _FINISHED_PHASES):
-                self.records.delete(record.identity)  # ended by its job: the reaper's now
+            if pod is None or disruption(pod) is not None or (
+                    pod.status is not None and pod.status.phase in _FINISHED_PHASES):
+                # Ended by its job, or lost after its job had finished: nothing to recover;
+                # what is left is the reaper's.
+                self.records.delete(record.identity)
             return None
         return self._recover(record, loss, pod)
 

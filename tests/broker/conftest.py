@@ -22,8 +22,8 @@ def make_fake_kube(
     make_fake_kube: Callable[..., FakeKubernetes],
 ) -> Iterator[Callable[..., FakeKubernetes]]:
     """Fake clusters that enforce the broker's rights: its Role in the runner namespace (the
-    spawner rules and its run records) and its ClusterRole (TokenReview only): a call outside them is refused with
-    403 and fails the test."""
+    spawner rules and its run records) and its ClusterRole (TokenReview only): a call outside
+    them is refused with 403 and fails the test."""
     with enforcing_rbac(make_fake_kube, BROKER_RULES, "the broker's Role and ClusterRole",
                         cluster_rules=TOKEN_REVIEW_RULES) as make:
         yield make

@@ -134,7 +134,8 @@ def test_a_query_naming_another_run_is_ignored_the_token_s_run_is_acted_on(
                    token=fake_oidc.mint(run_id="777"))
 
     assert removed.status == 200
-    assert removed.body == {"pods": [], "secrets": [], "registrations": []}
+    assert removed.body == {"pods": [], "secrets": [], "registrations": [],
+                            "recoveries": []}
     assert fake_kube.pod("gpu-555-1") == before
     assert fake_github.runner_named("gpu-555-1") is not None
 

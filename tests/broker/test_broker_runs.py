@@ -119,7 +119,8 @@ def test_a_second_delete_is_a_no_op_success(
     assert first.body == {"pods": ["gpu-123-1"], "secrets": ["gpu-123-1-jit"],
                           "registrations": ["gpu-123-1"]}
     assert second.status == 200
-    assert second.body == {"pods": [], "secrets": [], "registrations": []}
+    assert second.body == {"pods": [], "secrets": [], "registrations": [],
+                            "recoveries": []}
     assert fake_github.runners == {}
 
 
@@ -263,7 +264,8 @@ def test_delete_of_a_spawn_waiting_for_the_cap_stops_it_with_nothing_created(
     thread.join(10)
 
     assert not thread.is_alive()
-    assert removed.body == {"pods": [], "secrets": [], "registrations": []}
+    assert removed.body == {"pods": [], "secrets": [], "registrations": [],
+                            "recoveries": []}
     assert answers[0].last.error == broker_api.CANCELLED
     assert [p["metadata"]["name"] for p in fake_kube.pods()] == ["gpu-1-1"]
     assert [r["name"] for r in fake_github.runners.values()] == ["gpu-1-1"]
