@@ -13,7 +13,9 @@ The order of the steps is deliberate:
    only then is GitHub asked, once, whether it is online (GitHub cannot push it, and polling
    spends the token's rate limit). GitHub is polled slowly only as a fallback: while the
    log cannot be read, or when the line has not come after a grace period. Log lines are
-   the job's output too: they are matched, never printed or kept.
+   the job's output too: they are matched, never printed or kept. A pod bound to a node the
+   autoscaler added for it costs one more request: a GET of that node, whose Ready time
+   splits the cold start's "node ready" from "driver ready" (gpu_runners/node_timing.py).
 
 Any failure, SIGINT/SIGTERM (raised as `Interrupted` by the CLI), and a set `cancel` event
 (the broker's DELETE for the run) remove what this spawn created or adopted: the pod (and
