@@ -42,12 +42,24 @@ HTTPS_PORT = 443
 #: Where a Kubernetes API server may listen when the stack does not know its address.
 API_SERVER_PORTS = (443, 6443)
 
-#: The broker's only cluster-wide right: asking the API server whom a base runner pod's
-#: projected token belongs to (TokenReview). Not `system:auth-delegator`, which adds
-#: SubjectAccessReviews the broker does not make.
+#: Asking the API server whom a base runner pod's projected token belongs to (TokenReview).
+#: Not `system:auth-delegator`, which adds SubjectAccessReviews the broker does not make.
 TOKEN_REVIEW_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
     {"api_groups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
      "verbs": ["create"]},
+]
+#: Reading, by name, the one node the autoscaler added for a run's pod: its `Ready`
+#: condition's lastTransitionTime splits the step summary's "node ready" from "driver ready"
+#: (gpu_runners/node_timing.py). `get` only: no `list` or `watch`, so the broker learns
+#: nothing of nodes it was not pointed at by its own pod's binding, and holds no stream of
+#: every node's status (heartbeats, addresses, images) it does not need. Nodes are
+#: cluster-scoped, so a Role in the runner namespace cannot grant it.
+NODE_READ_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
+    {"api_groups": [""], "resources": ["nodes"], "verbs": ["get"]},
+]
+#: The broker's only cluster-wide rights, in its one ClusterRole.
+BROKER_CLUSTER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
+    *TOKEN_REVIEW_RULES, *NODE_READ_RULES,
 ]
 
 #: The broker's rights in the runner namespace: the spawner rules, plus its run records
@@ -63,7 +75,7 @@ BROKER_RULES: list[k8s.rbac.v1.PolicyRuleArgsDict] = [
 #: Security-scanner findings that do not apply to the broker, each with its reason.
 _SKIP_TOKEN = ("CKV_K8S_38", "the broker creates, watches and deletes GPU runner pods through "
                "this token; its only Role is in the runner namespace, its only cluster-wide "
-               "right is creating TokenReviews")
+               "rights are creating TokenReviews and getting a node by name")
 
 
 def broker_url(namespace: str, service: str = contract.BROKER_NAME) -> str:
@@ -280,8 +292,9 @@ class RunnerBroker(pulumi.ComponentResource):
     Secret for a private image); the broker's ServiceAccount, whose token the broker uses; a
     Role with exactly the spawner rules in the runner namespace, bound to that account (no Role
     in the broker's namespace: nothing but the broker's mount reaches its Secrets); a
-    ClusterRole granting only `create` on `tokenreviews`, bound to that account (how the broker
-    checks the base runner pods' projected tokens); the
+    ClusterRole granting only `create` on `tokenreviews` (how the broker checks the base runner
+    pods' projected tokens) and `get` on `nodes` (the Ready time of a node added for a run's
+    pod, for the step summary's cold start), bound to that account; the
     Deployment (one replica, restricted, read-only root filesystem, probes); a ClusterIP
     Service; a NetworkPolicy letting only base runner pods reach the broker's port, and the
     broker reach only the Kubernetes API, GitHub and kube-dns.
@@ -359,12 +372,14 @@ class RunnerBroker(pulumi.ComponentResource):
                        "namespace": ns}],
             opts=child,
         )
-        # The one cluster-wide right: reviewing the base runner pods' projected tokens. Named
-        # after the broker's namespace, so two stacks sharing a cluster do not collide.
+        # The cluster-wide rights: reviewing the base runner pods' projected tokens, and
+        # getting a node by name. Named after the broker's namespace, so two stacks sharing a
+        # cluster do not collide; the name predates the node right and is kept, as renaming
+        # would replace the ClusterRole and its binding.
         reviewer = k8s.rbac.v1.ClusterRole(
             f"{name}-token-review-role",
             metadata={"name": f"{args.namespace}-token-review", "labels": pod_labels},
-            rules=TOKEN_REVIEW_RULES,
+            rules=BROKER_CLUSTER_RULES,
             opts=child,
         )
         reviewer_binding = k8s.rbac.v1.ClusterRoleBinding(

@@ -245,7 +245,10 @@ class SpawnResult:
         node_added: Whether the autoscaler had to add a node for the pod.
         reused: Whether an earlier spawn's pod and registration were adopted.
         seconds: Seconds from start to runner online.
-        stage_seconds: Seconds from start at which each stage was reached.
+        stage_seconds: Seconds from start at which each stage was reached, by the names of
+            `pod_progress.Stage` ("node ready" and "driver ready" only for a new node the
+            broker could read). An open mapping: a client ignores stages it does not know,
+            and an older broker sends fewer.
         run_url: The workflow run attempt the runner serves.
         image_pull: How the image reached the node: "cached", "streamed", "pulled" (in
             full), or "" when not seen.

@@ -34,6 +34,7 @@ from kubernetes.client import (
     CoreV1Api,
     V1ConfigMap,
     V1DeleteOptions,
+    V1Node,
     V1Pod,
     V1Secret,
     V1TokenReview,
@@ -172,6 +173,10 @@ class KubeClient:
         """Returns the pod, or None if it does not exist."""
         return self._read(f"get pods in namespace {namespace}", self.core.read_namespaced_pod,
                           name, namespace)
+
+    def read_node(self, name: str) -> V1Node | None:
+        """Returns the node, or None if it does not exist."""
+        return self._read("get nodes", self.core.read_node, name)
 
     def delete_pod(self, namespace: str, name: str, *, grace_seconds: int | None = None) -> bool:
         """Deletes a pod; its owned Secret follows by garbage collection.

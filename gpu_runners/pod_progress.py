@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 from kubernetes.client import CoreV1Event, V1ContainerStateTerminated, V1ContainerStatus, V1Pod
 
@@ -42,6 +43,10 @@ class Stage(enum.Enum):
 
     CREATED = "created"
     SCALE_UP = "scale-up triggered"
+    #: The node added for the pod turned Ready, and its GPUs became schedulable: placed by
+    #: spawn from the Node's Ready time (gpu_runners/node_timing.py), not observed here.
+    NODE_READY = "node ready"
+    DRIVER_READY = "driver ready"
     SCHEDULED = "scheduled"
     PULLING = "image pulling"
     IMAGE_PULLED = "image pulled"
@@ -97,6 +102,10 @@ class PodProgress:
         #: How the runner container's image came: PULL_CACHED, PULL_STREAMED, PULL_FULL, or ""
         #: while unknown.
         self.image_pull = ""
+        #: The API server's times (wall clock, whole seconds) of the pod's creation and of
+        #: its binding (PodScheduled=True), from the snapshots; None until seen.
+        self.created_time: datetime | None = None
+        self.scheduled_time: datetime | None = None
 
     @property
     def container_running(self) -> bool:
@@ -130,6 +139,12 @@ class PodProgress:
             if init.name == INJECTION_INIT_CONTAINER:
                 self.injected_runner = True
         status = pod.status
+        if pod.metadata is not None and pod.metadata.creation_timestamp is not None:
+            self.created_time = pod.metadata.creation_timestamp
+        for condition in (status.conditions if status is not None else None) or ():
+            if (condition.type == "PodScheduled" and condition.status == "True"
+                    and condition.last_transition_time is not None):
+                self.scheduled_time = condition.last_transition_time
         spec_node = pod.spec.node_name if pod.spec is not None else None
         if spec_node:
             notices += self._scheduled(spec_node, now)

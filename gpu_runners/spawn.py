@@ -13,7 +13,9 @@ The order of the steps is deliberate:
    only then is GitHub asked, once, whether it is online (GitHub cannot push it, and polling
    spends the token's rate limit). GitHub is polled slowly only as a fallback: while the
    log cannot be read, or when the line has not come after a grace period. Log lines are
-   the job's output too: they are matched, never printed or kept.
+   the job's output too: they are matched, never printed or kept. A pod bound to a node the
+   autoscaler added for it costs one more request: a GET of that node, whose Ready time
+   splits the cold start's "node ready" from "driver ready" (gpu_runners/node_timing.py).
 
 Any failure, SIGINT/SIGTERM (raised as `Interrupted` by the CLI), and a set `cancel` event
 (the broker's DELETE for the run) remove what this spawn created or adopted: the pod (and
@@ -55,9 +57,17 @@ from gpu_runners.github_api import (
     RetryPolicy,
     Runner,
 )
-from gpu_runners.kube import CLEANUP_TIMEOUTS, KubeClient, LogSignal, WatchFeed, stream_watch
+from gpu_runners.kube import (
+    CLEANUP_TIMEOUTS,
+    KubeClient,
+    KubeTimeouts,
+    LogSignal,
+    WatchFeed,
+    stream_watch,
+)
+from gpu_runners.node_timing import node_ready_at
 from gpu_runners.pod_options import RunnerPodOptions
-from gpu_runners.pod_progress import Notice, PodProgress
+from gpu_runners.pod_progress import Notice, PodProgress, Stage
 from gpu_runners.pod_spec import ANY_GPU_TYPE, build_gpu_pod, build_jit_secret
 from gpu_runners.progress import ProgressLog
 from gpu_runners.run_identity import RunIdentity
@@ -91,6 +101,8 @@ CANCEL_CHECK_SECONDS = 0.25
 #: 7.5 s after SIGINT, so cleanup must not wait long on any one call.
 CLEANUP_GITHUB_POLICY = RetryPolicy(attempts=2, backoff_base=0.1, backoff_max=0.5, max_wait=1.0,
                                     timeout=3.0)
+#: The one read of a new node, for the cold start's split only: short, never worth a delay.
+NODE_READ_TIMEOUTS = KubeTimeouts(connect=2.0, read=5.0, attempts=2, backoff_base=0.1)
 
 
 @dataclass(frozen=True)
@@ -290,6 +302,8 @@ class _Spawn:
         self.owned = _Owned()
         self.reused = False
         self.pod_created_at = self.start
+        #: The PodProgress whose new node was read (one GET per pod, see _time_new_node).
+        self._node_timed: PodProgress | None = None
 
     # --- the whole flow ------------------------------------------------------------------------
 
@@ -520,6 +534,7 @@ class _Spawn:
             feed.watch_pods("pod", field_selector=f"metadata.name={name}")
             feed.watch_events("event", field_selector=f"involvedObject.name={name}")
             self._say(progress.observe_pod(pod, self.clock()))
+            self._time_new_node(progress)
             if progress.container_running:
                 self._follow_runner_log(feed, name, checks, adopted_running=True)
             while True:
@@ -535,6 +550,7 @@ class _Spawn:
                         )
                     if runner.online:
                         self._say(progress.mark_online(self.clock()))
+                        self._time_new_node(progress)
                         return self._result(progress, gpu_type or ANY_GPU_TYPE)
                     checks.asked(self.clock())
                 if now >= self.deadline:
@@ -564,6 +580,7 @@ class _Spawn:
                     if event.type == "DELETED":
                         progress.observe_deleted()
                     self._say(progress.observe_pod(event.object, self.clock()))
+                self._time_new_node(progress)
                 if progress.container_running and not was_running:
                     self._follow_runner_log(feed, name, checks, adopted_running=False)
 
@@ -583,6 +600,42 @@ class _Spawn:
                 f"cannot read the runner's log ({detail}); asking GitHub every "
                 f"{self.request.online_poll_seconds:g}s whether it is online"
             )
+
+    def _time_new_node(self, progress: PodProgress) -> None:
+        """Splits "node ready" from "driver ready" once the pod is bound to a node the
+        autoscaler added for it: one GET of that node, once per pod, placing its Ready time
+        on the timeline (gpu_runners/node_timing.py); "driver ready" is the binding, as the
+        device plugin advertises the GPU only once the driver is installed.
+
+        Decoration, never a failure: a node that cannot be read (403 without the `get nodes`
+        right, 404 once gone, any other error) or does not say leaves the two stages out, and
+        the summary shows them as one.
+        """
+        scheduled_at = progress.reached.get(Stage.SCHEDULED)
+        if (progress is self._node_timed or not progress.node_added or not progress.node_name
+                or scheduled_at is None or progress.scheduled_time is None):
+            return
+        self._node_timed = progress
+        name = progress.node_name
+        try:
+            node = self.kube.with_timeouts(NODE_READ_TIMEOUTS).read_node(name)
+        except KubernetesError as e:
+            why = f"HTTP {e.status}" if e.status else str(e)
+            self.log.line(f"cannot read node {name} ({why}): the step summary shows its "
+                          "node and driver ready as one")
+            return
+        if node is None:
+            return
+        # The autoscaler's event may be read after the binding (separate streams): then only
+        # the pod's creation bounds the node's Ready time from below.
+        scale_up = progress.reached.get(Stage.SCALE_UP, scheduled_at)
+        earliest = scale_up if scale_up <= scheduled_at else progress.reached[Stage.CREATED]
+        ready_at = node_ready_at(node, pod_created=progress.created_time,
+                                 pod_scheduled=progress.scheduled_time,
+                                 scheduled_at=scheduled_at, earliest=earliest)
+        if ready_at is not None:
+            progress.reached[Stage.NODE_READY] = ready_at
+            progress.reached[Stage.DRIVER_READY] = scheduled_at
 
     def _result(self, progress: PodProgress, gpu_type: str) -> SpawnResult:
         return SpawnResult(

@@ -2,8 +2,8 @@
 
 `$GITHUB_OUTPUT` gets `label=gpu-<run_id>-<attempt>` (what the GPU job puts in `runs-on`)
 and `name`, `pod`, `namespace`, `node`; `$GITHUB_STEP_SUMMARY` gets a small Markdown table,
-with where the cold start went: the autoscaler's decision, the new node with its GPU driver,
-the image (cached, streamed or pulled in full) and the runner connecting.
+with where the cold start went: the autoscaler's decision, the new node turning Ready, its GPU
+driver, the image (cached, streamed or pulled in full) and the runner connecting.
 Outside Actions (no such variables) nothing is written.
 """
 
@@ -43,12 +43,17 @@ def _interval(stages: Mapping[str, float], start: str, end: str) -> float | None
 def cold_start_rows(result: SpawnResult) -> list[tuple[str, str]]:
     """Where the seconds to "runner online" went, one row per phase that happened.
 
-    The phases follow the pod: the autoscaler deciding on a node (created -> scale-up
-    triggered), the new node booting until it is Ready with its GPU driver installed and the
-    device plugin advertising nvidia.com/gpu, which is when the scheduler binds the pod (->
-    scheduled; the broker sees no node objects, so these two are one interval), the image
-    (image pulling -> image pulled), and the runner connecting to GitHub (container running
-    -> runner online).
+    The phases follow the pod, named as `doctor` names them: the autoscaler deciding on a node
+    ("Scale-up decision": created -> scale-up triggered), the new node booting until its
+    kubelet reports Ready ("Node ready": -> node ready, from the Node's Ready time), GKE
+    installing the GPU driver until the device plugin advertises nvidia.com/gpu, which is when
+    the scheduler binds the pod ("Driver ready": -> driver ready), the image (image pulling ->
+    image pulled), and the runner connecting to GitHub (container running -> runner online).
+
+    Shown as known: when the node could not be read (a broker without the `get nodes` right,
+    or one older than the split) its two phases are one row, "Node ready with GPU driver"
+    (scale-up triggered -> scheduled); on an existing node there are none, only the wait for
+    "Scheduling". A result from an older broker, without the node stages, reads the same way.
     """
     stages = result.stage_seconds
     rows = [("New node", "yes, added by the autoscaler" if result.node_added
@@ -56,9 +61,14 @@ def cold_start_rows(result: SpawnResult) -> list[tuple[str, str]]:
     decision = _interval(stages, "created", "scale-up triggered")
     if decision is not None:
         rows.append(("Scale-up decision", f"{decision:.1f} s"))
-    node_ready = _interval(stages, "scale-up triggered", "scheduled")
-    if node_ready is not None:
-        rows.append(("Node ready with GPU driver", f"{node_ready:.1f} s"))
+    node_ready = _interval(stages, "scale-up triggered", "node ready")
+    driver_ready = _interval(stages, "node ready", "driver ready")
+    combined = _interval(stages, "scale-up triggered", "scheduled")
+    if node_ready is not None and driver_ready is not None:
+        rows.append(("Node ready", f"{node_ready:.1f} s"))
+        rows.append(("Driver ready", f"{driver_ready:.1f} s"))
+    elif combined is not None:
+        rows.append(("Node ready with GPU driver", f"{combined:.1f} s"))
     elif (waited := _interval(stages, "created", "scheduled")) is not None:
         rows.append(("Scheduling", f"{waited:.1f} s"))
     pull = _interval(stages, "image pulling", "image pulled")

@@ -125,11 +125,14 @@ def test_credential_is_a_pulumi_secret_mounted_read_only_into_the_broker_only(
 def test_no_role_reaches_the_brokers_namespace_and_none_is_cluster_wide(dev: ProgramRun) -> None:
     assert manifests(dev, "Role", BROKER_NS) == []
     assert manifests(dev, "RoleBinding", BROKER_NS) == []
-    # The only cluster-wide right: the broker's account may create TokenReviews, nothing else
-    # (not system:auth-delegator, which adds SubjectAccessReviews).
+    # The only cluster-wide rights: the broker's account may create TokenReviews (not
+    # system:auth-delegator, which adds SubjectAccessReviews) and get a node by name (no list
+    # or watch), nothing else.
     (cluster_role,) = manifests(dev, "ClusterRole")
     assert cluster_role["rules"] == [{"apiGroups": ["authentication.k8s.io"],
-                                      "resources": ["tokenreviews"], "verbs": ["create"]}]
+                                      "resources": ["tokenreviews"], "verbs": ["create"]},
+                                     {"apiGroups": [""], "resources": ["nodes"],
+                                      "verbs": ["get"]}]
     (cluster_binding,) = manifests(dev, "ClusterRoleBinding")
     assert cluster_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                           "kind": "ClusterRole",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from components.broker import BROKER_RULES, TOKEN_REVIEW_RULES
+from components.broker import BROKER_CLUSTER_RULES, BROKER_RULES
 from tests.broker.broker_harness import ServedBroker, broker_environ, serve_broker
 from tests.fakes.fixtures import enforcing_rbac
 from tests.fakes.github_api import FakeGitHub
@@ -22,10 +22,10 @@ def make_fake_kube(
     make_fake_kube: Callable[..., FakeKubernetes],
 ) -> Iterator[Callable[..., FakeKubernetes]]:
     """Fake clusters that enforce the broker's rights: its Role in the runner namespace (the
-    spawner rules and its run records) and its ClusterRole (TokenReview only): a call outside
-    them is refused with 403 and fails the test."""
+    spawner rules and its run records) and its ClusterRole (TokenReview create, node get): a
+    call outside them is refused with 403 and fails the test."""
     with enforcing_rbac(make_fake_kube, BROKER_RULES, "the broker's Role and ClusterRole",
-                        cluster_rules=TOKEN_REVIEW_RULES) as make:
+                        cluster_rules=BROKER_CLUSTER_RULES) as make:
         yield make
 
 

@@ -33,6 +33,31 @@ def test_a_cold_start_on_a_new_node_is_split_into_its_phases() -> None:
     ]
 
 
+def test_a_broker_that_read_the_new_node_splits_node_ready_from_driver_ready() -> None:
+    split = {**COLD, "node ready": 181.3, "driver ready": 251.6}
+
+    assert cold_start_rows(result(stage_seconds=split)) == [
+        ("New node", "yes, added by the autoscaler"),
+        ("Scale-up decision", "8.7 s"),
+        ("Node ready", "172.2 s"),
+        ("Driver ready", "70.3 s"),
+        ("Image pull", "11.5 s, streamed from Artifact Registry (GKE image streaming)"),
+        ("Runner online", "6.7 s after its container started"),
+    ]
+
+
+def test_a_result_without_the_node_stages_keeps_the_combined_row() -> None:
+    # An older broker, or one that could not read the node: what it knows, as one row. The
+    # wire's stage_seconds is an open mapping, so either side may know stages the other does
+    # not.
+    wire = result(stage_seconds={**COLD, "some later stage": 1.0}).to_json()
+
+    rows = cold_start_rows(SpawnResult.from_json(wire))
+
+    assert ("Node ready with GPU driver", "242.5 s") in rows
+    assert not {"Node ready", "Driver ready"} & {name for name, _ in rows}
+
+
 def test_a_warm_start_on_an_existing_node_with_the_image_cached() -> None:
     warm = {"created": 0.1, "scheduled": 0.3, "image pulling": 0.5, "image pulled": 0.6,
             "container running": 1.0, "runner online": 4.2}

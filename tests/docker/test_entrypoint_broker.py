@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.broker import BROKER_RULES, TOKEN_REVIEW_RULES
+from components.broker import BROKER_CLUSTER_RULES, BROKER_RULES
 from gpu_runners import contract
 from tests.broker.broker_harness import ServedBroker, broker_environ, serve_broker
 from tests.docker.conftest import StartEntrypoint
@@ -32,7 +32,7 @@ GOLDEN_DEPLOYMENT = REPO_ROOT / "tests/golden/dev/deployment-github-runners-base
 @pytest.fixture
 def cluster(make_fake_kube: Callable[..., FakeKubernetes]) -> FakeKubernetes:
     """The cluster with the broker's rights enforced, running one base runner pod."""
-    kube = make_fake_kube(rbac_rules=BROKER_RULES, cluster_rules=TOKEN_REVIEW_RULES)
+    kube = make_fake_kube(rbac_rules=BROKER_RULES, cluster_rules=BROKER_CLUSTER_RULES)
     template = yaml.safe_load(GOLDEN_DEPLOYMENT.read_text())["spec"]["template"]
     kube.replicate("base-runner-7c9d5b8f6", template)
     return kube

@@ -21,7 +21,9 @@ What it emulates, for what `gpu_runners` uses:
 - Defaulting (restartPolicy, requests from limits, the ServiceAccount token volume, ...), uid,
   a cluster-wide monotonic resourceVersion, creationTimestamp.
 - A scheduler, cluster autoscaler and kubelet per `PodScript`: events with the real reasons,
-  messages and sources, pod conditions and container states as they progress, node scale-up,
+  messages and sources, pod conditions and container states as they progress, node scale-up
+  (the new node registered NotReady, then Ready, then its GPUs allocatable once the driver is
+  in: `PodScript.node_not_ready_seconds`, `driver_delay`),
   `activeDeadlineSeconds`, graceful deletion, and the garbage collector that deletes Secrets
   whose owner Pod is gone. Tests end pods as the cluster would: `finish_pod` (an exit code and
   reason, e.g. OOMKilled), `exceed_deadline`, `preempt_pod` (a GKE Spot VM reclaimed: the
@@ -225,6 +227,12 @@ class PodScript:
         schedule_delay: Creation to binding (or to FailedScheduling).
         step_delay: Between kubelet and autoscaler steps (pull, start, scale-up event, ...).
         scale_up_delay: TriggeredScaleUp to the new node being Ready.
+        node_not_ready_seconds: How long, within `scale_up_delay`, the new node is registered
+            (its Node object created, so its creationTimestamp) but NotReady, as while its
+            kubelet waits for the network plugin; 0: created Ready.
+        driver_delay: The new node being Ready to its GPUs being allocatable (GKE's driver
+            installer, then the device plugin advertising `nvidia.com/gpu`); the scheduler
+            binds the pod then. 0: allocatable as it turns Ready.
         run_duration: Running to terminated, for CRASH and SUCCEED.
         exit_code: The container's exit code for CRASH.
         message: Overrides the FailedScheduling message (UNSCHEDULABLE, SCALE_UP) or the image
@@ -239,12 +247,18 @@ class PodScript:
     schedule_delay: float = 0.02
     step_delay: float = 0.01
     scale_up_delay: float = 0.05
+    node_not_ready_seconds: float = 0.0
+    driver_delay: float = 0.0
     run_duration: float = 0.05
     exit_code: int = 1
     message: str | None = None
     connect_delay: float | None = None
 
     def __post_init__(self) -> None:
+        if not 0 <= self.node_not_ready_seconds <= self.scale_up_delay or self.driver_delay < 0:
+            raise ValueError(
+                "PodScript: 0 <= node_not_ready_seconds <= scale_up_delay and driver_delay >= 0"
+            )
         if self.connect_delay is not None and not self.connect_delay >= 0:
             raise ValueError(
                 f"PodScript.connect_delay must be >= 0 (math.inf: never) or None, "
@@ -268,9 +282,20 @@ class PodScript:
         )
 
     @classmethod
-    def scale_up(cls, *, scale_up_delay: float = 0.05) -> PodScript:
+    def scale_up(
+        cls,
+        *,
+        scale_up_delay: float = 0.05,
+        node_not_ready_seconds: float = 0.0,
+        driver_delay: float = 0.0,
+    ) -> PodScript:
         """No node fits; the autoscaler adds one and the pod runs there."""
-        return cls(Outcome.SCALE_UP, scale_up_delay=scale_up_delay)
+        return cls(
+            Outcome.SCALE_UP,
+            scale_up_delay=scale_up_delay,
+            node_not_ready_seconds=node_not_ready_seconds,
+            driver_delay=driver_delay,
+        )
 
     @classmethod
     def unschedulable(cls, message: str | None = None) -> PodScript:
@@ -956,6 +981,33 @@ def _is_terminal(pod: JSON) -> bool:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+#: The taint the node lifecycle controller keeps on a node until it is Ready.
+_NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+
+
+def _node_ready_condition(ready: bool) -> JSON:
+    """A node's Ready condition as its kubelet posts it, changed now (second resolution, as the
+    API server's timestamps)."""
+    reason, message = (
+        ("KubeletReady", "kubelet is posting ready status")
+        if ready
+        else (
+            "KubeletNotReady",
+            "container runtime network not ready: NetworkReady=false "
+            "reason:NetworkPluginNotReady message:Network plugin returns error: cni plugin "
+            "not initialized",
+        )
+    )
+    return {
+        "type": "Ready",
+        "status": "True" if ready else "False",
+        "reason": reason,
+        "message": message,
+        "lastHeartbeatTime": _now(),
+        "lastTransitionTime": _now(),
+    }
 
 
 def _tolerates(tolerations: list[JSON], taint: JSON) -> bool:
@@ -2227,8 +2279,16 @@ class FakeKubernetes:
     # --- the scheduler, autoscaler and kubelet ---------------------------------------------
 
     def _add_node(
-        self, name: str, labels: dict[str, str], gpus: int, taints: Iterable[Taint | JSON]
+        self,
+        name: str,
+        labels: dict[str, str],
+        gpus: int,
+        taints: Iterable[Taint | JSON],
+        *,
+        ready: bool = True,
     ) -> JSON:
+        """Registers a node: Ready (or NotReady, tainted not-ready, until `_node_ready`), its
+        `gpus` allocatable (0 until `_node_gpus` for a node whose driver is installing)."""
         taint_list = [
             {"key": t.key, "value": t.value, "effect": t.effect} if isinstance(t, Taint) else t
             for t in taints
@@ -2242,22 +2302,42 @@ class FakeKubernetes:
             "status": {
                 "capacity": capacity,
                 "allocatable": dict(capacity),
-                "conditions": [
-                    {
-                        "type": "Ready",
-                        "status": "True",
-                        "reason": "KubeletReady",
-                        "message": "kubelet is posting ready status",
-                        "lastHeartbeatTime": _now(),
-                        "lastTransitionTime": _now(),
-                    }
-                ],
+                "conditions": [_node_ready_condition(ready)],
             },
         }
+        if not ready:
+            taint_list.append({"key": _NOT_READY_TAINT, "effect": "NoSchedule"})
         if taint_list:
             node["spec"]["taints"] = taint_list
         with self._lock:
             return self._store("nodes", node)
+
+    def _node_ready(self, name: str) -> None:
+        """The kubelet reports the node Ready; the node lifecycle controller lifts its taint."""
+
+        def ready(node: JSON) -> None:
+            node["status"]["conditions"] = [_node_ready_condition(True)]
+            taints = [t for t in node["spec"].get("taints") or [] if t["key"] != _NOT_READY_TAINT]
+            node["spec"].pop("taints", None)
+            if taints:
+                node["spec"]["taints"] = taints
+
+        self._update_node(name, ready)
+
+    def _node_gpus(self, name: str, gpus: int) -> None:
+        """The device plugin advertises the node's GPUs (capacity and allocatable)."""
+
+        def advertised(node: JSON) -> None:
+            for key in ("capacity", "allocatable"):
+                node["status"][key][GPU_RESOURCE] = str(gpus)
+
+        self._update_node(name, advertised)
+
+    def _update_node(self, name: str, mutate: Callable[[JSON], None]) -> None:
+        with self._lock:
+            node = self._objects["nodes"].get(("", name))
+            if node is not None:
+                self._update("nodes", ("", name), node["metadata"]["uid"], mutate)
 
     def _free_gpus(self, node: JSON) -> int:
         allocatable = int(node["status"]["allocatable"].get(GPU_RESOURCE, "0"))
@@ -2369,11 +2449,15 @@ class FakeKubernetes:
             pool = FakeNodePool("scripted", selector, max(_gpu_request(pod), 1), 1_000, ())
         return pool
 
-    def _new_pool_node(self, pod: JSON, pool: FakeNodePool) -> JSON:
+    def _new_pool_node(
+        self, pod: JSON, pool: FakeNodePool, *, ready: bool = True, gpus: bool = True
+    ) -> JSON:
         self._pool_sizes[pool.name] += 1
         name = f"gke-fake-{pool.name}-{secrets.token_hex(4)}"
         labels = {**pool.labels, _GKE_NODEPOOL_LABEL: pool.name}
-        return self._add_node(name, labels, pool.gpus_per_node, pool.taints)
+        return self._add_node(
+            name, labels, pool.gpus_per_node if gpus else 0, pool.taints, ready=ready
+        )
 
     def _fail_scheduling(self, key: tuple[str, str], uid: str, script: PodScript) -> None:
         """FailedScheduling, then the autoscaler's scale-up (SCALE_UP) or refusal."""
@@ -2409,14 +2493,40 @@ class FakeKubernetes:
                 ),
             )
             self._pool_sizes[pool.name] += 1  # reserved now, as the autoscaler's target size
+            not_ready, driver = script.node_not_ready_seconds, script.driver_delay
 
-            def node_ready() -> None:
+            # The node registers (NotReady for `not_ready` seconds), turns Ready, and offers
+            # its GPUs `driver` seconds later; the scheduler binds the pod then. With both 0,
+            # all of it is one step.
+            def node_registered() -> None:
                 with self._lock:
                     self._pool_sizes[pool.name] -= 1  # _new_pool_node counts it again
-                    node = self._new_pool_node(pod, pool)
-                    self._bind(key, uid, node["metadata"]["name"], _continue_as_run(script))
+                    node = self._new_pool_node(
+                        pod, pool, ready=not not_ready, gpus=not not_ready and not driver
+                    )
+                    name = node["metadata"]["name"]
+                    if not_ready:
+                        self._timeline.call_later(not_ready, lambda: node_ready(name))
+                    else:
+                        node_ready(name, registered_ready=True)
 
-            self._timeline.call_later(script.step_delay + script.scale_up_delay, node_ready)
+            def node_ready(name: str, *, registered_ready: bool = False) -> None:
+                if not registered_ready:
+                    self._node_ready(name)
+                if driver:
+                    self._timeline.call_later(driver, lambda: gpus_allocatable(name))
+                else:
+                    gpus_allocatable(name, advertised=registered_ready)
+
+            def gpus_allocatable(name: str, *, advertised: bool = False) -> None:
+                with self._lock:
+                    if not advertised:
+                        self._node_gpus(name, pool.gpus_per_node)
+                    self._bind(key, uid, name, _continue_as_run(script))
+
+            self._timeline.call_later(
+                script.step_delay + script.scale_up_delay - not_ready, node_registered
+            )
         else:
             pool_reasons = [
                 self._pool_failure(pod, p) or "max node group size reached" for p in self._pools
@@ -3505,6 +3615,8 @@ def _continue_as_run(script: PodScript) -> PodScript:
         schedule_delay=script.schedule_delay,
         step_delay=script.step_delay,
         scale_up_delay=script.scale_up_delay,
+        node_not_ready_seconds=script.node_not_ready_seconds,
+        driver_delay=script.driver_delay,
         run_duration=script.run_duration,
         exit_code=script.exit_code,
         connect_delay=script.connect_delay,

@@ -679,6 +679,66 @@ def test_scale_up_adds_a_gpu_node_for_a_gpu_pod(core: client.CoreV1Api) -> None:
     assert node["status"]["allocatable"][GPU_RESOURCE] == "1"
 
 
+def test_a_new_node_registers_not_ready_turns_ready_and_offers_its_gpu_once_the_driver_is_in(
+    make_fake_kube: MakeFake,
+) -> None:
+    fake = make_fake_kube(scheduler=lambda pod: PodScript.scale_up(
+        scale_up_delay=1.2, node_not_ready_seconds=1.0, driver_delay=1.0))
+    core = api_for(fake)
+    core.create_namespaced_pod(NS, runner_pod("gpu-1-1", gpus=1, accelerator="nvidia-l4"))
+    states: list[Obj] = []
+    stream = watch.Watch()
+    for event in stream.stream(core.list_node, label_selector=f"{GKE_ACCELERATOR_LABEL}",
+                               timeout_seconds=10):
+        states.append(attrs(event["object"]))
+        if states[-1]["status"]["allocatable"].get(GPU_RESOURCE):
+            stream.stop()
+
+    def ready(node: Obj) -> Obj:
+        (condition,) = node["status"]["conditions"]
+        return cast(Obj, condition)
+
+    registered, readied, advertised = states
+    assert ready(registered)["status"] == "False"
+    assert ready(registered)["reason"] == "KubeletNotReady"
+    assert {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule", "value": None,
+            "time_added": None} in registered["spec"]["taints"]
+    assert GPU_RESOURCE not in registered["status"]["allocatable"]
+    assert ready(readied)["status"] == "True"
+    assert [t["key"] for t in readied["spec"]["taints"]] == [GPU_TAINT_KEY]
+    assert GPU_RESOURCE not in readied["status"]["allocatable"]
+    assert advertised["status"]["capacity"][GPU_RESOURCE] == "1"
+    # Timestamps have the API server's one-second resolution.
+    created = registered["metadata"]["creation_timestamp"]
+    ready_at = ready(advertised)["last_transition_time"]
+    assert 0 <= (ready_at - created).total_seconds() <= 2
+    pod = watch_pod(core, "gpu-1-1", running)[-1]
+    assert pod["spec"]["node_name"] == advertised["metadata"]["name"]
+    scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+    assert 0 <= (scheduled["last_transition_time"] - ready_at).total_seconds() <= 2
+
+
+def test_a_node_is_read_by_name_only_with_a_cluster_role_granting_get(
+    make_fake_kube: MakeFake,
+) -> None:
+    pods = [{"api_groups": [""], "resources": ["pods"], "verbs": ["create", "get"]}]
+    node_get = [{"api_groups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    granted = make_fake_kube(rbac_rules=pods, cluster_rules=node_get)
+    assert attrs(api_for(granted).read_node("gke-fake-cpu-pool-0"))["metadata"]["name"] == (
+        "gke-fake-cpu-pool-0")
+    with pytest.raises(client.ApiException) as unlisted:
+        api_for(granted).list_node()
+    assert unlisted.value.status == 403
+    assert granted.forbidden == ["list nodes"]
+
+    role_only = make_fake_kube(rbac_rules=[*pods, *node_get])
+    with pytest.raises(client.ApiException) as refused:
+        api_for(role_only).read_node("gke-fake-cpu-pool-0")
+    assert refused.value.status == 403
+    assert 'cannot get resource "nodes" in API group "" at the cluster scope' in status_of(
+        refused.value)["message"]
+
+
 def test_an_accelerator_no_pool_offers_is_unschedulable_without_scale_up(
     core: client.CoreV1Api,
 ) -> None:

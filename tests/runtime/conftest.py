@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from components.broker import BROKER_CLUSTER_RULES
 from components.runner_plane import SPAWNER_RULES
 from gpu_runners.github_api import GitHubClient
 from gpu_runners.kube import KubeClient
@@ -24,9 +25,11 @@ from tests.runtime.fake_wiring import (
 def make_fake_kube(
     make_fake_kube: Callable[..., FakeKubernetes],
 ) -> Iterator[Callable[..., FakeKubernetes]]:
-    """Fake clusters that enforce the Role the broker holds in the runner namespace (the spawner
-    rules), which the operations here run under: a call it does not allow fails the test."""
-    with enforcing_rbac(make_fake_kube, SPAWNER_RULES, "the spawner Role") as make:
+    """Fake clusters that enforce the rights the broker holds, which the operations here run
+    under: its Role in the runner namespace (the spawner rules) and its ClusterRole (a node
+    read by name, and TokenReviews): a call they do not allow fails the test."""
+    with enforcing_rbac(make_fake_kube, SPAWNER_RULES, "the broker's Role and ClusterRole",
+                        cluster_rules=BROKER_CLUSTER_RULES) as make:
         yield make
 
 

@@ -91,8 +91,8 @@ def test_spawn_scales_up_a_gpu_node_and_returns_once_the_runner_is_online(
     # The kubelet's Pulled event may be read before or after the pod turns Running.
     assert texts[6].startswith("image pulled")
     assert texts[7:] == ["container running", "runner online"]
-    stages = ["created", "scale-up triggered", "scheduled", "image pulling", "image pulled",
-              "container running", "runner online"]
+    stages = ["created", "scale-up triggered", "node ready", "driver ready", "scheduled",
+              "image pulling", "image pulled", "container running", "runner online"]
     assert set(result.stage_seconds) == set(stages)
     # Reached in that order (the event and pod streams may tie, never invert).
     times = [result.stage_seconds[stage] for stage in stages]
@@ -140,17 +140,19 @@ def test_the_registration_carries_only_the_runs_own_label_so_no_other_job_can_ta
 
 
 @pytest.mark.usefixtures("runners_come_online")
-def test_spawn_needs_four_requests_besides_its_watches(
+def test_spawn_on_a_new_node_needs_five_requests_besides_its_watches(
     fake_kube: FakeKubernetes, fake_github: FakeGitHub, kube: KubeClient, github: GitHubClient,
     log: ProgressLog,
 ) -> None:
-    spawn(spawn_request(), kube=kube, github=github, log=log)
+    result = spawn(spawn_request(), kube=kube, github=github, log=log)
 
     runner = fake_github.runner_named("gpu-123-1")
     assert runner is not None
+    # The node the autoscaler added is read once, for its Ready time.
     assert api_requests(fake_kube) == [
         ("POST", "/api/v1/namespaces/github-runners/pods"),
         ("POST", "/api/v1/namespaces/github-runners/secrets"),
+        ("GET", f"/api/v1/nodes/{result.node}"),
     ]
     assert [(r.method, r.path) for r in fake_github.requests] == [
         ("POST", "/repos/acme/models/actions/runners/generate-jitconfig"),
@@ -171,6 +173,9 @@ def test_spawn_on_a_free_gpu_node_reports_an_existing_node(
 
     assert (result.node, result.node_added) == ("gke-gpu-l4-ready", False)
     assert "scheduled on node gke-gpu-l4-ready (an existing node)" in stage_texts(log)
+    # No node stages, and no node read, for a node that was up before the pod.
+    assert not {"node ready", "driver ready"} & set(result.stage_seconds)
+    assert not any(r.path.startswith("/api/v1/nodes") for r in fake_kube.requests)
 
 
 # --- noticing the runner online: its log first, GitHub as a fallback ----------------------------
@@ -198,10 +203,11 @@ def test_a_runner_connecting_seconds_after_start_is_noticed_from_its_log_with_on
     assert stages["runner online"] - stages["container running"] >= 1.5
     runner = fake_github.runner_named("gpu-123-1")
     assert runner is not None
-    # 4 requests besides streams (target <= 6): no polling while the runner connects.
+    # 5 requests besides streams (target <= 6): no polling while the runner connects.
     assert api_requests(fake_kube) == [
         ("POST", "/api/v1/namespaces/github-runners/pods"),
         ("POST", "/api/v1/namespaces/github-runners/secrets"),
+        ("GET", f"/api/v1/nodes/{result.node}"),
     ]
     assert [(r.method, r.path) for r in fake_github.requests] == [
         ("POST", "/repos/acme/models/actions/runners/generate-jitconfig"),
