@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gpu_runners import broker_api, contract
-from gpu_runners.broker.reconcile import recover_once
+from gpu_runners.broker.reconcile import reap_once, recover_once
 from tests.broker.broker_harness import (
     BrokerProcess,
     ServedBroker,
@@ -392,3 +392,48 @@ def test_a_broker_killed_during_a_recovery_finishes_it_after_restart(
 
 def broker_url(environ: dict[str, str]) -> str:
     return f"http://127.0.0.1:{environ[contract.ENV_BROKER_PORT]}"
+
+
+def test_the_reaper_leaves_a_lost_pod_to_recovery_and_drops_the_record_of_a_pod_it_reaps(
+    broker: ServedBroker, fake_oidc: FakeOidcIssuer, fake_kube: FakeKubernetes,
+    fake_github: FakeGitHub,
+) -> None:
+    spawn_ready(broker, fake_oidc)
+    fake_github.add_job(123, "setup", ["base-runner"])
+    fake_kube.preempt_pod(RUN, keep_node=True)
+    fake_github.lose_runner(RUN)
+
+    reaped = reap_once(broker.operations, "acme/models")
+    # A failed pod is the reaper's, but this one was lost to its node: recovery reads it.
+    assert ("pod", RUN) not in {(a.kind, a.name) for a in reaped.removed}
+    recovery_pass(broker)
+    assert record(fake_kube) is not None and fake_kube.pod(RUN) is not None
+
+    # A pod its job ended is the reaper's, and its record goes first: a vanished pod with a
+    # record left behind would read as one lost to its node.
+    fake_kube.finish_pod(RUN, exit_code=0)
+    reaped = reap_once(broker.operations, "acme/models")
+    assert ("pod", RUN) in {(a.kind, a.name) for a in reaped.removed}
+    assert record(fake_kube) is None
+    recovery_pass(broker)
+    assert len(fake_github.requests_to(JIT_MINTS, "POST")) == 2  # the one replacement only
+
+
+def test_an_unreadable_record_is_left_alone_and_the_pass_goes_on(
+    broker: ServedBroker, fake_oidc: FakeOidcIssuer, fake_kube: FakeKubernetes,
+    fake_github: FakeGitHub,
+) -> None:
+    spawn_ready(broker, fake_oidc)
+    fake_github.add_job(123, "setup", ["base-runner"])
+    fake_kube.seed({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "gpu-999-1-run", "namespace": fake_kube.namespace,
+        "labels": {contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
+                   contract.LABEL_COMPONENT: contract.RUN_RECORD_COMPONENT}},
+        "data": {"record.json": '{"version": 99}'}})
+    fake_kube.preempt_pod(RUN)
+    fake_github.lose_runner(RUN)
+
+    recovery_pass(broker)
+
+    assert {c["metadata"]["name"] for c in fake_kube.configmaps()} >= {"gpu-999-1-run", RECORD}
+    assert len(fake_github.requests_to(JIT_MINTS, "POST")) == 2  # gpu-123-1 was replaced

@@ -18,9 +18,10 @@ import pytest
 
 from gpu_runners import contract
 from gpu_runners.errors import GitHubAuthError, UsageError
-from gpu_runners.github_api import GitHubClient, PatFile, RunnerScope
+from gpu_runners.github_api import GitHubClient, PatFile, RunnerScope, Token
 from gpu_runners.github_app import (
     ORGANIZATION_RUNNER_PERMISSIONS,
+    RECOVERY_PERMISSIONS,
     REPOSITORY_RUNNER_PERMISSIONS,
     GitHubApp,
     GitHubAppError,
@@ -406,3 +407,36 @@ def test_a_missing_permission_is_explained_in_the_apps_terms(
     assert "the GitHub App needs the repository permission Administration: read and write" in (
         message)
     assert app_github.runner_named("gpu-6-1") is None
+
+
+def test_the_recovery_token_asks_for_actions_write_alone_and_re_runs_a_failed_run(
+        fake_github: FakeGitHub, app_key: AppKeyPair, key_file: Path) -> None:
+    fake_github.register_app(APP_ID, CLIENT_ID, app_key.public_pem)
+    fake_github.install_app(APP_ID, INSTALLATION_ID,
+                            {**REPOSITORY_RUNNER_PERMISSIONS, "actions": "write"},
+                            repository_ids={fake_github.repository_id})
+    environ = app_environ(key_file, **{contract.ENV_API_URL: fake_github.url})
+    tokens = token_source_from_environ(environ, repository_id=fake_github.repository_id,
+                                       organization=False, permissions=RECOVERY_PERMISSIONS)
+    fake_github.add_job(9, "train", ["gpu-9-1"])  # queued: no runner carries its label
+    assert isinstance(tokens, GitHubAppTokens)
+    github = client(fake_github, tokens)
+    assert github.cancel_run("acme/models", 9) is True  # a queued job: the run ends cancelled
+    github.rerun_failed_jobs("acme/models", 9)
+
+    [mint] = fake_github.requests_to(ACCESS_TOKENS, "POST")
+    assert mint.body["permissions"] == {"actions": "write"}
+    assert fake_github.workflow_runs[9]["run_attempt"] == 2
+    assert github.cancel_run("acme/models", 9) is True
+
+
+def test_without_actions_write_the_re_run_is_refused_naming_the_permission(
+        fake_github: FakeGitHub) -> None:
+    fake_github.add_job(9, "train", ["gpu-9-1"])
+    runner_only = GitHubClient(Token(fake_github.token, "the test token"),
+                               RunnerScope(repository="acme/models"), api_url=fake_github.url,
+                               policy=FAST_GITHUB_POLICY)
+    fake_github.inject("POST", r"/rerun-failed-jobs$", status=403,
+                       body={"message": "Resource not accessible by integration"})
+    with pytest.raises(GitHubAuthError, match="Actions: write"):
+        runner_only.rerun_failed_jobs("acme/models", 9)
