@@ -155,6 +155,13 @@ class PodProgress:
                     notices += self._unschedulable(condition.message, now)
         if status is None:
             return notices
+        lost = disruption(pod)
+        if lost is not None:
+            # Ending or ended with its node: a replacement may succeed where it could not.
+            # Read before the container states, which a shutdown sets to terminated.
+            raise PodPreemptedError(
+                f"pod {self.pod_name} was lost while {self.last_stage.value}: {lost.cause}",
+                stage=self.last_stage.value, cause=lost.cause, node=self.node_name or "")
         runner = self._runner_status(status.container_statuses)
         if runner is not None and runner.state is not None:
             waiting = runner.state.waiting
@@ -167,12 +174,6 @@ class PodProgress:
             if runner.state.running is not None or runner.state.terminated is not None:
                 notices += self._reach(Stage.IMAGE_PULLED, "image pulled", now)
                 notices += self._reach(Stage.RUNNING, "container running", now)
-        lost = disruption(pod)
-        if lost is not None:
-            # Ending or ended with its node: a replacement may succeed where it could not.
-            raise PodPreemptedError(
-                f"pod {self.pod_name} was lost while {self.last_stage.value}: {lost.cause}",
-                stage=self.last_stage.value, cause=lost.cause, node=self.node_name or "")
         if status.phase in ("Failed", "Succeeded"):
             raise PodFailedError(self._ended_reason(pod))
         return notices

@@ -124,17 +124,40 @@ def spawn_ready(broker: ServedBroker, fake_oidc: FakeOidcIssuer) -> broker_api.S
     return answer.last.result
 
 
+def _on_a_node(fake_kube: FakeKubernetes) -> bool:
+    return bool((fake_kube.pod(RUN) or {}).get("spec", {}).get("nodeName"))
+
+
+def _pulling(fake_kube: FakeKubernetes) -> bool:
+    return any(e.get("reason") == "Pulling" and e["involvedObject"]["name"] == RUN
+               for e in fake_kube.events())
+
+
+def _running(fake_kube: FakeKubernetes) -> bool:
+    phase: object = (fake_kube.pod(RUN) or {}).get("status", {}).get("phase")
+    return phase == "Running"
+
+
+STARTING_STAGES = {
+    # stage: (the first pod's script, when its Spot VM is reclaimed)
+    "scheduled": (PodScript(Outcome.SCALE_UP, step_delay=0.5), _on_a_node),
+    "image pulling": (PodScript(Outcome.SCALE_UP, step_delay=0.5), _pulling),
+    "container running": (PodScript(Outcome.SCALE_UP, connect_delay=math.inf), _running),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STARTING_STAGES))
 def test_a_pod_lost_while_starting_is_replaced_on_the_fallback_pool_within_the_spawn(
-    broker: ServedBroker, fake_oidc: FakeOidcIssuer, fake_kube: FakeKubernetes,
+    stage: str, broker: ServedBroker, fake_oidc: FakeOidcIssuer, fake_kube: FakeKubernetes,
     fake_github: FakeGitHub, scripts: Scripts,
 ) -> None:
     # The first pod lands on a Spot node, whose VM is reclaimed before its runner connects.
-    scripts.queue.append(PodScript(Outcome.SCALE_UP, connect_delay=math.inf))
+    script, reached = STARTING_STAGES[stage]
+    scripts.queue.append(script)
     lost: list[str] = []
 
     def reclaim() -> None:
-        wait_until(lambda: (fake_kube.pod(RUN) or {}).get("status", {}).get("phase")
-                   == "Running", timeout=20, what="the first pod running")
+        wait_until(lambda: reached(fake_kube), timeout=20, what=f"the first pod {stage}")
         first = fake_kube.pod(RUN)
         assert first is not None
         lost.append(first["metadata"]["uid"])
@@ -149,7 +172,7 @@ def test_a_pod_lost_while_starting_is_replaced_on_the_fallback_pool_within_the_s
     result = answer.last.result
     assert result is not None and result.label == RUN
     [line] = result.preemptions
-    assert "preempted on attempt 1 (while starting: container running)" in line
+    assert f"preempted on attempt 1 (while starting: {stage})" in line
     assert f"on pool {SPOT}" in line and f"retried on pool {ON_DEMAND}" in line
     assert any("starting a replacement, retry 1 of 2" in p for p in answer.progress)
     pod = fake_kube.pod(RUN)
@@ -160,8 +183,8 @@ def test_a_pod_lost_while_starting_is_replaced_on_the_fallback_pool_within_the_s
     assert [r["name"] for r in fake_github.runners.values()] == [RUN]
     stored = record(fake_kube)
     assert stored is not None and stored["online"] is True
-    assert [p["stage"] for p in stored["preemptions"]] == ["container running"]
-    assert preemptions(broker, "container running", SPOT, "replaced") == 1
+    assert [p["stage"] for p in stored["preemptions"]] == [stage]
+    assert preemptions(broker, stage, SPOT, "replaced") == 1
 
 
 def test_an_idle_runner_lost_before_its_job_is_replaced_and_the_queued_job_runs_on_it(
