@@ -247,3 +247,9 @@ def check_gpu_request(
             )
     if not gpu_types and gpu_count > max(by_type.values()):
         raise UsageError(f"--gpus: {gpu_count} is more than any GPU pool has; pools: {allowed}")
+
+
+def fallback_pools(pools: Sequence[GpuPool]) -> tuple[str, ...]:
+    """Names of the pools some Spot pool names as its on-demand fallback: kept for retries
+    after a preemption, so first attempts stay off them."""
+    return tuple(sorted({pool.on_demand_fallback for pool in pools if pool.on_demand_fallback}))

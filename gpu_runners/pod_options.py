@@ -66,6 +66,9 @@ class RunnerPodOptions:
         node_pool: GKE node pool to pin the pod to (its nodes' `cloud.google.com/gke-nodepool`
             label), or None for any pool of the GPU type. Set by the broker on a retry after a
             Spot preemption, to the pool's on-demand fallback.
+        avoid_node_pools: GKE node pools the pod must not land on (unless pinned to one by
+            `node_pool`): the on-demand fallbacks, kept for retries after a Spot preemption,
+            so a first attempt takes Spot capacity.
     """
 
     namespace: str
@@ -80,6 +83,7 @@ class RunnerPodOptions:
     runner_image: str | None = None
     image_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     node_pool: str | None = None
+    avoid_node_pools: tuple[str, ...] = ()
 
     @property
     def injects_runner(self) -> bool:
@@ -113,6 +117,12 @@ class RunnerPodOptions:
             if problem is not None:
                 raise UsageError(f"node_pool: {self.node_pool!r} is not a node pool name: "
                                  f"{problem}")
+        for pool in self.avoid_node_pools:
+            problem = label_value_problem(pool) if pool else "it is empty"
+            if problem is not None:
+                raise UsageError(f"avoid_node_pools: {pool!r} is not a node pool name: "
+                                 f"{problem}")
+        object.__setattr__(self, "avoid_node_pools", tuple(self.avoid_node_pools))
         # A copy, read-only: a caller changing its dict later must not change the pod.
         object.__setattr__(self, "extra_labels", MappingProxyType(dict(self.extra_labels)))
         object.__setattr__(self, "image_env", MappingProxyType(dict(self.image_env)))

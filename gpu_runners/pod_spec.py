@@ -8,11 +8,16 @@ on the returned objects alone. `spawn` sends them unchanged.
 from __future__ import annotations
 
 from kubernetes.client import (
+    V1Affinity,
     V1Container,
     V1EmptyDirVolumeSource,
     V1EnvVar,
     V1KeyToPath,
     V1LocalObjectReference,
+    V1NodeAffinity,
+    V1NodeSelector,
+    V1NodeSelectorRequirement,
+    V1NodeSelectorTerm,
     V1ObjectMeta,
     V1OwnerReference,
     V1Pod,
@@ -108,6 +113,18 @@ def build_gpu_pod(
     if options.node_pool:
         # A retry after a Spot preemption: the pool's on-demand fallback, by GKE's pool label.
         node_selector[contract.GKE_NODEPOOL_LABEL] = options.node_pool
+    affinity = None
+    if options.avoid_node_pools and not options.node_pool:
+        # Kept for retries after a Spot preemption: a first attempt takes Spot capacity. A
+        # required term, because the cluster autoscaler ignores preferred ones when it picks
+        # the pool to grow.
+        affinity = V1Affinity(node_affinity=V1NodeAffinity(
+            required_during_scheduling_ignored_during_execution=V1NodeSelector(
+                node_selector_terms=[V1NodeSelectorTerm(match_expressions=[
+                    V1NodeSelectorRequirement(key=contract.GKE_NODEPOOL_LABEL,
+                                              operator="NotIn",
+                                              values=list(options.avoid_node_pools)),
+                ])])))
     gpus = str(options.gpu_count)
     resources = {"cpu": options.cpu, "memory": options.memory, contract.GPU_RESOURCE: gpus}
     # Requests equal to limits: the pod is Guaranteed, so neither CPU nor memory is taken
@@ -164,6 +181,7 @@ def build_gpu_pod(
         # is; the runner needs none of them.
         enable_service_links=False,
         node_selector=node_selector,
+        affinity=affinity,
         tolerations=[
             V1Toleration(key=contract.GPU_TAINT_KEY, operator="Exists", effect="NoSchedule"),
         ],

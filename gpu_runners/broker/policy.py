@@ -21,7 +21,7 @@ from gpu_runners.broker.settings import BrokerSettings
 from gpu_runners.broker_api import SpawnAsk
 from gpu_runners.errors import GpuRunnersError, UsageError
 from gpu_runners.github_api import DEFAULT_RUNNER_GROUP_ID
-from gpu_runners.gpu_pools import check_gpu_request, parse_gpu_types
+from gpu_runners.gpu_pools import check_gpu_request, fallback_pools, parse_gpu_types
 from gpu_runners.image_refs import (
     ImageReference,
     mirrored_reference,
@@ -152,6 +152,7 @@ def decide(ask: SpawnAsk, claims: RunClaims, settings: BrokerSettings,
         max_runtime_seconds=runtime,
         image_pull_secret=settings.image_pull_secret,
         extra_labels=dict(ask.labels),
+        avoid_node_pools=fallback_pools(settings.gpu_pools),
     )
     request = SpawnRequest(
         identity=identity,

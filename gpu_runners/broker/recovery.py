@@ -95,7 +95,7 @@ class RecoveryPolicy:
                              if pool.name == lost.on_demand_fallback), None)
         if fallback is None:
             return request, request.pod.node_pool or ""
-        pod = dataclasses.replace(request.pod, node_pool=fallback.name)
+        pod = dataclasses.replace(request.pod, node_pool=fallback.name, avoid_node_pools=())
         return dataclasses.replace(request, pod=pod, gpu_types=(fallback.accelerator,)), \
             fallback.name
 

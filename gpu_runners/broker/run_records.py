@@ -280,7 +280,9 @@ def _request_json(request: SpawnRequest) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    return dict(value) if isinstance(value, Mapping) else value
+    if isinstance(value, Mapping):
+        return dict(value)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _request_from_json(data: Mapping[str, Any]) -> SpawnRequest:
@@ -292,7 +294,9 @@ def _request_from_json(data: Mapping[str, Any]) -> SpawnRequest:
         raise ValueError(f"unknown pod fields {sorted(set(data['pod']) - pod_fields)}")
     values = dict(data)
     values["identity"] = RunIdentity(**data["identity"])
-    values["pod"] = RunnerPodOptions(**data["pod"])
+    pod = dict(data["pod"])
+    pod["avoid_node_pools"] = tuple(pod.get("avoid_node_pools", ()))
+    values["pod"] = RunnerPodOptions(**pod)
     values["gpu_types"] = tuple(data["gpu_types"])
     return SpawnRequest(**values)
 

@@ -119,7 +119,7 @@ def preemptions(broker: ServedBroker, stage: str, pool: str, action: str) -> flo
 
 def spawn_ready(broker: ServedBroker, fake_oidc: FakeOidcIssuer) -> broker_api.SpawnResult:
     answer = spawn(broker.url, fake_oidc.mint())
-    assert answer.last.event == broker_api.READY, answer.last
+    assert answer.last.event == broker_api.READY, (answer.last, answer.progress)
     assert answer.last.result is not None
     return answer.last.result
 
@@ -168,7 +168,7 @@ def test_a_pod_lost_while_starting_is_replaced_on_the_fallback_pool_within_the_s
     answer = spawn(broker.url, fake_oidc.mint())
     thread.join(5)
 
-    assert answer.last.event == broker_api.READY, answer.last
+    assert answer.last.event == broker_api.READY, (answer.last, answer.progress)
     result = answer.last.result
     assert result is not None and result.label == RUN
     [line] = result.preemptions
@@ -195,6 +195,12 @@ def test_an_idle_runner_lost_before_its_job_is_replaced_and_the_queued_job_runs_
     fake_github.add_job(123, "setup", ["base-runner"])  # the run goes on; train not queued yet
     first = fake_kube.pod(RUN)
     assert first is not None
+    # The first attempt stays off the fallback pool: it takes Spot capacity.
+    assert SPOT in first["spec"]["nodeName"]
+    assert first["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchExpressions": [{"key": contract.GKE_NODEPOOL_LABEL, "operator": "NotIn",
+                               "values": [ON_DEMAND]}]}]
     fake_kube.preempt_pod(RUN)
     fake_github.lose_runner(RUN)
 
@@ -202,7 +208,7 @@ def test_an_idle_runner_lost_before_its_job_is_replaced_and_the_queued_job_runs_
 
     pod = fake_kube.pod(RUN)
     assert pod is not None and pod["metadata"]["uid"] != first["metadata"]["uid"]
-    assert pool_of(fake_kube, pod) == ON_DEMAND
+    assert pool_of(fake_kube, pod) == ON_DEMAND and ON_DEMAND in pod["spec"]["nodeName"]
     runner = fake_github.runner_named(RUN)
     assert runner is not None and runner["status"] == "online"
     assert len(fake_github.runners) == 1

@@ -117,7 +117,7 @@ def test_a_second_delete_is_a_no_op_success(
     second = delete(broker.url, fake_oidc.mint())
 
     assert first.body == {"pods": ["gpu-123-1"], "secrets": ["gpu-123-1-jit"],
-                          "registrations": ["gpu-123-1"]}
+                          "registrations": ["gpu-123-1"], "recoveries": []}
     assert second.status == 200
     assert second.body == {"pods": [], "secrets": [], "registrations": [],
                             "recoveries": []}

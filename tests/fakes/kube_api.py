@@ -1028,25 +1028,28 @@ def _tolerates(tolerations: list[JSON], taint: JSON) -> bool:
 
 
 def _node_term_matches(term: JSON, labels: Mapping[str, str]) -> bool:
-    for expression in term.get("matchExpressions") or []:
-        key, operator = expression.get("key", ""), expression.get("operator", "")
-        values = expression.get("values") or []
-        value = labels.get(key)
-        matched = {
-            "In": value in values,
-            "NotIn": value not in values,
-            "Exists": key in labels,
-            "DoesNotExist": key not in labels,
-            "Gt": value is not None
-            and bool(values)
-            and _compare_label(value, int(values[0]), True),
-            "Lt": value is not None
-            and bool(values)
-            and _compare_label(value, int(values[0]), False),
-        }.get(operator, False)
-        if not matched:
-            return False
-    return True
+    return all(_requirement_matches(expression, labels)
+               for expression in term.get("matchExpressions") or [])
+
+
+def _requirement_matches(expression: JSON, labels: Mapping[str, str]) -> bool:
+    """One node selector requirement; each operator reads `values` its own way (Gt and Lt:
+    one integer), so only the expression's own is evaluated."""
+    key, operator = expression.get("key", ""), expression.get("operator", "")
+    values = expression.get("values") or []
+    value = labels.get(key)
+    if operator == "In":
+        return value in values
+    if operator == "NotIn":
+        return value not in values
+    if operator == "Exists":
+        return key in labels
+    if operator == "DoesNotExist":
+        return key not in labels
+    if operator in ("Gt", "Lt"):
+        return value is not None and bool(values) and _compare_label(
+            value, int(values[0]), operator == "Gt")
+    return False
 
 
 def _selector_matches(pod: JSON, labels: Mapping[str, str]) -> bool:

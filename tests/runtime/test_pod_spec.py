@@ -236,6 +236,19 @@ def test_a_pod_pinned_to_a_node_pool_selects_it_by_gkes_pool_label() -> None:
     assert contract.GKE_NODEPOOL_LABEL not in pod_json("nvidia-l4")["spec"]["nodeSelector"]
 
 
+def test_a_first_attempt_stays_off_the_on_demand_fallback_pools_a_retry_pinned_there_does_not(
+) -> None:
+    first = pod_json("nvidia-l4", avoid_node_pools=("l4-on-demand",))
+    assert first["spec"]["affinity"] == {"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "cloud.google.com/gke-nodepool", "operator": "NotIn",
+                                   "values": ["l4-on-demand"]}]}]}}}
+    assert strict_errors(first) == []
+    retry = pod_json("nvidia-l4", node_pool="l4-on-demand", avoid_node_pools=("l4-on-demand",))
+    assert "affinity" not in retry["spec"]
+    assert "affinity" not in pod_json("nvidia-l4")["spec"]
+
+
 def owner_pod() -> V1Pod:
     pod = build_gpu_pod(IDENTITY, options(), "nvidia-l4")
     assert pod.metadata is not None
@@ -279,6 +292,7 @@ def test_secret_refuses_an_owner_the_api_server_has_not_returned() -> None:
         ({"extra_labels": {"team": "no spaces"}}, "--label"),
         ({"node_pool": "l4 on demand"}, "node_pool"),
         ({"node_pool": ""}, "node_pool"),
+        ({"avoid_node_pools": ("l4 on demand",)}, "avoid_node_pools"),
     ],
 )
 def test_bad_pod_options_are_refused_naming_the_option(
