@@ -135,6 +135,8 @@ class Recovery:
         self.policy = policy
         self.metrics = metrics
         self.now = now
+        #: Runs whose recovery waited on GitHub (or failed) at the end of the last pass.
+        self.waiting = 0
 
     # --- the pass --------------------------------------------------------------------------------
 
@@ -147,21 +149,36 @@ class Recovery:
         """
         due: list[RunRecord] = []
         failed = False
-        for record in self.records.list():
-            identity = record.identity
+        waiting = 0
+        for listed in self.records.list():
+            identity = listed.identity
             if (identity.run_id, identity.attempt) in busy:
                 continue
             try:
-                replacement = self._step(record)
+                # Read again now that the run is not busy: an operation that ended since the
+                # list saved the record last (its spawns and deletes are busy until then).
+                record = self.records.read(identity)
+                replacement = None if record is None else self._step(record)
             except GpuRunnersError as e:
                 failed = True
+                waiting += 1
                 LOGGER.warning("recovery of %s: %s (tried again next pass)",
                                identity.runner_name, e)
                 continue
             if replacement is not None:
                 due.append(replacement)
+            elif self._waits_on_github(identity):
+                waiting += 1
         self.metrics.recovery_passes.labels(outcome="failed" if failed else "ok").inc()
+        self.waiting = waiting
         return due
+
+    def _waits_on_github(self, identity: RunIdentity) -> bool:
+        """Whether the run's recovery waits for GitHub (the run to end, a re-run to show),
+        which no pod event announces: the loop then looks again soon."""
+        record = self.records.read(identity)
+        return record is not None and record.state in (RecoveryState.AWAITING_RUN_END,
+                                                       RecoveryState.RERUN_REQUESTED)
 
     def _step(self, record: RunRecord) -> RunRecord | None:
         state = record.state
@@ -213,6 +230,13 @@ class Recovery:
                 and job.completed_at < lost.since - CLOCK_SKEW)):
             return None
         return Loss(lost, "job", pool, node)
+
+    def took_a_job(self, record: RunRecord) -> bool:
+        """Whether GitHub gave the record's runner a job of the attempt it serves."""
+        try:
+            return self._job_of(record) is not None
+        except GpuRunnersError:
+            return False  # not known: a spawn retries, as for a loss before any job
 
     def _job_of(self, record: RunRecord) -> WorkflowJob | None:
         """The job of the serving attempt that GitHub gave this record's runner, if any."""

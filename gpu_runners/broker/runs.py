@@ -88,10 +88,14 @@ _ERROR_CODES: tuple[tuple[type[GpuRunnersError], str], ...] = (
 class _SpawnOutcomeError(Exception):
     """A spawn failed: the domain error, and the run's record as it stood then."""
 
-    def __init__(self, error: GpuRunnersError, record: RunRecord | None) -> None:
+    def __init__(self, error: GpuRunnersError, record: RunRecord | None, *,
+                 job_taken: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
         self.record = record
+        #: The runner had taken its job when its pod was lost: the record stays, for the
+        #: recovery pass.
+        self.job_taken = job_taken
 
 
 def error_code(error: GpuRunnersError) -> str:
@@ -270,7 +274,13 @@ class RunOperations:
                         replacement: RunRecord | None = None) -> None:
         clients = self.clients
         request = decision.request
-        log = ProgressLog(None, sink=operation.progress)
+        sink = operation.progress
+        if replacement is not None:
+            # No client follows a replacement: its progress goes to the broker's log.
+            def sink(line: str) -> None:
+                operation.progress(line)
+                LOGGER.info("replacement %s: %s", request.identity.runner_name, line)
+        log = ProgressLog(None, sink=sink)
         for note in decision.notes:
             log.line(note)
         record = replacement if replacement is not None else self._open_record(request)
@@ -282,7 +292,8 @@ class RunOperations:
             e, record = outcome.error, outcome.record
             code = error_code(e)
             clients.metrics.spawn_ended(code)
-            self._spawn_failed(record, replacement is not None, e)
+            if not outcome.job_taken:
+                self._spawn_failed(record, replacement is not None, e)
             operation.publish(StreamEvent(broker_api.FAILED, error=code, message=str(e)))
         except Exception as e:
             LOGGER.exception("spawn of %s failed unexpectedly", request.identity.runner_name)
@@ -311,6 +322,15 @@ class RunOperations:
                                                         request.pod.gpu_count),
                 )
             except PodPreemptedError as e:
+                if record is not None and recovery is not None and recovery.took_a_job(record):
+                    # Online and given a job just before its node went, before this spawn saw
+                    # it online: a loss during the job, the recovery pass's to handle.
+                    try:
+                        record = recovery.records.save(record.with_changes(
+                            state=RecoveryState.ACTIVE, online=True))
+                    except GpuRunnersError as save_error:
+                        raise _SpawnOutcomeError(save_error, record) from e
+                    raise _SpawnOutcomeError(e, record, job_taken=True) from e
                 # spawn removed the pod and the registration: a replacement starts clean.
                 step = None if record is None or recovery is None else spawn_preemption(
                     record, recovery.policy, stage=e.stage, cause=e.cause, node=e.node,

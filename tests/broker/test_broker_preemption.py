@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from gpu_runners import broker_api, contract
+from gpu_runners.broker import reconcile
 from gpu_runners.broker.reconcile import reap_once, recover_once
 from tests.broker.broker_harness import (
     BrokerProcess,
@@ -119,7 +120,7 @@ def preemptions(broker: ServedBroker, stage: str, pool: str, action: str) -> flo
 
 def spawn_ready(broker: ServedBroker, fake_oidc: FakeOidcIssuer) -> broker_api.SpawnResult:
     answer = spawn(broker.url, fake_oidc.mint())
-    assert answer.last.event == broker_api.READY, (answer.last, answer.progress)
+    assert answer.last.event == broker_api.READY, answer.last
     assert answer.last.result is not None
     return answer.last.result
 
@@ -168,7 +169,7 @@ def test_a_pod_lost_while_starting_is_replaced_on_the_fallback_pool_within_the_s
     answer = spawn(broker.url, fake_oidc.mint())
     thread.join(5)
 
-    assert answer.last.event == broker_api.READY, (answer.last, answer.progress)
+    assert answer.last.event == broker_api.READY, answer.last
     result = answer.last.result
     assert result is not None and result.label == RUN
     [line] = result.preemptions
@@ -466,3 +467,41 @@ def test_an_unreadable_record_is_left_alone_and_the_pass_goes_on(
 
     assert {c["metadata"]["name"] for c in fake_kube.configmaps()} >= {"gpu-999-1-run", RECORD}
     assert len(fake_github.requests_to(JIT_MINTS, "POST")) == 2  # gpu-123-1 was replaced
+
+
+def test_the_loop_recovers_within_seconds_not_at_its_next_interval(
+    make_broker: Callable[..., ServedBroker], env: dict[str, str], fake_oidc: FakeOidcIssuer,
+    fake_kube: FakeKubernetes, fake_github: FakeGitHub, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reaper interval is an hour: only the loss watch, and the poll of GitHub while a
+    # recovery waits on it, can make these recoveries happen within the test. The second loss
+    # often comes while the replacement's spawn has not yet seen its runner online, though
+    # GitHub gave it the job: a loss during the job all the same, not one while starting.
+    monkeypatch.setattr(reconcile, "GITHUB_POLL_SECONDS", 0.5)
+    broker = make_broker(env, reconcile=True)
+    fake_github.add_job(123, "setup", ["base-runner"])
+    spawn_ready(broker, fake_oidc)
+    first = fake_kube.pod(RUN)
+    assert first is not None
+    fake_kube.preempt_pod(RUN)  # idle: replaced at once
+    fake_github.lose_runner(RUN)
+    wait_until(lambda: (fake_github.runner_named(RUN) or {}).get("status") == "online"
+               and (fake_kube.pod(RUN) or first)["metadata"]["uid"] != first["metadata"]["uid"],
+               timeout=15, what="the replacement runner online")
+
+    fake_github.add_job(123, "train", [RUN])  # taken by the replacement
+    wait_until(lambda: any(j["name"] == "train" and j["status"] == "in_progress"
+                           for j in fake_github.jobs(123)), what="train to start")
+    fake_kube.preempt_pod(RUN)  # during the job: re-run once the run ends
+    fake_github.lose_runner(RUN)
+    wait_until(lambda: (record(fake_kube) or {}).get("state") == "awaiting-run-end",
+               timeout=15, what="the loss to be recorded")
+    fake_github.fail_lost_job(RUN)
+    # The queued setup job kept the run going; GitHub now ends it failed.
+    fake_github.set_run_status(123, "completed", "failure")
+    wait_until(lambda: fake_github.workflow_runs[123]["run_attempt"] == 2, timeout=15,
+               what="the re-run")
+    wait_until(lambda: any(j["name"] == "train" and j["status"] == "in_progress"
+                           for j in fake_github.jobs(123, 2)), timeout=15,
+               what="the re-run train on a replacement runner")
+    assert len(fake_github.requests_to(RERUNS, "POST")) == 1
