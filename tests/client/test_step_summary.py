@@ -7,7 +7,7 @@ from typing import Any
 
 from gpu_runners import contract
 from gpu_runners.broker_api import SpawnResult
-from gpu_runners.step_outputs import cold_start_rows, write_spawn_outputs
+from gpu_runners.step_outputs import cold_start_rows, write_preemption_notes, write_spawn_outputs
 
 #: A cold start on a new L4 node: the seconds from the start at which each stage was reached.
 COLD = {"created": 0.4, "scale-up triggered": 9.1, "scheduled": 251.6, "image pulling": 252.0,
@@ -97,3 +97,35 @@ def test_a_reused_runner_has_no_cold_start_to_explain(tmp_path: Path) -> None:
 
     assert "Scale-up decision" not in summary.read_text()
     assert "| Ready after | 271.0 s (reused) |" in summary.read_text()
+
+
+def test_a_preempted_runs_summary_has_a_row_per_preemption(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.md"
+    line = ("preempted on attempt 1 (while starting: image pulling) on pool l4-spot: its node "
+            "shut down (a Spot VM reclaimed); retried on pool l4-on-demand")
+    write_spawn_outputs(result(preemptions=(line,)),
+                        {contract.ENV_STEP_SUMMARY: str(summary)})
+    assert f"| Preempted | {line} |" in summary.read_text()
+
+
+def test_the_cleanup_tells_what_preemption_did_as_notices_and_a_table(
+        tmp_path: Path, capsys: Any) -> None:
+    summary = tmp_path / "summary.md"
+    lines = ["preempted on attempt 1 (during the job) on pool l4-spot: its node shut down (a "
+             "Spot VM reclaimed); retried on pool l4-on-demand", "100% of it | piped"]
+    write_preemption_notes(lines, {contract.ENV_STEP_SUMMARY: str(summary)})
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"::notice title=GPU runner preempted::{lines[0]}",
+                       "::notice title=GPU runner preempted::100%25 of it | piped"]
+    text = summary.read_text()
+    assert text.startswith("### GPU runner: Spot preemption\n\n| What happened |\n|---|\n")
+    assert f"| {lines[0]} |" in text
+    assert "| 100% of it \\| piped |" in text
+
+
+def test_nothing_is_written_when_nothing_was_preempted(tmp_path: Path, capsys: Any) -> None:
+    summary = tmp_path / "summary.md"
+    write_preemption_notes([], {contract.ENV_STEP_SUMMARY: str(summary)})
+    assert capsys.readouterr().out == ""
+    assert not summary.exists()
