@@ -737,23 +737,16 @@ class GitHubClient:
             GitHubNotFoundError: GitHub knows no such run or attempt.
             GitHubError: A request failed or an answer holds no job list.
         """
-        path: str | None = f"/repos/{repository}/actions/runs/{run_id}/attempts/{attempt}/jobs"
-        query: dict[str, str] = {"per_page": str(PAGE_SIZE)}
         jobs: list[WorkflowJob] = []
-        while path is not None:
-            response = self._request("GET", path, query=query)
-            body = response.body
-            items = body.get("jobs") if isinstance(body, Mapping) else None
-            if not isinstance(items, list):
-                raise GitHubError(f"GitHub's answer to GET {path} holds no list of jobs")
+        path = f"/repos/{repository}/actions/runs/{run_id}/attempts/{attempt}/jobs"
+        for page, items in self._pages(path, {}, "jobs"):
             for item in items:
                 if not isinstance(item, Mapping):
-                    raise GitHubError(f"GitHub's answer to GET {path} holds a non-object job")
+                    raise GitHubError(f"GitHub's answer to GET {page} holds a non-object job")
                 try:
                     jobs.append(WorkflowJob.from_json(item))
                 except ValueError as e:
-                    raise GitHubError(f"GitHub's answer to GET {path}: {e}") from e
-            path, query = self._next_page(response, path)
+                    raise GitHubError(f"GitHub's answer to GET {page}: {e}") from e
         return jobs
 
     def rerun_failed_jobs(self, repository: str, run_id: int) -> None:
@@ -789,14 +782,7 @@ class GitHubClient:
     def _runner_pages(
         self, filters: Mapping[str, str], on_malformed: Callable[[str], None] | None = None
     ) -> Iterator[Runner]:
-        path: str | None = f"{self.scope.path}/actions/runners"
-        query = {**filters, "per_page": str(PAGE_SIZE)}
-        while path is not None:
-            response = self._request("GET", path, query=query)
-            body = response.body
-            items = body.get("runners") if isinstance(body, Mapping) else None
-            if not isinstance(items, list):
-                raise GitHubError(f"GitHub's answer to GET {path} holds no list of runners")
+        for path, items in self._pages(f"{self.scope.path}/actions/runners", filters, "runners"):
             for item in items:
                 try:
                     runner = _runner_entry(item)
@@ -807,7 +793,24 @@ class GitHubClient:
                     on_malformed(problem)
                     continue
                 yield runner
-            path, query = self._next_page(response, path)
+
+    def _pages(self, path: str, filters: Mapping[str, str],
+               key: str) -> Iterator[tuple[str, list[Any]]]:
+        """(path, the `key` list of one page) of a paginated list, page by page.
+
+        Raises:
+            GitHubError: A request failed, or a page holds no `key` list.
+        """
+        page: str | None = path
+        query = {**filters, "per_page": str(PAGE_SIZE)}
+        while page is not None:
+            response = self._request("GET", page, query=query)
+            body = response.body
+            items = body.get(key) if isinstance(body, Mapping) else None
+            if not isinstance(items, list):
+                raise GitHubError(f"GitHub's answer to GET {page} holds no list of {key}")
+            yield page, items
+            page, query = self._next_page(response, page)
 
     def _next_page(self, response: Response, path: str) -> tuple[str | None, dict[str, str]]:
         """Path and query of the next page: the Link header's rel="next", as GitHub documents.
