@@ -1275,6 +1275,7 @@ class FakeKubernetes:
         self._listening_callbacks: list[Callable[[JSON], None]] = []
         self._request_hooks: list[_RequestHook] = []
         self._log_breaks = 0  # end_log_streams() calls so far: open follows end on a change
+        self._open_log_follows = 0  # log follows being served now
         #: Container logs per pod: (namespace, name) -> (pod uid, container -> lines).
         self._logs: dict[tuple[str, str], tuple[str, dict[str, list[_LogLine]]]] = {}
         self._stopping = threading.Event()
@@ -1544,6 +1545,12 @@ class FakeKubernetes:
                 _LogLine(time.time() if at is None else at, line)
             )
             self._changed.notify_all()
+
+    @property
+    def open_log_follows(self) -> int:
+        """Log follows being served now: an `end_log_streams` from then on ends them."""
+        with self._changed:
+            return self._open_log_follows
 
     def end_log_streams(self) -> None:
         """Ends every open log follow without an error, as a restarted API server or a lost
@@ -3066,6 +3073,8 @@ class FakeKubernetes:
         initial: list[JSON]
         cursor: int | None
         with self._lock:
+            # The compaction in effect for this snapshot: a later one ends the watch with 410.
+            history_start = self._history_start
             if requested in ("", "0"):
                 initial = [
                     {"type": "ADDED", "object": obj}
@@ -3091,7 +3100,6 @@ class FakeKubernetes:
                 return
         if cursor is None:
             return
-        history_start = self._history_start
         while not self._stopping.is_set():
             with self._changed:
                 if self._history_start != history_start:
@@ -3179,9 +3187,32 @@ class FakeKubernetes:
     ) -> None:
         """Writes the log from line `start`; with `follow`, then each new line, until the
         container terminates, the pod goes, the client leaves or `stop()`."""
-        cursor = start
-        with self._lock:
+        with self._changed:
             breaks = self._log_breaks
+            if follow:
+                self._open_log_follows += 1
+                self._changed.notify_all()
+        try:
+            self._follow_log_lines(key, uid, container, start, follow, write, disconnected,
+                                   breaks)
+        finally:
+            if follow:
+                with self._changed:
+                    self._open_log_follows -= 1
+                    self._changed.notify_all()
+
+    def _follow_log_lines(
+        self,
+        key: tuple[str, str],
+        uid: str,
+        container: str,
+        start: int,
+        follow: bool,
+        write: Callable[[str], bool],
+        disconnected: Callable[[], bool],
+        breaks: int,
+    ) -> None:
+        cursor = start
         while True:
             with self._changed:
                 pod = self._objects["pods"].get(key)

@@ -258,7 +258,8 @@ def test_a_log_stream_that_ends_early_is_followed_again_from_its_tail(
     def follows() -> list[dict[str, str]]:
         return [dict(r.query) for r in fake_kube.requests if r.path.endswith("/log")]
 
-    wait_until(lambda: len(follows()) == 1, what="the log follow to open")
+    wait_until(lambda: len(follows()) == 1 and fake_kube.open_log_follows == 1,
+               what="the log follow to open")
     fake_kube.end_log_streams()  # before the runner connects
     spawning.join(timeout=10)
 
