@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -359,7 +359,7 @@ class Recovery:
             (keep, lines): keep the record when a recovery of its run is still to come (a job
             lost mid-run, re-run once the run completes); the lines say what happened.
         """
-        lines = [preemption.describe() for preemption in record.preemptions]
+        lines = list(record.preemption_lines())
         pending = record.state in (RecoveryState.AWAITING_RUN_END,
                                    RecoveryState.RERUN_REQUESTED)
         if not pending and record.state is RecoveryState.ACTIVE and record.online and (
@@ -371,7 +371,7 @@ class Recovery:
                 # or this DELETE would take the recovery's record with it.
                 self._recover(record, loss, pod)
                 record = self.records.read(record.identity) or record
-                lines = [preemption.describe() for preemption in record.preemptions]
+                lines = list(record.preemption_lines())
                 pending = record.state is RecoveryState.AWAITING_RUN_END
         if pending and record.serving_attempt == attempt:
             retry = f"retry {record.retries} of {self.policy.max_retries}"
@@ -423,8 +423,3 @@ def spawn_preemption(record: RunRecord, policy: RecoveryPolicy, *, stage: str, c
                             at=now)
     return record.with_changes(request=retry,
                                preemptions=(*record.preemptions, preemption)), preemption
-
-
-def describe_all(preemptions: Sequence[Preemption]) -> list[str]:
-    """One summary line per preemption."""
-    return [preemption.describe() for preemption in preemptions]

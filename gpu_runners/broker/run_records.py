@@ -132,6 +132,10 @@ class RunRecord:
         """Replacements started (or asked for) so far: what `maxPreemptionRetries` caps."""
         return sum(1 for preemption in self.preemptions if preemption.retried)
 
+    def preemption_lines(self) -> tuple[str, ...]:
+        """One line per preemption, oldest first, for summaries."""
+        return tuple(preemption.describe() for preemption in self.preemptions)
+
     def with_changes(self, **changes: Any) -> RunRecord:
         """A copy with fields changed (the resource version kept, for the replace)."""
         return dataclasses.replace(self, **changes)

@@ -364,7 +364,7 @@ class RunOperations:
                                e)
             if record.preemptions:
                 result = dataclasses.replace(
-                    result, preemptions=tuple(p.describe() for p in record.preemptions))
+                    result, preemptions=record.preemption_lines())
         return result
 
     def _open_record(self, request: SpawnRequest) -> RunRecord | None:
