@@ -118,6 +118,12 @@ def preemptions(broker: ServedBroker, stage: str, pool: str, action: str) -> flo
     return value or 0.0
 
 
+def reclaim(fake_kube: FakeKubernetes, fake_github: FakeGitHub) -> None:
+    """GKE reclaims the Spot VM under the run's runner: its pod fails, its runner is lost."""
+    fake_kube.preempt_pod(RUN)
+    fake_github.lose_runner(RUN)
+
+
 def spawn_ready(broker: ServedBroker, fake_oidc: FakeOidcIssuer) -> broker_api.SpawnResult:
     answer = spawn(broker.url, fake_oidc.mint())
     assert answer.last.event == broker_api.READY, answer.last
@@ -202,8 +208,7 @@ def test_an_idle_runner_lost_before_its_job_is_replaced_and_the_queued_job_runs_
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
         {"matchExpressions": [{"key": contract.GKE_NODEPOOL_LABEL, "operator": "NotIn",
                                "values": [ON_DEMAND]}]}]
-    fake_kube.preempt_pod(RUN)
-    fake_github.lose_runner(RUN)
+    reclaim(fake_kube, fake_github)
 
     recovery_pass(broker)
 
@@ -232,8 +237,7 @@ def test_a_runner_lost_during_the_job_gets_the_run_re_run_onto_a_fresh_pod_under
     fake_github.add_job(123, "cleanup", ["base-runner"], needs=("train",))
     spawn_ready(broker, fake_oidc)
     wait_until(lambda: fake_github.jobs(123)[0]["status"] == "in_progress", what="train to start")
-    fake_kube.preempt_pod(RUN)
-    fake_github.lose_runner(RUN)
+    reclaim(fake_kube, fake_github)
 
     recovery_pass(broker)  # the loss is seen; GitHub has not failed the job yet
     stored = record(fake_kube)
@@ -344,8 +348,7 @@ def test_the_retry_cap_is_honoured_and_a_job_left_waiting_is_cancelled(
     spawn_ready(broker, fake_oidc)
     fake_github.add_job(123, "setup", ["base-runner"])
     for _ in range(2):
-        fake_kube.preempt_pod(RUN)
-        fake_github.lose_runner(RUN)
+        reclaim(fake_kube, fake_github)
         recovery_pass(broker)
 
     # One replacement; the second loss gives up, and the run stops waiting on the label.
@@ -372,8 +375,7 @@ def test_recovery_off_leaves_a_lost_runner_to_the_reaper(
     broker = make_broker({**env, contract.ENV_MAX_PREEMPTION_RETRIES: "0"})
     spawn_ready(broker, fake_oidc)
     fake_github.add_job(123, "setup", ["base-runner"])
-    fake_kube.preempt_pod(RUN)
-    fake_github.lose_runner(RUN)
+    reclaim(fake_kube, fake_github)
 
     recovery_pass(broker)
 
@@ -402,8 +404,7 @@ def test_a_broker_killed_during_a_recovery_finishes_it_after_restart(
                 broker.kill()  # the re-run is made; the broker dies before it hears so
 
         fake_github.on_request(kill_on_rerun)
-        fake_kube.preempt_pod(RUN)
-        fake_github.lose_runner(RUN)
+        reclaim(fake_kube, fake_github)
         fake_github.fail_lost_job(RUN)
         wait_until(lambda: bool(killed), timeout=20, what="the re-run request")
         broker.wait_killed()
@@ -460,8 +461,7 @@ def test_an_unreadable_record_is_left_alone_and_the_pass_goes_on(
         "labels": {contract.LABEL_MANAGED_BY: contract.MANAGED_BY,
                    contract.LABEL_COMPONENT: contract.RUN_RECORD_COMPONENT}},
         "data": {"record.json": '{"version": 99}'}})
-    fake_kube.preempt_pod(RUN)
-    fake_github.lose_runner(RUN)
+    reclaim(fake_kube, fake_github)
 
     recovery_pass(broker)
 
@@ -483,8 +483,7 @@ def test_the_loop_recovers_within_seconds_not_at_its_next_interval(
     spawn_ready(broker, fake_oidc)
     first = fake_kube.pod(RUN)
     assert first is not None
-    fake_kube.preempt_pod(RUN)  # idle: replaced at once
-    fake_github.lose_runner(RUN)
+    reclaim(fake_kube, fake_github)  # idle: replaced at once
     wait_until(lambda: (fake_github.runner_named(RUN) or {}).get("status") == "online"
                and (fake_kube.pod(RUN) or first)["metadata"]["uid"] != first["metadata"]["uid"],
                timeout=15, what="the replacement runner online")
@@ -492,8 +491,7 @@ def test_the_loop_recovers_within_seconds_not_at_its_next_interval(
     fake_github.add_job(123, "train", [RUN])  # taken by the replacement
     wait_until(lambda: any(j["name"] == "train" and j["status"] == "in_progress"
                            for j in fake_github.jobs(123)), what="train to start")
-    fake_kube.preempt_pod(RUN)  # during the job: re-run once the run ends
-    fake_github.lose_runner(RUN)
+    reclaim(fake_kube, fake_github)  # during the job: re-run once the run ends
     wait_until(lambda: (record(fake_kube) or {}).get("state") == "awaiting-run-end",
                timeout=15, what="the loss to be recorded")
     fake_github.fail_lost_job(RUN)

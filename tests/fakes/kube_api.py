@@ -3189,29 +3189,29 @@ class FakeKubernetes:
         container terminates, the pod goes, the client leaves or `stop()`."""
         with self._changed:
             breaks = self._log_breaks
-            if follow:
-                self._open_log_follows += 1
-                self._changed.notify_all()
-        try:
-            self._follow_log_lines(key, uid, container, start, follow, write, disconnected,
-                                   breaks)
-        finally:
-            if follow:
-                with self._changed:
-                    self._open_log_follows -= 1
-                    self._changed.notify_all()
+        with self._counted_follow(follow):
+            self._write_log_lines(key, uid, container, start, follow, write, disconnected,
+                                  breaks)
 
-    def _follow_log_lines(
-        self,
-        key: tuple[str, str],
-        uid: str,
-        container: str,
-        start: int,
-        follow: bool,
-        write: Callable[[str], bool],
-        disconnected: Callable[[], bool],
-        breaks: int,
-    ) -> None:
+    @contextlib.contextmanager
+    def _counted_follow(self, follow: bool) -> Iterator[None]:
+        """Counts a follow in `open_log_follows` while it is served."""
+        if not follow:
+            yield
+            return
+        with self._changed:
+            self._open_log_follows += 1
+            self._changed.notify_all()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._open_log_follows -= 1
+                self._changed.notify_all()
+
+    def _write_log_lines(self, key: tuple[str, str], uid: str, container: str, start: int,
+                         follow: bool, write: Callable[[str], bool],
+                         disconnected: Callable[[], bool], breaks: int) -> None:
         cursor = start
         while True:
             with self._changed:

@@ -10,34 +10,41 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from kubernetes.client import ApiClient, V1Pod
+from kubernetes.client import (
+    V1Container,
+    V1ContainerState,
+    V1ContainerStateTerminated,
+    V1ContainerStatus,
+    V1ObjectMeta,
+    V1Pod,
+    V1PodCondition,
+    V1PodSpec,
+    V1PodStatus,
+)
 
 from gpu_runners.pod_disruption import disruption
 
 SHUTDOWN_MESSAGE = "Pod was terminated in response to imminent node shutdown."
-SINCE = "2026-12-03T10:00:00Z"
+SINCE = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
 
 
 def pod(phase: str = "Failed", *, reason: str | None = None,
         target: str | None = None, container: dict[str, Any] | None = None) -> V1Pod:
-    """A pod as the API server returns it, deserialised by the official client."""
-    status: dict[str, Any] = {"phase": phase}
+    """A pod status as the API server writes it, in the official client's models."""
+    status = V1PodStatus(phase=phase)
     if reason is not None:
-        status["reason"] = reason
-        status["message"] = SHUTDOWN_MESSAGE
+        status.reason, status.message = reason, SHUTDOWN_MESSAGE
     if target is not None:
-        status["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": target,
-                                 "lastTransitionTime": SINCE}]
+        status.conditions = [V1PodCondition(type="DisruptionTarget", status="True",
+                                            reason=target, last_transition_time=SINCE)]
     if container is not None:
-        status["containerStatuses"] = [{"name": "runner", "image": "i", "imageID": "",
-                                        "ready": False, "restartCount": 0,
-                                        "state": {"terminated": container}}]
-    raw = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-1-1"},
-           "spec": {"containers": [{"name": "runner", "image": "i"}]}, "status": status}
-
-    # The client's own deserialiser, as for an API answer (private: it takes a dict).
-    result: V1Pod = ApiClient()._ApiClient__deserialize(raw, "V1Pod")  # type: ignore[attr-defined]
-    return result
+        status.container_statuses = [V1ContainerStatus(
+            name="runner", image="i", image_id="", ready=False, restart_count=0,
+            state=V1ContainerState(terminated=V1ContainerStateTerminated(
+                exit_code=container["exitCode"], reason=container["reason"])))]
+    return V1Pod(metadata=V1ObjectMeta(name="gpu-1-1"),
+                 spec=V1PodSpec(containers=[V1Container(name="runner", image="i")]),
+                 status=status)
 
 
 @pytest.mark.parametrize(("target", "reason", "words"), [
@@ -52,7 +59,7 @@ def test_node_side_causes_are_disruptions(target: str, reason: str | None, words
     assert lost is not None
     assert lost.reason == target
     assert words in lost.cause
-    assert lost.since == datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    assert lost.since == SINCE
 
 
 def test_a_node_shutdown_without_the_condition_still_counts() -> None:
